@@ -1,0 +1,64 @@
+"""One lookup over both model registries, so every script takes `--model DiC-XL` or `--model DiT-XL/2`."""
+import ast
+
+from dic_models import DiC_models
+from dit_models import DiT_models
+
+# Prefix of command-line model overrides, as the official DiC training script spells them
+# (e.g. `--network_g__skip_stride=1`).
+OVERRIDE_PREFIX = "--network_g__"
+
+
+def all_models():
+    """Name -> constructor for every registered DiC and DiT variant."""
+    return {**DiC_models, **DiT_models}
+
+
+def model_names():
+    """Every valid `--model` value, DiC first."""
+    return list(all_models())
+
+
+def is_dit(name):
+    """True for a DiT variant (they use patch embeddings, so sizes must divide the patch)."""
+    return name in DiT_models
+
+
+def create_model(name, **kwargs):
+    """Build a registered model by name; unknown names raise one clear error listing the valid ones."""
+    registry = all_models()
+    if name not in registry:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(registry)}")
+    return registry[name](**kwargs)
+
+
+def _parse_value(text):
+    """Read an override's value as a Python literal (1, 0.5, (2, 2), True), else keep the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_model_overrides(extra_args):
+    """Turn leftover `--network_g__key=value` arguments into constructor keywords.
+
+    Anything else left over is a typo the user must hear about, so it is an error.
+    """
+    overrides = {}
+    args = list(extra_args)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith(OVERRIDE_PREFIX):
+            raise ValueError(f"unrecognised argument {arg!r}: model overrides are spelled "
+                             f"{OVERRIDE_PREFIX}<keyword>=<value>, e.g. {OVERRIDE_PREFIX}skip_stride=1")
+        key, sep, value = arg[len(OVERRIDE_PREFIX):].partition("=")
+        if not sep:  # "--network_g__key value"
+            if i + 1 >= len(args):
+                raise ValueError(f"model override {arg!r} has no value: write {arg}=<value>")
+            value = args[i + 1]
+            i += 1
+        overrides[key.replace("-", "_")] = _parse_value(value)
+        i += 1
+    return overrides
