@@ -346,7 +346,8 @@ class GaussianDiffusion:
             pred_xstart = process_xstart(model_output)
         else:
             # EPSILON (and, as in DiT's package, PREVIOUS_X is not specially handled).
-            pred_xstart = process_xstart(self._predict_xstart_from_eps(x_t=x, t=t, eps=model_output))
+            eps = model_output
+            pred_xstart = process_xstart(self._predict_xstart_from_eps(x_t=x, t=t, eps=eps))
         model_mean, _, _ = self.q_posterior_mean_variance(x_start=pred_xstart, x_t=x, t=t)
 
         assert model_mean.shape == model_log_variance.shape == pred_xstart.shape == x.shape
@@ -399,7 +400,16 @@ class GaussianDiffusion:
 
     # ---------------------------------------------------------- DDPM sampling ---
 
-    def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None):
+    def p_sample(
+        self,
+        model,
+        x,
+        t,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+    ):
         """One ancestral step: x_{t-1} = mean + exp(log_var / 2) * z, z ~ N(0, I).
 
         z is drawn (once, with randn_like) at every step, also at t = 0 where it is

@@ -27,7 +27,8 @@ def _ddim_stride_steps(num_timesteps, desired_count):
         possible.add(count)
     below = [c for c in possible if c < desired_count]
     above = [c for c in possible if c > desired_count]
-    nearest = [f"ddim{c}" for c in ([max(below)] if below else []) + ([min(above)] if above else [])]
+    nearest = ([max(below)] if below else []) + ([min(above)] if above else [])
+    nearest = [f"ddim{c}" for c in nearest]
     raise ValueError(
         f"cannot create exactly {desired_count} steps with an integer stride from "
         f"{num_timesteps} diffusion steps (ddim{desired_count}); nearest possible: "
