@@ -1,7 +1,7 @@
 """DiT family: official keys/shapes/parameter counts, DiT's init, and forward numerics re-derived by hand.
 
 The expected key list is written out here from the official layout (and also compared with the spec's
-key dumps in /work/shared/spec/keys when that folder exists); parameter counts are literal numbers.
+key dumps copied into tests/data/spec_keys); parameter counts are literal numbers.
 """
 import json
 import math
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import dit_models
 from dit_models import DiT, DiT_models
 
-SPEC_KEYS_DIR = "/work/shared/spec/keys"
+SPEC_KEYS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "spec_keys")
 
 # name -> (depth, hidden, heads, patch)
 CONFIGS = {
