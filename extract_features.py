@@ -1,0 +1,270 @@
+"""
+Encode an ImageNet-style class-folder dataset into VAE latents ("features") for fast training.
+
+Writes the official DiT/DiC per-file layout that train.py reads with --feature-path:
+    <features-path>/imagenet<size>_features/<index>.npy   (1, C, H/f, W/f) float32, scaled latent
+    <features-path>/imagenet<size>_labels/<index>.npy     (1,) int64 class index
+`<index>` is the image's index in the dataset (sorted class folders, sorted files, as
+torchvision's ImageFolder), so every image has one file pair whatever the number of processes.
+With --flip the horizontally flipped image is encoded too, as `<index>_flip.npy` in the same
+folders: the latent dataset reads those as extra samples. Images get ADM's center crop and no
+random flip; latents are a posterior sample times the VAE's scaling factor (0.18215 for sd-vae),
+and the downsampling factor f comes from the VAE's config.
+
+Runs resume: files already complete are kept, missing or truncated ones are (re)written, and the
+posterior noise of each image comes from its own generator seeded by (--global-seed, index), so
+a resumed or re-sharded run writes the same bytes as one uninterrupted run. Images are encoded
+in fixed blocks of --batch-size consecutive indices (a block is always encoded whole), because
+batched convolutions round differently for different batch compositions; the same
+--batch-size therefore gives identical files for any number of processes. Corrupt images are
+skipped with a warning (no file pair; counted in the summary) and retried on every run.
+
+Examples:
+    # one process (CPU or one GPU)
+    python extract_features.py --data-path /data/imagenet/train --features-path features --vae ema
+    # 8 GPUs on one node
+    torchrun --nproc_per_node=8 extract_features.py --data-path /data/imagenet/train \\
+        --features-path features --image-size 256 --vae ema
+    # a local VAE folder (saved with AutoencoderKL.save_pretrained), also flipped copies
+    torchrun --nproc_per_node=2 extract_features.py --data-path images --features-path features \\
+        --image-size 32 --vae path/to/vae --flip
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from helpers.distributed import barrier, broadcast_object, cleanup_distributed, is_distributed, \
+    setup_distributed
+from helpers.images import ImageFolderDataset
+from helpers.latents import layout_dirs, layout_prefix, pair_is_complete, remove_partial_files, \
+    write_latent
+from helpers.vae import downsample_factor, encode, latent_channels, latent_scale, load_vae
+
+META_SUFFIX = "_extract.json"   # <features-path>/<prefix>_extract.json: what the latents were made with
+# Settings that change the latents: a resumed run must use the same ones.
+META_KEYS = ("vae", "image_size", "global_seed", "latent_shape", "latent_scale", "num_images",
+             "classes")
+
+
+#################################################################################
+#                                  Helpers                                      #
+#################################################################################
+
+def fail(message, rank=0):
+    """One-line error on stderr (once per job) and exit status 2."""
+    if rank == 0:
+        print(f"extract_features.py: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def image_generator(global_seed, index, flipped):
+    """A CPU generator for one image's posterior noise, the same on every run and device."""
+    seed = np.random.SeedSequence([global_seed, index, int(flipped)]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(seed))
+
+
+def plain_name(index):
+    return str(index)
+
+
+def flip_name(index):
+    return f"{index}_flip"
+
+
+class BlockDataset(Dataset):
+    """Item k: the images of block k (indices [k*B, (k+1)*B)), center-cropped, unflipped."""
+
+    def __init__(self, images, block_size):
+        self.images = images
+        self.block_size = block_size
+
+    def __len__(self):
+        return (len(self.images) + self.block_size - 1) // self.block_size
+
+    def __getitem__(self, block):
+        start = block * self.block_size
+        indices, tensors, labels, corrupt = [], [], [], []
+        for index in range(start, min(start + self.block_size, len(self.images))):
+            image = self.images.load(index)
+            if image is None:
+                corrupt.append(index)
+                continue
+            indices.append(index)
+            tensors.append(image)
+            labels.append(self.images.targets[index])
+        stacked = torch.stack(tensors) if tensors else None  # (n, 3, H, W) in [-1, 1]
+        return {"indices": indices, "images": stacked, "labels": labels, "corrupt": corrupt}
+
+
+def check_metadata(path, meta, resuming):
+    """Error text if an earlier run into this folder used other settings, else None."""
+    if not os.path.exists(path):
+        if resuming:
+            return (f"{os.path.dirname(path)} already holds latents without {os.path.basename(path)}: "
+                    f"they were not written by this script, so they cannot be resumed; choose "
+                    f"another --features-path")
+        return None
+    with open(path) as f:
+        old = json.load(f)
+    for key in META_KEYS:
+        if old.get(key) != meta[key]:
+            shown = "class list" if key == "classes" else f"{old.get(key)!r} -> {meta[key]!r}"
+            return (f"{path} says the latents there were made with another {key} ({shown}): "
+                    f"mixing them would corrupt the set; choose another --features-path")
+    return None
+
+
+def write_metadata(path, meta):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(tmp, path)
+
+
+#################################################################################
+#                                    Main                                       #
+#################################################################################
+
+def main(args):
+    rank = int(os.environ.get("RANK", "0"))
+
+    # Validate everything before joining the job, so a bad argument writes nothing anywhere.
+    if args.batch_size < 1:
+        fail(f"--batch-size must be at least 1, got {args.batch_size}", rank)
+    try:
+        images = ImageFolderDataset(args.data_path, args.image_size, random_flip=False)
+    except ValueError as e:
+        fail(str(e), rank)
+    if str(args.vae).lower() == "none":
+        fail("--vae none: there is nothing to extract in pixel space; train on the images "
+             "directly, or pass ema, mse or a VAE folder", rank)
+    try:
+        vae = load_vae(args.vae, "cpu")
+    except (ValueError, OSError) as e:
+        fail(str(e).splitlines()[0], rank)
+    factor = downsample_factor(vae)
+    if args.image_size % factor != 0:
+        fail(f"--image-size {args.image_size} is not divisible by the VAE's downsampling factor "
+             f"{factor}: choose a multiple of {factor}", rank)
+
+    info = setup_distributed()
+    torch.set_grad_enabled(False)
+    vae = vae.to(info.device)
+    side = args.image_size // factor
+    latent_shape = (latent_channels(vae), side, side)
+    prefix = args.prefix or layout_prefix(args.image_size)
+    num_images = len(images) if args.max_images is None else min(args.max_images, len(images))
+    vae_name = os.path.abspath(args.vae) if os.path.isdir(args.vae) else args.vae
+    meta = {"vae": vae_name, "image_size": args.image_size, "global_seed": args.global_seed,
+            "latent_shape": list(latent_shape), "latent_scale": float(latent_scale(vae)),
+            "num_images": len(images), "classes": images.classes,
+            "data_path": os.path.abspath(args.data_path), "batch_size": args.batch_size}
+    meta_path = os.path.join(args.features_path, prefix + META_SUFFIX)
+
+    # Rank 0 checks an earlier run's settings and clears its half-written temp files.
+    error = None
+    if info.is_main:
+        features_dir, _ = layout_dirs(args.features_path, prefix)
+        resuming = os.path.isdir(features_dir) and any(
+            name.endswith(".npy") for name in os.listdir(features_dir))
+        error = check_metadata(meta_path, meta, resuming)
+        if error is None:
+            os.makedirs(args.features_path, exist_ok=True)
+            write_metadata(meta_path, meta)
+            for folder in layout_dirs(args.features_path, prefix):
+                os.makedirs(folder, exist_ok=True)
+            removed = remove_partial_files(args.features_path, prefix)
+            if removed:
+                print(f"removed {removed} half-written temp files of an interrupted run", flush=True)
+    error = broadcast_object(error)
+    if error is not None:
+        cleanup_distributed()
+        fail(error, info.rank)
+    barrier()
+
+    # Blocks of --batch-size consecutive indices; rank r takes blocks r, r+W, r+2W, ...
+    # A block is encoded whole if any of its wanted files is missing.
+    blocks = BlockDataset(images, args.batch_size)
+    names = [plain_name] + ([flip_name] if args.flip else [])
+    todo_blocks, todo_images, present = [], 0, 0
+    for block in range(info.rank, len(blocks), info.world_size):
+        start = block * args.batch_size
+        wanted = range(start, min(start + args.batch_size, num_images))
+        missing = sum(not all(pair_is_complete(args.features_path, name(i), latent_shape, prefix)
+                              for name in names) for i in wanted)
+        present += len(wanted) - missing
+        if missing:
+            todo_blocks.append(block)
+            todo_images += len(wanted)
+
+    loader = DataLoader(torch.utils.data.Subset(blocks, todo_blocks), batch_size=None,
+                        shuffle=False, num_workers=args.num_workers,
+                        pin_memory=info.device.type == "cuda")
+    counts = {"encoded": 0, "flipped": 0, "corrupt": 0}
+    progress = tqdm(total=todo_images, unit="img", disable=not info.is_main,
+                    desc=f"rank 0 of {info.world_size}")
+    for item in loader:
+        counts["corrupt"] += sum(index < num_images for index in item["corrupt"])
+        progress.update(sum(i < num_images for i in item["indices"] + item["corrupt"]))
+        if item["images"] is None:
+            continue
+        indices, labels = item["indices"], item["labels"]
+        x = item["images"].to(info.device, non_blocking=True)
+        variants = [(x, False)] + ([(torch.flip(x, dims=[-1]), True)] if args.flip else [])
+        for batch, flipped in variants:
+            gens = [image_generator(args.global_seed, i, flipped) for i in indices]
+            latents = encode(vae, batch, generator=gens).float().cpu()   # (n, C, H/f, W/f)
+            for index, latent, label in zip(indices, latents, labels):
+                name = flip_name(index) if flipped else str(index)
+                if index >= num_images or pair_is_complete(args.features_path, name,
+                                                           latent_shape, prefix):
+                    continue
+                write_latent(args.features_path, name, latent, label, prefix=prefix)
+                counts["flipped" if flipped else "encoded"] += 1
+    progress.close()
+
+    totals = torch.tensor([counts["encoded"], counts["flipped"], present, counts["corrupt"]],
+                          dtype=torch.int64)
+    if is_distributed():
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    encoded, flipped, present, corrupt = totals.tolist()
+    if info.is_main:
+        flips = f" (+{flipped} flipped copies)" if args.flip else ""
+        print(f"done: {encoded} images encoded{flips}, {present} already present (skipped), "
+              f"{corrupt} corrupt images skipped (no file written); latents {latent_shape} in "
+              f"{os.path.join(args.features_path, prefix + '_features')}", flush=True)
+    del loader
+    cleanup_distributed()
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--data-path", type=str, required=True,
+                        help="class-folder dataset (root/<class>/<image>), e.g. ImageNet's train")
+    parser.add_argument("--features-path", type=str, required=True,
+                        help="output root; latents go to <root>/imagenet<size>_features")
+    parser.add_argument("--image-size", type=int, default=256, help="center-crop side in pixels")
+    parser.add_argument("--vae", type=str, default="ema",
+                        help="ema | mse (sd-vae-ft-*, from the hub) | a local AutoencoderKL folder")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per process and step")
+    parser.add_argument("--num-workers", type=int, default=4, help="data loader workers per process")
+    parser.add_argument("--global-seed", type=int, default=0,
+                        help="seed of the posterior noise (each image's own stream)")
+    parser.add_argument("--flip", action="store_true",
+                        help="also encode the flipped images, as <index>_flip.npy")
+    parser.add_argument("--max-images", type=int, default=None,
+                        help="encode only the first N images (a quick try; rerun without it to finish)")
+    parser.add_argument("--prefix", type=str, default=None,
+                        help="folder prefix (default: imagenet<image-size>, the official name)")
+    return parser
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())
