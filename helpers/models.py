@@ -29,7 +29,14 @@ def create_model(name, **kwargs):
     registry = all_models()
     if name not in registry:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(registry)}")
-    return registry[name](**kwargs)
+    try:
+        return registry[name](**kwargs)
+    except TypeError as e:  # an override the constructor does not take, e.g. a typo
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise ValueError(f"{name} does not take {str(e).split('argument')[-1].strip()}: check the "
+                         f"spelling of the model override (see the constructor in "
+                         f"{'dit' if is_dit(name) else 'dic'}_models.py)") from e
 
 
 def _parse_value(text):
