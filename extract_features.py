@@ -18,6 +18,8 @@ in fixed blocks of --batch-size consecutive indices (a block is always encoded w
 batched convolutions round differently for different batch compositions; the same
 --batch-size therefore gives identical files for any number of processes. Corrupt images are
 skipped with a warning (no file pair; counted in the summary) and retried on every run.
+`<features-path>/imagenet<size>_extract.json` records the settings; a resumed run with another
+VAE, image size, seed or dataset is refused rather than mixed in. Run one job per folder at a time.
 
 Examples:
     # one process (CPU or one GPU)
@@ -138,6 +140,8 @@ def main(args):
     # Validate everything before joining the job, so a bad argument writes nothing anywhere.
     if args.batch_size < 1:
         fail(f"--batch-size must be at least 1, got {args.batch_size}", rank)
+    if args.max_images is not None and args.max_images < 1:
+        fail(f"--max-images must be at least 1, got {args.max_images}", rank)
     try:
         images = ImageFolderDataset(args.data_path, args.image_size, random_flip=False)
     except ValueError as e:

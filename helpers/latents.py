@@ -12,6 +12,7 @@ import io
 import os
 import re
 import uuid
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -89,11 +90,16 @@ def write_latent(root, index_name, latent, label, prefix="imagenet256"):
     return path
 
 
+@lru_cache(maxsize=None)
+def _npy_nbytes(shape, dtype_str):
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(shape, dtype=np.dtype(dtype_str)))
+    return buf.tell()
+
+
 def npy_nbytes(shape, dtype):
     """Size in bytes of the .npy file np.save writes for an array of this shape and dtype."""
-    buf = io.BytesIO()
-    np.save(buf, np.zeros(shape, dtype=dtype))
-    return buf.tell()
+    return _npy_nbytes(tuple(int(n) for n in shape), np.dtype(dtype).str)
 
 
 def pair_is_complete(root, index_name, latent_shape, prefix="imagenet256"):

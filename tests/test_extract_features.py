@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import make_image_folder, subprocess_env
 import extract_features
