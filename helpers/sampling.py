@@ -1,0 +1,368 @@
+"""What sample.py and sample_ddp.py share: the model from a checkpoint, labels, per-sample noise,
+the guided model function, the reverse-diffusion loop and decoding to uint8.
+
+Determinism: every sample index i owns a CPU torch.Generator seeded from (seed, i). It draws, in
+this order, the random class label, the initial noise x_T and every per-step noise of the reverse
+process. So image i depends only on (seed, i, settings), never on its batch-mates, the batch size
+or the number of processes; the diffusion arithmetic itself is DiT's (p_mean_variance, p_sample's
+update, ddim_sample).
+"""
+import argparse
+import os
+import zipfile
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from diffusion import create_diffusion
+from helpers.checkpoint import (CheckpointError, extract_state_dict, load_checkpoint_file,
+                                load_model_weights)
+from helpers.models import create_model, model_names
+from helpers.vae import decode, downsample_factor, latent_channels, load_vae
+
+# The labels DiT's sample.py conditions on (ImageNet ids).
+DIT_DEFAULT_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
+DEFAULTS = {"model": "DiC-XL", "image_size": 256, "num_classes": 1000, "vae": "ema"}
+GUIDE_CHANNELS = {"official": None, "all": "all"}  # --guide-channels -> forward_with_cfg's argument
+
+
+class SamplingError(ValueError):
+    """Bad sampling input; the message says what to change."""
+
+
+#################################################################################
+#                           Checkpoint -> settings -> model                     #
+#################################################################################
+
+def check_common_args(args):
+    """Checks that need no checkpoint: fail before any work is done."""
+    if args.cfg_scale < 1.0:
+        raise SamplingError(f"--cfg-scale must be >= 1 (1 = no guidance), got {args.cfg_scale}")
+    if args.num_sampling_steps < 1:
+        raise SamplingError(f"--num-sampling-steps must be >= 1, got {args.num_sampling_steps}")
+    if args.model is not None and args.model not in model_names():
+        raise SamplingError(f"unknown model {args.model!r}: choose one of {', '.join(model_names())}")
+    if args.in_channels is not None and args.in_channels < 1:
+        raise SamplingError(f"--in-channels must be >= 1, got {args.in_channels}")
+
+
+def read_checkpoint(path, weights):
+    """(checkpoint, state_dict) with `weights` ("ema" or "model") picked out of ours/DiT's/bare files."""
+    checkpoint = load_checkpoint_file(path)
+    try:
+        state_dict = extract_state_dict(checkpoint, which=weights)
+    except CheckpointError as e:
+        if weights == "ema" and isinstance(checkpoint, dict) and "model" in checkpoint:
+            raise CheckpointError(f"checkpoint {path} has no 'ema' weights: use --weights model "
+                                  f"to sample with its raw training weights") from e
+        raise
+    return checkpoint, state_dict
+
+
+def _checkpoint_args(checkpoint):
+    """The training arguments saved in our (and DiT's) checkpoints, as a dict; {} if none."""
+    saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    if isinstance(saved, argparse.Namespace):
+        return vars(saved)
+    return dict(saved) if isinstance(saved, dict) else {}
+
+
+def _saved_in_channels(saved):
+    """Image channels a pixel-space run trained on, if its saved args say so."""
+    for key in ("in_channels", "channels", "image_channels"):
+        if isinstance(saved.get(key), int):
+            return saved[key]
+    dataset = saved.get("dataset")
+    if isinstance(dataset, str):
+        try:
+            from helpers.images import BUILTIN_DATASETS
+        except ImportError:
+            return None
+        info = BUILTIN_DATASETS.get(dataset)
+        if isinstance(info, dict):
+            return info.get("channels")
+        if isinstance(info, (tuple, list)) and info:
+            return info[0]
+    return None
+
+
+def _saved_model_kwargs(saved):
+    """Constructor overrides the run was trained with (e.g. --network_g__skip_stride=1)."""
+    for key in ("model_overrides", "model_kwargs", "network_g"):
+        if isinstance(saved.get(key), dict):
+            return dict(saved[key])
+    return {}
+
+
+def resolve_settings(args, checkpoint, state_dict, log=print):
+    """Fill the settings the user left unset (None) from the checkpoint's saved args, else defaults.
+
+    Modifies `args` in place: model, image_size, num_classes, vae, in_channels (pixel space) and
+    model_kwargs (constructor overrides: saved ones, then the command line's). Says what it took.
+    """
+    saved = _checkpoint_args(checkpoint)
+    taken = []
+    for name, default in DEFAULTS.items():
+        if getattr(args, name) is not None:
+            continue
+        value = saved.get(name)
+        if name == "vae" and value is None and saved:
+            value = saved.get("vae_path")
+        if value is not None:
+            setattr(args, name, value)
+            taken.append(f"--{name.replace('_', '-')} {value}")
+        else:
+            setattr(args, name, default)
+    if str(args.vae).lower() == "none":
+        args.vae = "none"
+        if args.in_channels is None:
+            args.in_channels = _saved_in_channels(saved)
+            if args.in_channels is not None:
+                taken.append(f"--in-channels {args.in_channels}")
+            else:  # the first conv's input channels (DiC's Conv3x3 and DiT's patch conv alike)
+                weight = state_dict.get("x_embedder.proj.weight")
+                args.in_channels = int(weight.shape[1]) if weight is not None and weight.ndim == 4 else 3
+    args.model_kwargs = {**_saved_model_kwargs(saved), **getattr(args, "model_kwargs", {})}
+    if args.model not in model_names():
+        raise SamplingError(f"unknown model {args.model!r}: choose one of {', '.join(model_names())}")
+    for label in getattr(args, "class_labels", None) or []:
+        check_label(label, args.num_classes)
+    if taken and log is not None:
+        log(f"Using the checkpoint's training settings: {' '.join(taken)} (pass them to override)")
+    return args
+
+
+def check_label(label, num_classes):
+    if not 0 <= label < num_classes:
+        raise SamplingError(f"class label {label} is out of range for a {num_classes}-class model "
+                            f"(valid: 0..{num_classes - 1})")
+
+
+def build_model(args, state_dict, device):
+    """(model, vae) ready to sample, from resolved settings: VAE first (it fixes the latent shape)."""
+    vae = load_vae(args.vae, device)
+    factor = downsample_factor(vae)
+    if args.image_size % factor:
+        raise SamplingError(f"--image-size {args.image_size} is not a multiple of the VAE's "
+                            f"downsampling factor {factor}")
+    if vae is not None and args.in_channels is not None and args.in_channels != latent_channels(vae):
+        raise SamplingError(f"--in-channels {args.in_channels} does not match the VAE's "
+                            f"{latent_channels(vae)} latent channels (--in-channels is for --vae none)")
+    in_channels = latent_channels(vae, args.in_channels or 3)
+    kwargs = dict(input_size=args.image_size // factor, in_channels=in_channels,
+                  num_classes=args.num_classes, **args.model_kwargs)
+    try:
+        model = create_model(args.model, **kwargs)
+    except TypeError as e:  # an override the constructor does not take
+        raise SamplingError(f"cannot build {args.model} with {kwargs}: {e}") from e
+    load_model_weights(model, state_dict, args.model)
+    model.to(device).eval()
+    if args.cfg_scale > 1.0 and getattr(model, "class_dropout_prob", 0.1) <= 0:
+        raise SamplingError(f"this {args.model} has no null label (trained without class dropout), "
+                            f"so it cannot use classifier-free guidance: pass --cfg-scale 1")
+    return model, vae
+
+
+def make_diffusion(model, sampler, num_steps):
+    """DiT's respaced diffusion: "250" for DDPM, "ddim50" for DDIM."""
+    respacing = f"ddim{num_steps}" if sampler == "ddim" else str(num_steps)
+    return create_diffusion(respacing, learn_sigma=getattr(model, "learn_sigma", True))
+
+
+#################################################################################
+#                           Per-sample randomness                               #
+#################################################################################
+
+def index_seed(global_seed, index):
+    """A well-mixed 63-bit seed for sample `index` of a run seeded with `global_seed`."""
+    if global_seed < 0:
+        raise SamplingError(f"the seed must be >= 0, got {global_seed}")
+    state = np.random.SeedSequence([int(global_seed), int(index)]).generate_state(1, dtype=np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+class IndexNoise:
+    """One CPU generator per sample index; every draw is stacked over the batch in index order.
+
+    Drawing on the CPU makes the numbers the same on any device and any process count.
+    `pad_to` adds filler rows (zero noise, label 0, no generator) up to a fixed batch size, so
+    every model call of a run has the same shape: batched kernels (BLAS, cuDNN) may round a row
+    differently at another batch size, but not at another position in a batch of the same shape.
+    """
+
+    def __init__(self, global_seed, indices, pad_to=None):
+        self.indices = list(indices)
+        self.generators = [torch.Generator().manual_seed(index_seed(global_seed, i)) for i in self.indices]
+        self.rows = max(len(self.indices), pad_to or 0)
+
+    def _pad(self, rows):
+        filler = torch.zeros_like(rows[0])
+        return torch.stack(rows + [filler] * (self.rows - len(rows)))
+
+    def labels(self, num_classes):
+        """(rows,) random labels, uniform over the classes as in DiT's sample_ddp.py."""
+        return self._pad([torch.randint(0, num_classes, (), generator=g) for g in self.generators])
+
+    def randn(self, shape, device="cpu"):
+        """(rows, *shape) standard normal noise, each row from its own sample's generator."""
+        return self._pad([torch.randn(shape, generator=g) for g in self.generators]).to(device)
+
+
+def draw_labels(noise, num_classes, balanced=False):
+    """Labels for noise's rows. The random draw happens even when `balanced`, so switching
+    --balanced-classes changes labels only, never the noise of an index."""
+    labels = noise.labels(num_classes)
+    if balanced:
+        labels[:len(noise.indices)] = torch.tensor([i % num_classes for i in noise.indices])
+    return labels
+
+
+#################################################################################
+#                           Guidance and the reverse process                    #
+#################################################################################
+
+def make_model_fn(model, cfg_scale, guide_channels="official"):
+    """The callable the diffusion calls, model_fn(x, t, y) -> model output for x's rows.
+
+    cfg_scale > 1: DiT's classifier-free guidance via model.forward_with_cfg on [x; x] with labels
+    [y; null] (null = num_classes), keeping the conditional half (the halves are identical).
+    guide_channels "official" guides the first 3 latent channels as DiT/DiC do, "all" every one.
+    cfg_scale == 1: the plain forward, as DiT's sample_ddp.py.
+    """
+    if guide_channels not in GUIDE_CHANNELS:
+        raise SamplingError(f"--guide-channels must be one of {', '.join(GUIDE_CHANNELS)}, got {guide_channels!r}")
+    if cfg_scale <= 1.0:
+        return model.forward
+    null_label = model.num_classes
+
+    def guided(x, t, y):
+        n = x.shape[0]
+        x_in = torch.cat([x, x], dim=0)                                    # (2N, C, H, W)
+        y_in = torch.cat([y, torch.full_like(y, null_label)], dim=0)
+        out = model.forward_with_cfg(x_in, torch.cat([t, t], dim=0), y_in, cfg_scale,
+                                     guide_channels=GUIDE_CHANNELS[guide_channels])
+        return out[:n]                                                     # (N, out_channels, H, W)
+
+    return guided
+
+
+@torch.no_grad()
+def sample_latents(diffusion, model_fn, noise, labels, shape, device, sampler="ddpm", progress=False):
+    """Reverse diffusion from x_T to x_0 with every random draw taken from `noise` (IndexNoise).
+
+    DiT's p_sample_loop draws the per-step noise with torch.randn_like over the whole batch, which
+    ties a sample to its batch-mates and to the process count. This loop does the same arithmetic
+    (p_mean_variance, then mean + exp(log_var / 2) * z with no noise at t = 0, as p_sample) but
+    draws z per sample. DDIM (eta = 0) is deterministic after x_T, so diffusion.ddim_sample is used
+    as is (its randn_like draw is multiplied by sigma = 0).
+    """
+    if sampler not in ("ddpm", "ddim"):
+        raise SamplingError(f"--sampler must be ddpm or ddim, got {sampler!r}")
+    x = noise.randn(shape, device=device)                                 # x_T: (N, C, H, W)
+    y = labels.to(device)
+    model_kwargs = dict(y=y)
+    steps = list(range(diffusion.num_timesteps))[::-1]
+    if progress:
+        steps = tqdm(steps, desc=f"{sampler} steps")
+    for i in steps:
+        t = torch.full((x.shape[0],), i, dtype=torch.long, device=device)
+        if sampler == "ddim":
+            x = diffusion.ddim_sample(model_fn, x, t, clip_denoised=False, model_kwargs=model_kwargs,
+                                      eta=0.0)["sample"]
+            continue
+        out = diffusion.p_mean_variance(model_fn, x, t, clip_denoised=False, model_kwargs=model_kwargs)
+        z = noise.randn(shape, device=device)                             # drawn at t = 0 too, as DiT
+        nonzero_mask = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
+        x = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * z
+    return x
+
+
+def generate(model, vae, diffusion, model_fn, noise, labels, args, device, progress=False):
+    """Latents for `noise`'s indices, decoded to images in about [-1, 1]: (N, C_img, H, W)."""
+    size = args.image_size // downsample_factor(vae)
+    shape = (model.in_channels, size, size)
+    latents = sample_latents(diffusion, model_fn, noise, labels, shape, device, args.sampler, progress)
+    return decode(vae, latents)
+
+
+def to_uint8_rgb(images):
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, 3) uint8 numpy with DiT's rounding; grey repeated to RGB."""
+    images = torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
+    if images.shape[-1] == 1:
+        images = images.repeat(1, 1, 1, 3)
+    return images.numpy()
+
+
+def atomic_replace(write, path):
+    """Run write(tmp_path) for a temp file beside `path`, then rename it into place."""
+    folder, name = os.path.split(os.path.abspath(path))
+    root, ext = os.path.splitext(name)
+    tmp = os.path.join(folder, f".{root}.tmp-{os.getpid()}{ext}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+#################################################################################
+#                           Sample folders and .npz files                       #
+#################################################################################
+
+def png_name(index):
+    return f"{index:06d}.png"
+
+
+def npz_shape(path):
+    """Shape of arr_0 in an .npz, read from its header only (no data loaded); None if unreadable."""
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(f)
+            expected_bytes = int(np.prod(shape)) * dtype.itemsize
+            if dtype != np.uint8 or zf.getinfo("arr_0.npy").file_size < expected_bytes:
+                return None
+            return tuple(shape)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def write_npz_from_pngs(folder, num, path, image_shape, progress=False):
+    """Stream PNGs 000000..num-1 of `folder` into `path` (.npz, arr_0 uint8 (num, H, W, 3)), atomically.
+
+    Written image by image (no 50k-image array in memory) with a fixed zip timestamp, so the same
+    images always give the same bytes. Reads back the header to verify the count.
+    """
+    shape = (num, *image_shape)
+
+    def write(tmp):
+        entry = zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0))
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf, \
+                zf.open(entry, "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                    "fortran_order": False, "shape": shape})
+            indices = range(num)
+            if progress:
+                indices = tqdm(indices, desc="Building .npz file from samples")
+            for i in indices:
+                png = os.path.join(folder, png_name(i))
+                try:
+                    with Image.open(png) as image:
+                        pixels = np.asarray(image, dtype=np.uint8)
+                except OSError as e:
+                    raise SamplingError(f"cannot read sample {png} ({e}): delete it and rerun") from e
+                if pixels.shape != tuple(image_shape):
+                    raise SamplingError(f"sample {png} is {pixels.shape}, expected {tuple(image_shape)}: "
+                                        f"delete it (or the folder) and rerun")
+                f.write(np.ascontiguousarray(pixels).tobytes())
+
+    atomic_replace(write, path)
+    if npz_shape(path) != shape:
+        raise SamplingError(f"{path} was written but does not hold {shape} uint8 samples")
+    return path

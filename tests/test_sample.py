@@ -1,0 +1,268 @@
+"""sample.py and helpers/sampling.py: grids, checkpoint handling, CFG, per-sample noise, bad input."""
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO_ROOT, subprocess_env
+
+import dic_models
+import sample
+from diffusion import create_diffusion
+from helpers.checkpoint import CheckpointError, atomic_save
+from helpers.models import create_model
+from helpers.sampling import (IndexNoise, SamplingError, draw_labels, index_seed, make_model_fn,
+                              sample_latents)
+
+
+def make_checkpoint(path, model="DiC-Tiny", image_size=16, in_channels=1, num_classes=10, vae="none",
+                    with_ema=True, with_args=True, seed=0):
+    """Our checkpoint format for a tiny random model whose outputs are not all zero.
+
+    The official init zeroes the output head (eps = 0 everywhere); it is re-drawn here so labels,
+    CFG and the two weight sets change the samples. "ema" differs from "model".
+    """
+    torch.manual_seed(seed)
+    net = create_model(model, input_size=image_size // (1 if vae == "none" else 2),
+                       in_channels=in_channels, num_classes=num_classes)
+    for p in net.parameters():
+        if p.abs().sum() == 0:
+            p.data.normal_(0, 0.05)
+    state = net.state_dict()
+    checkpoint = {"model": state, "opt": {}}
+    if with_ema:
+        checkpoint["ema"] = {k: v + 0.01 * torch.randn_like(v) for k, v in state.items()}
+    if with_args:
+        checkpoint["args"] = argparse.Namespace(model=model, image_size=image_size, num_classes=num_classes,
+                                                vae=vae, global_seed=0)
+    atomic_save(checkpoint, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "0000010.pt")
+
+
+def run_sample(*argv):
+    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "sample.py"), *argv],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=120)
+
+
+def grid_size(n, nrow, side, padding=2):
+    """(width, height) of torchvision's make_grid for n images of side x side (1 image: no padding)."""
+    if n == 1:
+        return side, side
+    cols = min(n, nrow)
+    rows = -(-n // nrow)
+    return cols * (side + padding) + padding, rows * (side + padding) + padding
+
+
+# ------------------------------------------------------------------ sample.py end to end
+
+def test_grid_png_of_requested_labels_and_no_overwrite(tiny_ckpt, tmp_path):
+    out = tmp_path / "grid" / "sample.png"
+    result = run_sample("--ckpt", tiny_ckpt, "--class-labels", "1", "2", "3", "--nrow", "2",
+                        "--num-sampling-steps", "5", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "--model DiC-Tiny --image-size 16 --num-classes 10 --vae none" in result.stdout
+    assert "Saved a grid of 3 samples (labels 1 2 3)" in result.stdout
+    with Image.open(out) as image:
+        assert image.size == grid_size(3, 2, 16) == (38, 38)
+        assert image.mode == "RGB"
+    before = out.read_bytes()
+    again = run_sample("--ckpt", tiny_ckpt, "--num-sampling-steps", "5", "--out", str(out))
+    assert again.returncode != 0
+    assert again.stderr.strip().splitlines() == [f"error: {out} already exists: pass --overwrite "
+                                                 f"to replace it, or another --out"]
+    assert out.read_bytes() == before
+    assert [p.name for p in out.parent.iterdir()] == ["sample.png"]  # no temp files left
+
+
+def test_overwrite_and_same_seed_same_grid(tiny_ckpt, tmp_path):
+    out = str(tmp_path / "s.png")
+    common = ["--ckpt", tiny_ckpt, "--class-labels", "4", "--num-sampling-steps", "3", "--out", out]
+    sample.main(sample.parse_args(common))
+    first = open(out, "rb").read()
+    sample.main(sample.parse_args(common + ["--overwrite"]))
+    assert open(out, "rb").read() == first
+    sample.main(sample.parse_args(common + ["--overwrite", "--seed", "1"]))
+    assert open(out, "rb").read() != first
+    sample.main(sample.parse_args(common + ["--overwrite", "--weights", "model"]))
+    assert open(out, "rb").read() != first
+
+
+def test_default_labels_for_small_class_count(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "d.png"
+    sample.main(sample.parse_args(["--ckpt", tiny_ckpt, "--num-sampling-steps", "2", "--out", str(out)]))
+    assert "using 0 1 2 3 4 5 6 7" in capsys.readouterr().out
+    with Image.open(out) as image:
+        assert image.size == grid_size(8, 4, 16)
+
+
+def test_latent_model_with_tiny_vae(tiny_vae_dir, tmp_path, capsys):
+    ckpt = make_checkpoint(tmp_path / "latent.pt", image_size=32, in_channels=4, num_classes=5,
+                           vae=tiny_vae_dir)
+    out = tmp_path / "latent.png"
+    sample.main(sample.parse_args(["--ckpt", ckpt, "--class-labels", "0", "4", "--nrow", "1",
+                                   "--num-sampling-steps", "3", "--guide-channels", "all",
+                                   "--out", str(out)]))
+    assert f"--vae {tiny_vae_dir}" in capsys.readouterr().out
+    with Image.open(out) as image:  # 32 px images from 16x16 latents, one per row
+        assert image.size == grid_size(2, 1, 32) == (36, 70)
+
+
+def count_forward_calls(monkeypatch):
+    calls = []
+    forward = dic_models.DiC.forward
+
+    def counting(self, x, t, y, **kwargs):
+        calls.append(x.shape[0])
+        return forward(self, x, t, y, **kwargs)
+
+    monkeypatch.setattr(dic_models.DiC, "forward", counting)
+    return calls
+
+
+def test_ddim_50_calls_the_model_5x_less_than_ddpm_250(tmp_path, monkeypatch):
+    ckpt = make_checkpoint(tmp_path / "small.pt", image_size=8)
+    calls = count_forward_calls(monkeypatch)
+    base = ["--ckpt", ckpt, "--class-labels", "3", "--cfg-scale", "4.0"]
+    sample.main(sample.parse_args(base + ["--out", str(tmp_path / "ddpm.png")]))
+    ddpm_calls = list(calls)
+    calls.clear()
+    sample.main(sample.parse_args(base + ["--sampler", "ddim", "--num-sampling-steps", "50",
+                                          "--out", str(tmp_path / "ddim.png")]))
+    assert len(ddpm_calls) == 250 and len(calls) == 50
+    assert set(ddpm_calls) == set(calls) == {2}  # guided: [cond; uncond] in one batch of 2
+    calls.clear()
+    sample.main(sample.parse_args(base[:-2] + ["--cfg-scale", "1", "--sampler", "ddim",
+                                               "--num-sampling-steps", "10", "--out", str(tmp_path / "c1.png")]))
+    assert calls == [1] * 10  # cfg 1: the plain forward, one row per image
+
+
+# ------------------------------------------------------------------ bad input
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "DiC-S"], "checkpoint holds DiC-Tiny weights but the model is DiC-S: pass --model DiC-Tiny"),
+    (["--cfg-scale", "0.5"], "--cfg-scale must be >= 1 (1 = no guidance), got 0.5"),
+    (["--class-labels", "3", "10"], "class label 10 is out of range for a 10-class model (valid: 0..9)"),
+    (["--model", "DiC-Huge"], "unknown model 'DiC-Huge': choose one of DiC-S, DiC-B, DiC-XL, DiC-H, DiC-Tiny"),
+    (["--num-classes", "20"], "checkpoint does not fit DiC-Tiny (input_size=16, in_channels=1, num_classes=20)"),
+])
+def test_bad_input_is_one_clear_error_and_writes_nothing(tiny_ckpt, tmp_path, extra, message):
+    out = tmp_path / "bad.png"
+    with pytest.raises(ValueError) as info:
+        sample.main(sample.parse_args(["--ckpt", tiny_ckpt, "--num-sampling-steps", "2",
+                                       "--out", str(out), *extra]))
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+    assert not out.exists()
+
+
+def test_checkpoint_without_ema_says_use_weights_model(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "noema.pt", with_ema=False)
+    out = tmp_path / "x.png"
+    result = run_sample("--ckpt", ckpt, "--num-sampling-steps", "2", "--out", str(out))
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"error: checkpoint {ckpt} has no 'ema' weights: use --weights model "
+                                     f"to sample with its raw training weights")
+    assert not out.exists()
+    sample.main(sample.parse_args(["--ckpt", ckpt, "--weights", "model", "--class-labels", "1",
+                                   "--num-sampling-steps", "2", "--out", str(out)]))
+    assert out.exists()
+
+
+def test_bare_state_dict_needs_settings_on_the_command_line(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "full.pt")
+    bare = tmp_path / "bare.pt"
+    torch.save(torch.load(ckpt, weights_only=False)["ema"], bare)
+    out = tmp_path / "bare.png"
+    with pytest.raises(CheckpointError, match="checkpoint holds DiC-Tiny weights but the model is DiC-S"):
+        sample.main(sample.parse_args(["--ckpt", str(bare), "--model", "DiC-S", "--image-size", "16",
+                                       "--num-classes", "10", "--vae", "none", "--out", str(out)]))
+    with pytest.raises(CheckpointError, match=r"checkpoint does not fit DiC-Tiny \(input_size=16, "
+                                              r"in_channels=1, num_classes=1000\)"):
+        sample.main(sample.parse_args(["--ckpt", str(bare), "--model", "DiC-Tiny", "--image-size", "16",
+                                       "--vae", "none", "--out", str(out)]))
+    assert not out.exists()
+    sample.main(sample.parse_args(["--ckpt", str(bare), "--model", "DiC-Tiny", "--image-size", "16",
+                                   "--num-classes", "10", "--vae", "none", "--class-labels", "0",
+                                   "--num-sampling-steps", "2", "--out", str(out)]))
+    with Image.open(out) as image:  # 1 input channel read off the weights
+        assert image.size == grid_size(1, 4, 16) == (16, 16)
+
+
+# ------------------------------------------------------------------ helpers/sampling.py
+
+def tiny_latent_model(seed=0):
+    torch.manual_seed(seed)
+    model = create_model("DiC-Tiny", input_size=8, in_channels=4, num_classes=10)
+    for p in model.parameters():
+        if p.abs().sum() == 0:
+            p.data.normal_(0, 0.05)
+    return model.eval()
+
+
+@torch.no_grad()
+def test_guide_channels_official_guides_3_of_4_and_all_guides_4():
+    model = tiny_latent_model()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([500, 20]), torch.tensor([3, 7])
+    cond = model(x, t, y)
+    uncond = model(x, t, torch.full_like(y, 10))
+    scale = 4.0
+    guided = uncond[:, :4] + scale * (cond[:, :4] - uncond[:, :4])
+    official = make_model_fn(model, scale, "official")(x, t, y)
+    every = make_model_fn(model, scale, "all")(x, t, y)
+    assert official.shape == every.shape == (2, 8, 8, 8)
+    torch.testing.assert_close(official[:, :3], guided[:, :3], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(official[:, 3:], cond[:, 3:], rtol=1e-5, atol=1e-5)  # eps channel 3 + sigma
+    torch.testing.assert_close(every[:, :4], guided, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(every[:, 4:], cond[:, 4:], rtol=1e-5, atol=1e-5)
+    assert (official[:, 3] - every[:, 3]).abs().max() > 1e-3
+    assert make_model_fn(model, 1.0) == model.forward  # no guidance: DiT's plain forward
+    with pytest.raises(SamplingError, match="--guide-channels must be one of official, all"):
+        make_model_fn(model, 2.0, "some")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_a_sample_depends_only_on_its_index_not_its_batch(sampler):
+    model = tiny_latent_model()
+    diffusion = create_diffusion("ddim5" if sampler == "ddim" else "5")
+    model_fn = make_model_fn(model, 1.5)
+    shape = (4, 8, 8)
+
+    def run(indices, pad_to=None, seed=0):
+        noise = IndexNoise(seed, indices, pad_to=pad_to)
+        labels = draw_labels(noise, 10)
+        return sample_latents(diffusion, model_fn, noise, labels, shape, "cpu", sampler)[:len(indices)]
+
+    together = run(range(4))
+    # Same batch shape (padded), other batch-mates and positions: bit for bit the same.
+    apart = torch.cat([run([0, 1], pad_to=4), run([2], pad_to=4), run([3], pad_to=4)])
+    assert torch.equal(together, apart)
+    assert torch.equal(run([3, 1], pad_to=4), together[[3, 1]])
+    # Another batch size: the same sample up to the float rounding of batched kernels.
+    torch.testing.assert_close(run([2]), together[2:3], rtol=1e-4, atol=1e-3)
+    assert not torch.equal(together[0], together[1])
+    assert not torch.equal(run(range(2), seed=1), together[:2])
+    assert torch.isfinite(together).all()
+
+
+def test_labels_random_or_balanced_and_noise_unchanged_by_balancing():
+    noise_a, noise_b = IndexNoise(7, range(20, 32)), IndexNoise(7, range(20, 32))
+    random_labels = draw_labels(noise_a, 5)
+    balanced = draw_labels(noise_b, 5, balanced=True)
+    assert balanced.tolist() == [i % 5 for i in range(20, 32)]
+    assert random_labels.min() >= 0 and random_labels.max() < 5 and len(set(random_labels.tolist())) > 1
+    assert torch.equal(noise_a.randn((2, 3)), noise_b.randn((2, 3)))
+    assert torch.equal(draw_labels(IndexNoise(7, [25, 21]), 5), random_labels[[5, 1]])
+    padded = IndexNoise(7, [25, 21], pad_to=4)
+    assert draw_labels(padded, 5, balanced=True).tolist() == [0, 1, 0, 0]
+    assert padded.randn((2, 3))[2:].abs().sum() == 0
+    assert index_seed(0, 1) != index_seed(1, 0) and 0 <= index_seed(2**40, 10**9) < 2**63
