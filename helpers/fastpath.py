@@ -101,7 +101,8 @@ def channels_last_input(x):
 def maybe_compile(model, enabled, mode=None):
     """torch.compile(model, mode=mode) when enabled, else the model itself.
 
-    The compiled wrapper shares the parameters with `model`; save and EMA from `unwrap_compiled`
+    `model` may be a module or any callable (e.g. `model.forward_with_cfg`, compiling the network
+    together with the guidance arithmetic). The compiled module wrapper shares the parameters with `model`; save and EMA from `unwrap_compiled`
     (the wrapper's state_dict keys carry an `_orig_mod.` prefix).
     """
     if not enabled:

@@ -1,0 +1,696 @@
+"""Speed benchmark for DiC and DiT: training throughput, sampling latency, peak memory, GMACs and
+latent loading, in one run, with markdown tables (and --json).
+
+    python bench/bench.py                          # CPU quick set: DiC-S vs DiT-S/2, batch 4, 32x32 latents
+    python bench/bench.py --models all             # DiC-S/B/XL/H and DiT-S/2, B/2, L/2, XL/2
+    python bench/bench.py --device cuda --compile  # GPU defaults (batch 32, full sampling chains)
+
+What is timed (warm-up iterations excluded, median of the timed ones):
+- training: one step as train.py does it: t ~ U{0..999}, diffusion.training_losses (eps MSE + VB,
+  learned sigma), backward, AdamW step, EMA update. "eager" is DiT's recipe (fp32, NCHW,
+  torch.optim.AdamW defaults, per-parameter EMA); "fast" is helpers/fastpath.py's path (bf16
+  autocast + channels_last + fused AdamW + foreach EMA; + torch.compile with --compile). The
+  ablation rows add one component at a time to eager.
+- sampling: DDPM-250 and DDIM-50 with classifier-free guidance (scale 1.5; the batch holds n images
+  + n null-label rows, as DiT's sample.py). With --sample-steps-scale < 1 only a few steps are
+  timed and the per-step median is multiplied by the step count: such latencies are marked
+  "extrapolated".
+- memory: CUDA: torch.cuda.max_memory_allocated over the config (model, EMA, optimizer state and
+  activations). CPU: the rise of the process's peak resident set (VmHWM, reset through
+  /proc/self/clear_refs before each config) over the resident set before it.
+- GMACs: one forward at batch 1 on the meta device under torch.utils.flop_counter.FlopCounterMode
+  (conv, linear and attention matmuls; MACs = FLOPs / 2), checked against the papers' numbers.
+- data: random-order batches of latents from the official per-file .npy layout vs one packed,
+  memory-mapped .npy array, both written to a temp dir (warm page cache), compared with the
+  training step's consumption rate.
+"""
+import argparse
+import contextlib
+import copy
+import ctypes
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from diffusion import create_diffusion  # noqa: E402
+from helpers.fastpath import (adamw_implementation, autocast_forward, channels_last_input,  # noqa: E402
+                              configure_tf32, ema_update, ema_update_reference, make_adamw,
+                              maybe_compile, to_channels_last)
+from helpers.models import create_model, model_names  # noqa: E402
+
+QUICK_MODELS = ["DiC-S", "DiT-S/2"]
+ALL_MODELS = ["DiC-S", "DiC-B", "DiC-XL", "DiC-H", "DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2"]
+# DiC vs the DiT of similar GMACs (the DiC paper's comparisons)
+PAIRS = [("DiC-S", "DiT-S/2"), ("DiC-B", "DiT-B/2"), ("DiC-XL", "DiT-XL/2"), ("DiC-H", "DiT-XL/2")]
+# GMACs at 256px (32x32 latents): DiC paper / shared/spec/DIC.md; DiT paper Table 1 ("Gflops")
+SPEC_GMACS_256 = {"DiC-S": 5.87, "DiC-B": 23.44, "DiC-XL": 116.10, "DiC-H": 204.32,
+                  "DiT-S/2": 6.06, "DiT-B/2": 23.01, "DiT-L/2": 80.71, "DiT-XL/2": 118.64}
+EMA_DECAY = 0.9999
+CFG_SCALE = 1.5
+SAMPLERS = (("DDPM-250", "250"), ("DDIM-50", "ddim50"))
+
+
+#################################################################################
+#                                   Machine                                     #
+#################################################################################
+
+def describe_machine(device, threads):
+    """What the numbers were measured on."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu, "logical_cores": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": threads, "python": platform.python_version(), "torch": torch.__version__,
+        "numpy": np.__version__, "device": str(device), "gpu": None,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                    tf32=torch.backends.cuda.matmul.allow_tf32)
+    try:
+        info["load_average_1min"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    return info
+
+
+#################################################################################
+#                                Timing & memory                                #
+#################################################################################
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _read_status_kib(field):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _release_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    else:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so the next RSS base is honest
+
+
+class PeakMemory:
+    """Peak memory of what runs between start() and stop(), in MiB, with how it was measured."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def start(self):
+        _release_memory(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            self.method = "cuda max_memory_allocated"
+            return self
+        self.base = _read_status_kib("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM (peak RSS) to the current RSS
+            self.method = "peak RSS rise (VmHWM reset)"
+        except OSError:
+            self.method = "peak RSS rise (process high-water mark, not resettable: lower bound)"
+        return self
+
+    def stop(self):
+        sync(self.device)
+        if self.device.type == "cuda":
+            return (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
+        peak = _read_status_kib("VmHWM")
+        if peak is None or self.base is None:
+            return None
+        return max(0, peak - self.base) / 1024
+
+
+def time_calls(fn, device, warmup, iters):
+    """(median wall s, median process-CPU s, first call s) over `iters` calls after `warmup` calls."""
+    first = None
+    for i in range(warmup):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        if i == 0:
+            first = time.perf_counter() - t0
+    walls, cpus = [], []
+    for _ in range(iters):
+        sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        sync(device)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls), statistics.median(cpus), first
+
+
+#################################################################################
+#                                   Configs                                     #
+#################################################################################
+
+def train_configs(args):
+    """name -> settings. eager = DiT's recipe; fast = every fastpath switch; ablation = one at a time."""
+    eager = dict(precision="fp32", channels_last=False, fused_adamw=False, foreach_ema=False, compile=False)
+    fast = dict(precision="bf16", channels_last=True, fused_adamw=True, foreach_ema=True, compile=False)
+    configs = {"eager fp32": eager}
+    if args.ablation:
+        configs["+channels_last"] = {**eager, "channels_last": True}
+        configs["+bf16"] = {**eager, "precision": "bf16"}
+        configs["+fused AdamW, foreach EMA"] = {**eager, "fused_adamw": True, "foreach_ema": True}
+        configs["fast without channels_last"] = {**fast, "channels_last": False}
+    configs["fast"] = fast
+    if args.compile:
+        configs["fast + compile"] = {**fast, "compile": True}
+    return configs
+
+
+def sample_configs(args):
+    configs = {"eager fp32": dict(precision="fp32", channels_last=False, compile=False),
+               "fast": dict(precision="bf16", channels_last=True, compile=False)}
+    if args.ablation:
+        configs["fast without channels_last"] = dict(precision="bf16", channels_last=False, compile=False)
+    if args.compile:
+        configs["fast + compile"] = dict(precision="bf16", channels_last=True, compile=True)
+    return configs
+
+
+#################################################################################
+#                                     GMACs                                     #
+#################################################################################
+
+def count_gmacs(name, latent_size, in_channels=4):
+    """Forward GMACs at batch 1 (meta device: no memory, no compute)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        model = create_model(name, input_size=latent_size, in_channels=in_channels).eval()
+        x = torch.randn(1, in_channels, latent_size, latent_size)
+        t = torch.zeros(1, dtype=torch.long)
+        y = torch.zeros(1, dtype=torch.long)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x, t, y)
+    params = sum(p.numel() for p in model.parameters())
+    return counter.get_total_flops() / 2e9, params
+
+
+#################################################################################
+#                                   Training                                    #
+#################################################################################
+
+def bench_train(name, base, cfg, args, device, diffusion):
+    """Time train.py's step for one config; returns a result dict."""
+    mem = PeakMemory(device).start()
+    model = copy.deepcopy(base).to(device).train()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    if cfg["channels_last"]:
+        to_channels_last(model)
+        to_channels_last(ema)
+    if cfg["fused_adamw"]:
+        opt = make_adamw(model.parameters(), lr=1e-4, weight_decay=0)
+        opt_kind = adamw_implementation(list(model.parameters()))
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)  # DiT's line
+        opt_kind = "torch default"
+    update = ema_update if cfg["foreach_ema"] else ema_update_reference
+    forward = autocast_forward(maybe_compile(model, cfg["compile"]), device, cfg["precision"])
+
+    g = torch.Generator(device="cpu").manual_seed(args.seed)
+    n, L = args.batch_size, args.latent_size
+    x = torch.randn(n, 4, L, L, generator=g).to(device)
+    y = torch.randint(0, 1000, (n,), generator=g).to(device)
+    if cfg["channels_last"]:
+        x = channels_last_input(x)
+
+    def step():
+        t = torch.randint(0, diffusion.num_timesteps, (n,), device=device)
+        loss = diffusion.training_losses(forward, x, t, dict(y=y))["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        update(ema, model, EMA_DECAY)
+
+    warmup = args.warmup + (2 if cfg["compile"] else 0)
+    try:
+        wall, cpu, first = time_calls(step, device, warmup, args.iters)
+        peak = mem.stop()
+        result = dict(step_s=wall, images_per_s=n / wall, cpu_s=cpu,
+                      images_per_cpu_s=n / cpu if cpu > 0 else None,
+                      first_step_s=first, peak_mib=peak, memory_method=mem.method, optimizer=opt_kind,
+                      **cfg)
+    except torch.cuda.OutOfMemoryError:
+        result = dict(error="out of memory", **cfg)
+    del model, ema, opt, forward, x, y
+    _release_memory(device)
+    print(f"  train {name:9s} {cfg_label(result)}", flush=True)
+    return result
+
+
+def cfg_label(r):
+    if "error" in r:
+        return r["error"]
+    return f"{r['step_s'] * 1000:8.1f} ms/step  {r['images_per_s']:7.2f} img/s  peak {fmt(r['peak_mib'], '.0f')} MiB"
+
+
+#################################################################################
+#                                   Sampling                                    #
+#################################################################################
+
+def _sample_loop(diffusion, kind, model_fn, z, model_kwargs, device):
+    if kind.startswith("DDIM"):
+        return diffusion.ddim_sample_loop_progressive(model_fn, z.shape, noise=z, clip_denoised=False,
+                                                      model_kwargs=model_kwargs, device=device, eta=0.0)
+    return diffusion.p_sample_loop_progressive(model_fn, z.shape, noise=z, clip_denoised=False,
+                                               model_kwargs=model_kwargs, device=device)
+
+
+def time_sampler(diffusion, kind, model_fn, z, model_kwargs, device, timed_steps):
+    """Median seconds per reverse step over `timed_steps` steps (after one warm-up step), and
+    the total over them; with timed_steps = all steps the total is the real chain latency."""
+    warm = _sample_loop(diffusion, kind, model_fn, z, model_kwargs, device)
+    next(warm)
+    warm.close()
+    sync(device)
+    steps = []
+    loop = _sample_loop(diffusion, kind, model_fn, z, model_kwargs, device)
+    t0 = time.perf_counter()
+    for out in loop:
+        sync(device)
+        now = time.perf_counter()
+        steps.append(now - t0)
+        t0 = now
+        if len(steps) >= timed_steps:
+            break
+    loop.close()
+    return statistics.median(steps), sum(steps)
+
+
+def bench_sample(name, base, cfg, args, device):
+    mem = PeakMemory(device).start()
+    model = copy.deepcopy(base).to(device).eval()
+    if cfg["channels_last"]:
+        to_channels_last(model)
+    # compile the whole guided forward (network + guidance arithmetic) when asked
+    compiled = maybe_compile(model.forward_with_cfg, cfg["compile"])
+    model_fn = autocast_forward(compiled, device, cfg["precision"])
+    n, L = args.sample_batch, args.latent_size
+    g = torch.Generator(device="cpu").manual_seed(args.seed)
+    z = torch.randn(n, 4, L, L, generator=g)
+    y = torch.randint(0, 1000, (n,), generator=g)
+    z = torch.cat([z, z], 0).to(device)                         # (2n, 4, L, L): [cond; uncond]
+    y = torch.cat([y, torch.full((n,), 1000)], 0).to(device)    # null label = num_classes
+    if cfg["channels_last"]:
+        z = channels_last_input(z)
+    model_kwargs = dict(y=y, cfg_scale=CFG_SCALE)
+    result = dict(cfg)
+    try:
+        with torch.no_grad():
+            if cfg["compile"]:                                   # compile outside the timings
+                t0 = time.perf_counter()
+                model_fn(z, torch.zeros(2 * n, dtype=torch.long, device=device), **model_kwargs)
+                sync(device)
+                result["compile_s"] = time.perf_counter() - t0
+            for label, respacing in SAMPLERS:
+                diffusion = create_diffusion(respacing)
+                total = diffusion.num_timesteps
+                timed = total if args.sample_steps_scale >= 1 else \
+                    min(total, max(args.min_sample_steps, math.ceil(args.sample_steps_scale * total)))
+                per_step, measured = time_sampler(diffusion, label, model_fn, z, model_kwargs, device, timed)
+                latency = measured if timed == total else per_step * total
+                result[label] = dict(steps=total, timed_steps=timed, extrapolated=timed < total,
+                                     step_s=per_step, batch_latency_s=latency,
+                                     per_image_s=latency / n, images=n)
+        result["peak_mib"] = mem.stop()
+        result["memory_method"] = mem.method
+    except torch.cuda.OutOfMemoryError:
+        result["error"] = "out of memory"
+    del model, compiled, model_fn, z, y
+    _release_memory(device)
+    if "error" in result:
+        print(f"  sample {name:9s} {result['error']}", flush=True)
+    else:
+        print(f"  sample {name:9s} " + "  ".join(
+            f"{label} {result[label]['per_image_s']:.3f} s/img" for label, _ in SAMPLERS), flush=True)
+    return result
+
+
+#################################################################################
+#                                 Data loading                                  #
+#################################################################################
+
+def bench_data(args):
+    """samples/s of random-order batch reads: official per-file .npy vs a packed memory-mapped .npy."""
+    num, batch, L = args.data_samples, args.data_batch, args.latent_size
+    rng = np.random.default_rng(args.seed)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="dic_bench_latents_") as root:
+        feat_dir = os.path.join(root, "imagenet256_features")
+        label_dir = os.path.join(root, "imagenet256_labels")
+        os.makedirs(feat_dir)
+        os.makedirs(label_dir)
+        latents = rng.standard_normal((num, 1, 4, L, L), dtype=np.float32)
+        labels = rng.integers(0, 1000, size=(num, 1), dtype=np.int64)
+        t0 = time.perf_counter()
+        names = [f"{i}_0.npy" for i in range(num)]   # the official release's <index>_<rank>.npy
+        for i, file_name in enumerate(names):
+            np.save(os.path.join(feat_dir, file_name), latents[i])   # (1, 4, L, L) float32
+            np.save(os.path.join(label_dir, file_name), labels[i])   # (1,) int64
+        write_files_s = time.perf_counter() - t0
+        # Packed: plain numpy (helpers/latents.py owns the repo's real packed format, if any)
+        t0 = time.perf_counter()
+        np.save(os.path.join(root, "latents.npy"), latents.reshape(num, 4, L, L))
+        np.save(os.path.join(root, "labels.npy"), labels.reshape(num))
+        write_packed_s = time.perf_counter() - t0
+        del latents
+
+        feat_paths = [os.path.join(feat_dir, f) for f in names]
+        label_paths = [os.path.join(label_dir, f) for f in names]
+
+        def per_file(idx):  # what DiT/DiC's feature dataset does per item
+            x = np.concatenate([np.load(feat_paths[i]) for i in idx])
+            y = np.concatenate([np.load(label_paths[i]) for i in idx])
+            return torch.from_numpy(x), torch.from_numpy(y)
+
+        packed_x = np.load(os.path.join(root, "latents.npy"), mmap_mode="r")
+        packed_y = np.load(os.path.join(root, "labels.npy"), mmap_mode="r")
+
+        def packed(idx):
+            return torch.from_numpy(packed_x[idx]), torch.from_numpy(packed_y[idx])
+
+        readers = {"per-file .npy (official layout, np.load per item)": per_file,
+                   "packed .npy, np.load(mmap_mode='r'), fancy-indexed batch": packed}
+        try:  # the repo's dataset class for the per-file layout
+            from torch.utils.data import default_collate
+
+            from helpers.latents import LatentFeatureDataset
+            dataset = LatentFeatureDataset(root)
+            dataset.labels  # noqa: B018  (read the label files once, as training would)
+
+            def repo_dataset(idx):
+                return default_collate([dataset[i] for i in idx])
+            readers["per-file via helpers.latents.LatentFeatureDataset"] = repo_dataset
+        except Exception as e:  # noqa: BLE001 - optional reader; say why it is missing
+            print(f"  data: helpers.latents.LatentFeatureDataset not timed ({e})", flush=True)
+
+        for label, read in readers.items():
+            order = rng.permutation(num)
+            read(order[:batch])  # warm-up
+            t0 = time.perf_counter()
+            for start in range(0, num, batch):
+                xb, yb = read(order[start:start + batch])
+                assert xb.shape[-3:] == (4, L, L) and len(xb) == len(yb)
+            seconds = time.perf_counter() - t0
+            results[label] = dict(samples_per_s=num / seconds, seconds=seconds)
+            print(f"  data  {label}: {num / seconds:,.0f} samples/s", flush=True)
+    return dict(samples=num, batch=batch, write_per_file_s=write_files_s, write_packed_s=write_packed_s,
+                bytes_per_file=16384 + 128, readers=results,
+                note="warm page cache (files just written), one reader thread; cold disk reads of "
+                     "many small files are slower")
+
+
+#################################################################################
+#                                    Report                                     #
+#################################################################################
+
+def fmt(v, spec=".2f"):
+    return "-" if v is None else format(v, spec)
+
+
+def ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def markdown_report(res):
+    m, a = res["machine"], res["settings"]
+    lines = ["## DiC / DiT speed benchmark", ""]
+    lines.append(f"- command: `{res['command']}`")
+    gpu = f", GPU {m['gpu']} ({m['gpu_memory_gib']} GiB, CUDA {m['cuda']}, TF32 {m['tf32']})" if m["gpu"] else ""
+    lines.append(f"- machine: {m['cpu']}, {m['logical_cores']} logical cores ({m['cpu_capability']}), "
+                 f"torch {m['torch']}, Python {m['python']}{gpu}; device {m['device']}; "
+                 f"load average at start {fmt(m.get('load_average_1min'))}")
+    lines.append(f"- torch threads: {m['torch_threads']}"
+                 + (" (CPU default 1 for steady timings; --threads N to change)" if m["gpu"] is None else ""))
+    lines.append(f"- training: batch {a['batch_size']}, {a['latent_size']}x{a['latent_size']} latents "
+                 f"(image {a['image_size']}px), {a['warmup']} warm-up + median of {a['iters']} timed steps; "
+                 f"step = diffusion.training_losses + backward + AdamW + EMA")
+    lines.append(f"- sampling: {a['sample_batch']} images per batch (+ as many null-label rows), CFG {CFG_SCALE}, "
+                 f"latency per image = batch latency / images"
+                 + ("; **extrapolated** = median step time x steps" if a["sample_steps_scale"] < 1 else ""))
+    lines.append("")
+
+    lines += ["### Training throughput", "",
+              "| model | params (M) | GMACs | GMACs (paper, 256px) | config | ms/step | img/s | "
+              "img/s by CPU time | vs eager | peak MiB |",
+              "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for name, r in res["models"].items():
+        base = r["train"].get("eager fp32", {})
+        for cfg, t in r["train"].items():
+            if "error" in t:
+                lines.append(f"| {name} | | | | {cfg} | {t['error']} | | | | |")
+                continue
+            lines.append(
+                f"| {name} | {r['params'] / 1e6:.1f} | {r['gmacs']:.2f} | {fmt(r['gmacs_paper'])} | {cfg} | "
+                f"{t['step_s'] * 1000:.0f} | {t['images_per_s']:.2f} | {fmt(t['images_per_cpu_s'])} | "
+                f"{fmt(ratio(t['images_per_s'], base.get('images_per_s')))}x | {fmt(t['peak_mib'], '.0f')} |")
+    lines.append("")
+    lines.append("`vs eager` = img/s ratio to the same model's eager fp32 row (wall clock). "
+                 "fast = bf16 autocast + channels_last + fused AdamW + foreach EMA"
+                 + (" (+ torch.compile)." if a["compile"] else "."))
+    if m["gpu"] is None:
+        lines.append("`img/s by CPU time` divides by the process CPU time instead of wall time: with one "
+                     "thread it is less disturbed by other processes on a shared machine.")
+    lines.append("")
+
+    lines += ["### Sampling latency per image", "",
+              "| model | config | DDPM-250 s/img | DDIM-50 s/img | ms/step (batch) | timed steps | vs eager | peak MiB |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in res["models"].items():
+        base = r["sample"].get("eager fp32", {})
+        for cfg, s in r["sample"].items():
+            if "error" in s:
+                lines.append(f"| {name} | {cfg} | {s['error']} | | | | | |")
+                continue
+            ddpm, ddim = s["DDPM-250"], s["DDIM-50"]
+            ext = " (extrapolated)" if ddpm["extrapolated"] else ""
+            speedup = ratio(base.get("DDPM-250", {}).get("per_image_s"), ddpm["per_image_s"])
+            lines.append(
+                f"| {name} | {cfg} | {ddpm['per_image_s']:.3f}{ext} | {ddim['per_image_s']:.3f}"
+                f"{' (extrapolated)' if ddim['extrapolated'] else ''} | {ddpm['step_s'] * 1000:.1f} | "
+                f"{ddpm['timed_steps']}/{ddpm['steps']}, {ddim['timed_steps']}/{ddim['steps']} | "
+                f"{fmt(speedup)}x | {fmt(s.get('peak_mib'), '.0f')} |")
+    lines.append("")
+    lines.append("`vs eager` = eager latency / this latency (DDPM-250). One step costs the same in DDPM and "
+                 "DDIM (one guided forward), so DDIM-50 = 50/250 of DDPM-250.")
+    lines.append("")
+
+    pairs = [(d, t) for d, t in PAIRS if d in res["models"] and t in res["models"]]
+    if pairs:
+        lines += ["### DiC vs DiT of similar GMACs", "",
+                  "| DiC | DiT | GMACs | train img/s DiC/DiT (eager) | (fast) | sampling speed-up DiC vs DiT "
+                  "(eager) | (fast) |",
+                  "|---|---|---|---:|---:|---:|---:|"]
+        for d, t in pairs:
+            rd, rt = res["models"][d], res["models"][t]
+
+            def tr(cfg, key="images_per_s"):
+                return ratio(rd["train"].get(cfg, {}).get(key), rt["train"].get(cfg, {}).get(key))
+
+            def sp(cfg):
+                return ratio(rt["sample"].get(cfg, {}).get("DDPM-250", {}).get("per_image_s"),
+                             rd["sample"].get(cfg, {}).get("DDPM-250", {}).get("per_image_s"))
+            lines.append(f"| {d} | {t} | {rd['gmacs']:.2f} vs {rt['gmacs']:.2f} | {fmt(tr('eager fp32'))}x | "
+                         f"{fmt(tr('fast'))}x | {fmt(sp('eager fp32'))}x | {fmt(sp('fast'))}x |")
+        lines.append("")
+        lines.append("> 1 means DiC is faster.")
+        lines.append("")
+
+    if res.get("data"):
+        d = res["data"]
+        consume = res.get("consumption")
+        lines += ["### Latent loading", "",
+                  f"{d['samples']:,} synthetic (1, 4, {a['latent_size']}, {a['latent_size']}) float32 latents, "
+                  f"random-order batches of {d['batch']}, {d['note']}. Writing them took "
+                  f"{d['write_per_file_s']:.1f} s as per-file .npy vs {d['write_packed_s']:.2f} s packed "
+                  "(packed file written with plain numpy here).", "",
+                  "| reader | samples/s | vs training consumption |", "|---|---:|---:|"]
+        for label, r in d["readers"].items():
+            lines.append(f"| {label} | {r['samples_per_s']:,.0f} | "
+                         f"{fmt(ratio(r['samples_per_s'], consume['images_per_s']), '.0f')}x |")
+        if consume:
+            lines.append("")
+            lines.append(f"Training consumption: {consume['images_per_s']:.2f} img/s ({consume['model']}, "
+                         f"{consume['config']}, this device). Above 1x the reader keeps up from one thread.")
+        lines.append("")
+    lines.append(f"Total bench time: {res['elapsed_s']:.0f} s.")
+    return "\n".join(lines)
+
+
+#################################################################################
+#                                      Main                                     #
+#################################################################################
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cuda when available, else cpu")
+    p.add_argument("--models", default="quick",
+                   help="'quick' (DiC-S, DiT-S/2), 'all' (DiC-S/B/XL/H, DiT-S/2, B/2, L/2, XL/2) "
+                        "or a comma list of registry names")
+    p.add_argument("--image-size", type=int, default=256, help="image side; latents are image/8")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch (default cpu 4, cuda 32)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default cpu 1, cuda 5)")
+    p.add_argument("--iters", type=int, default=None, help="timed steps, median reported (default cpu 3, cuda 20)")
+    p.add_argument("--sample-batch", type=int, default=None, help="images per sampling batch (default cpu 2, cuda 32)")
+    p.add_argument("--sample-steps-scale", type=float, default=None,
+                   help="fraction of each chain's steps to time, then extrapolate per-step x steps "
+                        "(default cpu 0.01, cuda 1 = whole chains, nothing extrapolated)")
+    p.add_argument("--min-sample-steps", type=int, default=5, help="timed steps at least, when extrapolating")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default 1 on cpu for steady numbers; torch's default on cuda)")
+    p.add_argument("--compile", action="store_true", help="also time fast path + torch.compile")
+    p.add_argument("--no-ablation", dest="ablation", action="store_false",
+                   help="skip the one-component-at-a-time training rows")
+    p.add_argument("--no-sample", dest="sample", action="store_false", help="skip sampling")
+    p.add_argument("--no-train", dest="train", action="store_false", help="skip training")
+    p.add_argument("--no-data", dest="data", action="store_false", help="skip the latent loading benchmark")
+    p.add_argument("--data-samples", type=int, default=5000, help="synthetic latents for the loading benchmark")
+    p.add_argument("--data-batch", type=int, default=256, help="batch of the loading benchmark")
+    p.add_argument("--tf32", choices=["on", "off"], default="on",
+                   help="CUDA: TF32 for the fp32 rows (on = the official DiT/DiC training setting)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write all numbers to this .json (refuses to overwrite)")
+    args = p.parse_args(argv)
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible to torch")
+    cuda = args.device == "cuda"
+    defaults = dict(batch_size=32 if cuda else 4, warmup=5 if cuda else 1, iters=20 if cuda else 3,
+                    sample_batch=32 if cuda else 2, sample_steps_scale=1.0 if cuda else 0.01,
+                    threads=None if cuda else 1)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.models == "quick":
+        args.model_list = QUICK_MODELS
+    elif args.models == "all":
+        args.model_list = ALL_MODELS
+    else:
+        args.model_list = [s.strip() for s in args.models.split(",") if s.strip()]
+    unknown = [m for m in args.model_list if m not in model_names()]
+    if unknown:
+        p.error(f"unknown model(s) {unknown}: choose from {', '.join(model_names())}")
+    if args.image_size % 8:
+        p.error(f"--image-size {args.image_size} is not a multiple of 8 (the VAE downsamples by 8)")
+    args.latent_size = args.image_size // 8
+    for key in ("batch_size", "iters", "sample_batch", "data_samples", "data_batch"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be >= 1")
+    if args.warmup < 0 or not 0 < args.sample_steps_scale:
+        p.error("--warmup must be >= 0 and --sample-steps-scale > 0")
+    if args.json and os.path.exists(args.json):
+        p.error(f"--json {args.json} exists: choose a new file (results are never overwritten)")
+    return args
+
+
+def warm_up_libraries(device, diffusion):
+    """One throwaway DiC-Tiny step in fp32 and bf16, so one-time library set-up (oneDNN/cuDNN
+    initialisation, first allocations) is not charged to the first measured config."""
+    model = create_model("DiC-Tiny", input_size=16, num_classes=10).to(device)
+    x = torch.randn(2, 4, 16, 16, device=device)
+    y = torch.zeros(2, dtype=torch.long, device=device)
+    t = torch.zeros(2, dtype=torch.long, device=device)
+    for precision in ("fp32", "bf16"):
+        diffusion.training_losses(autocast_forward(model, device, precision), x, t, dict(y=y))["loss"].mean().backward()
+    del model
+    _release_memory(device)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.perf_counter()
+    device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    configure_tf32(args.tf32 == "on")
+    machine = describe_machine(device, torch.get_num_threads())
+    res = {"command": " ".join(["python", "bench/bench.py"] + (sys.argv[1:] if argv is None else list(argv))),
+           "machine": machine,
+           "settings": {k: v for k, v in vars(args).items() if k != "model_list"} | {"models": args.model_list},
+           "models": {}}
+    print(f"machine: {machine}", flush=True)
+    diffusion = create_diffusion(timestep_respacing="")
+    warm_up_libraries(device, diffusion)
+    for name in args.model_list:
+        gmacs, params = count_gmacs(name, args.latent_size)
+        paper = SPEC_GMACS_256.get(name) if args.image_size == 256 else None
+        print(f"{name}: {params / 1e6:.1f} M parameters, {gmacs:.2f} GMACs (paper {fmt(paper)})", flush=True)
+        torch.manual_seed(args.seed)
+        base = create_model(name, input_size=args.latent_size)   # built once on CPU, copied per config
+        entry = {"params": params, "gmacs": gmacs, "gmacs_paper": paper, "train": {}, "sample": {}}
+        if args.train:
+            for cfg_name, cfg in train_configs(args).items():
+                entry["train"][cfg_name] = bench_train(name, base, cfg, args, device, diffusion)
+        if args.sample:
+            for cfg_name, cfg in sample_configs(args).items():
+                entry["sample"][cfg_name] = bench_sample(name, base, cfg, args, device)
+        res["models"][name] = entry
+        del base
+        _release_memory(device)
+
+    # the fastest measured training row of the first model: what a loader has to keep up with
+    first = res["models"][args.model_list[0]]["train"]
+    rows = [(cfg, r) for cfg, r in first.items() if "images_per_s" in r]
+    if rows:
+        cfg, r = max(rows, key=lambda kv: kv[1]["images_per_s"])
+        res["consumption"] = dict(model=args.model_list[0], config=cfg, images_per_s=r["images_per_s"])
+    if args.data:
+        res["data"] = bench_data(args)
+    res["elapsed_s"] = time.perf_counter() - start
+    report = markdown_report(res)
+    res["markdown"] = report
+    print()
+    print(report)
+    if args.json:
+        tmp = f"{args.json}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=2, default=str)
+        os.replace(tmp, args.json)
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
