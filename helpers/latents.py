@@ -1,17 +1,31 @@
-"""Precomputed VAE latents ("features") in the official DiT/DiC per-file layout: read and write.
+"""Precomputed VAE latents ("features"): the official DiT/DiC per-file layout and a packed layout.
 
-Layout (as in the official DiC release):
+Per-file layout (as in the official DiC release):
     <root>/<prefix>_features/<name>.npy   one latent, float32, shape (1, C, H, W)
     <root>/<prefix>_labels/<name>.npy     its class label, int64, shape (1,)
 `<prefix>` is `imagenet<image size>` (e.g. imagenet256). A feature file and a label file belong
 together when their names match; names are free-form (`<index>_<rank>.npy` in the official
 release, `<index>.npy` and `<index>_flip.npy` from our extract_features.py) and any number of
-pairs is fine.
+pairs is fine. Samples are ordered by name, numbers compared as numbers.
+
+Packed layout (ours; written by `convert_features.py` or `extract_features.py --packed`):
+    <root>/<prefix>_packed/latents.npy    (N, C, H, W) float32, all latents in the order above
+    <root>/<prefix>_packed/labels.npy     (N,) int64, their labels
+    <root>/<prefix>_packed/names.txt      N lines: the per-file name each row came from
+    <root>/<prefix>_packed/info.json      format, version, count, latent_shape, source, ...
+Plain .npy files, so `np.load(path, mmap_mode="r")` reads any row without loading the rest. The
+folder is built as `<root>/.partial-<prefix>_packed` and renamed into place when complete, so a
+crash never leaves a packed set that would be read. `LatentFeatureDataset` reads either layout
+and yields the same items in the same order; where a root holds both, it reads the packed one.
 """
+import hashlib
 import io
+import json
 import os
 import re
+import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
@@ -20,7 +34,12 @@ from torch.utils.data import Dataset
 
 FEATURES_SUFFIX = "_features"
 LABELS_SUFFIX = "_labels"
+PACKED_SUFFIX = "_packed"
 TMP_PREFIX = ".partial-"  # in-progress files: hidden and not ending in .npy, so never read
+PACKED_FORMAT, PACKED_VERSION = "dic-packed-latents", 1
+PACKED_LATENTS, PACKED_LABELS, PACKED_NAMES, PACKED_INFO = (
+    "latents.npy", "labels.npy", "names.txt", "info.json")
+PACKED_PROGRESS = "progress.json"   # only inside an unfinished .partial-<prefix>_packed folder
 
 
 def layout_prefix(image_size):
@@ -158,34 +177,143 @@ def find_prefixes(root):
                   if e.is_dir() and e.name.endswith(FEATURES_SUFFIX))
 
 
-class LatentFeatureDataset(Dataset):
-    """Latents of the official per-file layout: items `(latent float32 (C, H, W), label int64 ())`.
+def packed_dir(root, prefix):
+    """The packed set folder of `prefix` under `root`: <root>/<prefix>_packed."""
+    return os.path.join(os.fspath(root), prefix + PACKED_SUFFIX)
 
-    `feature_path` is the root holding `<prefix>_features/` and `<prefix>_labels/` (or the
-    `<prefix>_features` folder itself). `prefix` (e.g. "imagenet256") is needed only when the
-    root holds more than one. Feature and label files are paired by name and sorted naturally.
+
+def find_packed_prefixes(root):
+    """Every `<prefix>` with a `<prefix>_packed` folder under `root`, sorted (temp folders are
+    hidden, so an unfinished packing is never listed)."""
+    return sorted(e.name[:-len(PACKED_SUFFIX)] for e in os.scandir(root)
+                  if e.is_dir() and e.name.endswith(PACKED_SUFFIX) and not e.name.startswith("."))
+
+
+def _npy_header(path):
+    """(shape, dtype, data offset) of a .npy file, reading only its header."""
+    try:
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
+            if fortran:
+                raise ValueError("Fortran order")
+            return tuple(shape), dtype, f.tell()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"packed file {path} cannot be read ({e}): re-run convert_features.py "
+                         f"into another folder") from e
+
+
+def read_packed_info(folder):
+    """Check a packed set folder (files present, headers and sizes as info.json says) without
+    reading the data; returns its info dict. One-line ValueError for anything wrong."""
+    info_path = os.path.join(folder, PACKED_INFO)
+    if not os.path.isfile(info_path):
+        raise ValueError(f"packed latent folder {folder} has no {PACKED_INFO}: it was not written "
+                         f"(completely) by convert_features.py; delete it and convert again")
+    try:
+        with open(info_path) as f:
+            info = json.load(f)
+        count, shape = int(info["count"]), tuple(int(n) for n in info["latent_shape"])
+        fmt, version = info["format"], int(info["version"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{info_path} cannot be read ({type(e).__name__}: {e}): delete {folder} "
+                         f"and convert again") from e
+    if fmt != PACKED_FORMAT or version != PACKED_VERSION:
+        raise ValueError(f"{info_path} describes format {fmt!r} version {version}, not "
+                         f"{PACKED_FORMAT!r} version {PACKED_VERSION}: convert again with this code")
+    expected = {PACKED_LATENTS: ((count, *shape), np.dtype(np.float32)),
+                PACKED_LABELS: ((count,), np.dtype(np.int64))}
+    for name, (want_shape, want_dtype) in expected.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise ValueError(f"packed latent folder {folder} lacks {name}: delete it and convert again")
+        got_shape, dtype, offset = _npy_header(path)
+        if got_shape != want_shape or dtype != want_dtype:
+            raise ValueError(f"packed file {path} holds {dtype} {got_shape}, but {PACKED_INFO} says "
+                             f"{want_dtype} {want_shape}: delete {folder} and convert again")
+        size = offset + int(np.prod(want_shape)) * want_dtype.itemsize
+        if os.path.getsize(path) != size:
+            raise ValueError(f"packed file {path} has {os.path.getsize(path)} bytes, expected "
+                             f"{size}: it is truncated; delete {folder} and convert again")
+    if not os.path.isfile(os.path.join(folder, PACKED_NAMES)):
+        raise ValueError(f"packed latent folder {folder} lacks {PACKED_NAMES}: delete it and "
+                         f"convert again")
+    return info
+
+
+def read_packed_names(folder):
+    """The per-file names of a packed set's rows, in row order."""
+    with open(os.path.join(folder, PACKED_NAMES), encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
+LAYOUTS = ("auto", "files", "packed")
+
+
+class LatentFeatureDataset(Dataset):
+    """Precomputed latents: items `(latent float32 (C, H, W), label int64 ())`.
+
+    `feature_path` is a root holding `<prefix>_features/` + `<prefix>_labels/` (the official
+    per-file layout) and/or `<prefix>_packed/` (the packed layout), or one of those folders
+    itself. `prefix` (e.g. "imagenet256") is needed only when the root holds latents of more
+    than one prefix. `layout`: "auto" reads the packed set where there is one, else the files;
+    "files" or "packed" insist on one. Both give the same items in the same order (file names
+    sorted naturally); `.layout` says which one was read.
     """
 
-    def __init__(self, feature_path, prefix=None):
+    def __init__(self, feature_path, prefix=None, layout="auto"):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
         root = os.path.abspath(os.fspath(feature_path))
         if not os.path.isdir(root):
             raise ValueError(f"feature path {feature_path} does not exist: pass the folder holding "
-                             f"<prefix>_features/ and <prefix>_labels/ (e.g. imagenet256_features)")
+                             f"<prefix>_features/ and <prefix>_labels/ (e.g. imagenet256_features) "
+                             f"or <prefix>_packed/")
         base = os.path.basename(root)
-        if prefix is None and base.endswith(FEATURES_SUFFIX):  # pointed at the features folder
-            root, prefix = os.path.dirname(root), base[:-len(FEATURES_SUFFIX)]
+        if prefix is None and base.endswith(FEATURES_SUFFIX) and layout != "packed":
+            root, prefix, layout = os.path.dirname(root), base[:-len(FEATURES_SUFFIX)], "files"
+        elif prefix is None and base.endswith(PACKED_SUFFIX) and layout != "files":
+            root, prefix, layout = os.path.dirname(root), base[:-len(PACKED_SUFFIX)], "packed"
         if prefix is None:
-            found = find_prefixes(root)
-            if not found:
-                raise ValueError(f"feature path {feature_path} holds no <prefix>_features folder "
-                                 f"(e.g. imagenet256_features): run extract_features.py first")
-            if len(found) > 1:
-                raise ValueError(f"feature path {feature_path} holds several latent sets "
-                                 f"({', '.join(p + FEATURES_SUFFIX for p in found)}): choose one "
-                                 f"with the prefix (e.g. {found[0]!r})")
-            prefix = found[0]
-        self.root, self.prefix = root, prefix
+            prefix = self._only_prefix(feature_path, root, layout)
+        if layout == "auto":
+            layout = "packed" if os.path.isdir(packed_dir(root, prefix)) else "files"
+        self.root, self.prefix, self.layout = root, prefix, layout
+        self._labels = None
+        if layout == "packed":
+            self._init_packed()
+        else:
+            self._init_files()
+
+    @staticmethod
+    def _only_prefix(feature_path, root, layout):
+        files = find_prefixes(root) if layout != "packed" else []
+        packed = find_packed_prefixes(root) if layout != "files" else []
+        found = sorted(set(files) | set(packed))
+        if not found:
+            unfinished = [e.name for e in os.scandir(root)
+                          if e.name.startswith(TMP_PREFIX) and e.name.endswith(PACKED_SUFFIX)]
+            hint = (f" ({unfinished[0]} is an unfinished packing: run convert_features.py again "
+                    f"to finish it)" if unfinished else "")
+            wanted = {"files": "<prefix>_features folder (e.g. imagenet256_features)",
+                      "packed": "<prefix>_packed folder (e.g. imagenet256_packed)",
+                      "auto": "<prefix>_features folder (e.g. imagenet256_features) nor "
+                              "<prefix>_packed folder"}[layout]
+            raise ValueError(f"feature path {feature_path} holds no {wanted}{hint}: run "
+                             f"extract_features.py first")
+        if len(found) > 1:
+            shown = [p + (PACKED_SUFFIX if p in packed else FEATURES_SUFFIX) for p in found]
+            raise ValueError(f"feature path {feature_path} holds several latent sets "
+                             f"({', '.join(shown)}): choose one with the prefix (e.g. {found[0]!r})")
+        return found[0]
+
+    # ----------------------------------------------------------------- per-file layout
+    def _init_files(self):
+        root, prefix = self.root, self.prefix
         self.features_dir, self.labels_dir = layout_dirs(root, prefix)
+        self.packed_dir = None
         for folder in (self.features_dir, self.labels_dir):
             if not os.path.isdir(folder):
                 raise ValueError(f"latent folder {folder} is missing: a latent set needs both "
@@ -205,17 +333,14 @@ class LatentFeatureDataset(Dataset):
             raise ValueError(f"latent set {root}/{prefix}: {len(features)} feature files but "
                              f"{len(labels)} label files; {' and '.join(parts)}: feature and label "
                              f"files pair by name, so re-run the extraction or remove the strays")
-        self.names = sorted(features, key=_natural_key)
-        first = os.path.join(self.features_dir, self.names[0])
+        self._names = sorted(features, key=_natural_key)
+        first = os.path.join(self.features_dir, self._names[0])
         shape = _npy_shape(first)
         if len(shape) not in (3, 4) or (len(shape) == 4 and shape[0] != 1):
             raise ValueError(f"latent file {first} has shape {shape}: expected "
                              f"(1, C, H, W) or (C, H, W)")
         self.latent_shape = tuple(shape[-3:])   # (C, H, W)
-        self._labels = None
-
-    def __len__(self):
-        return len(self.names)
+        self._count = len(self._names)
 
     def _read_label(self, name):
         label = _load_npy(os.path.join(self.labels_dir, name))
@@ -224,11 +349,66 @@ class LatentFeatureDataset(Dataset):
                              f"{label.size} values: expected one class index")
         return int(label.reshape(-1)[0])
 
+    def _read_latent(self, name):
+        """One per-file latent as a float32 (C, H, W) array, its shape checked."""
+        path = os.path.join(self.features_dir, name)
+        latent = _load_npy(path)
+        if latent.shape not in (self.latent_shape, (1, *self.latent_shape)):
+            raise ValueError(f"latent file {path} has shape {latent.shape}, the others "
+                             f"{self.latent_shape}: mixed latent sets?")
+        return latent.reshape(self.latent_shape).astype(np.float32, copy=False)
+
+    # ------------------------------------------------------------------- packed layout
+    def _init_packed(self):
+        self.features_dir = self.labels_dir = None
+        self.packed_dir = packed_dir(self.root, self.prefix)
+        if not os.path.isdir(self.packed_dir):
+            raise ValueError(f"packed latent folder {self.packed_dir} is missing: convert the "
+                             f"per-file set with convert_features.py first")
+        self.info = read_packed_info(self.packed_dir)
+        self.latent_shape = tuple(int(n) for n in self.info["latent_shape"])
+        self._count = int(self.info["count"])
+        self._names = None          # names.txt is read on first use
+        self._arrays, self._arrays_pid = None, None
+
+    def _packed_arrays(self):
+        """(latents, labels) memory maps, opened lazily in each process (DataLoader workers
+        map the files themselves instead of inheriting a parent's map)."""
+        if self._arrays is None or self._arrays_pid != os.getpid():
+            self._arrays = (np.load(os.path.join(self.packed_dir, PACKED_LATENTS), mmap_mode="r"),
+                            np.load(os.path.join(self.packed_dir, PACKED_LABELS), mmap_mode="r"))
+            self._arrays_pid = os.getpid()
+        return self._arrays
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if "_arrays" in state:      # memory maps are reopened by whoever unpickles this
+            state["_arrays"], state["_arrays_pid"] = None, None
+        return state
+
+    # ------------------------------------------------------------------------- common
+    @property
+    def names(self):
+        """Per-file names of the samples, in item order (for a packed set: its names.txt)."""
+        if self._names is None:
+            self._names = read_packed_names(self.packed_dir)
+            if len(self._names) != self._count:
+                raise ValueError(f"{os.path.join(self.packed_dir, PACKED_NAMES)} lists "
+                                 f"{len(self._names)} names for {self._count} latents: delete "
+                                 f"{self.packed_dir} and convert again")
+        return self._names
+
+    def __len__(self):
+        return self._count
+
     @property
     def labels(self):
-        """All labels as an int64 array (read on first use: one small file per sample)."""
+        """All labels as an int64 array (per-file: read on first use, one small file per sample)."""
         if self._labels is None:
-            self._labels = np.array([self._read_label(n) for n in self.names], dtype=np.int64)
+            if self.layout == "packed":
+                self._labels = np.array(self._packed_arrays()[1], dtype=np.int64)
+            else:
+                self._labels = np.array([self._read_label(n) for n in self.names], dtype=np.int64)
         return self._labels
 
     @property
@@ -237,11 +417,179 @@ class LatentFeatureDataset(Dataset):
         return int(self.labels.max()) + 1
 
     def __getitem__(self, index):
+        if self.layout == "packed":
+            latents, labels = self._packed_arrays()
+            if not -self._count <= index < self._count:
+                raise IndexError(f"index {index} is out of range for {self._count} latents")
+            latent = torch.from_numpy(np.array(latents[index]))   # a copy: never a view of the map
+            return latent, torch.tensor(int(labels[index]), dtype=torch.int64)
         name = self.names[index]
-        latent = _load_npy(os.path.join(self.features_dir, name))
-        if latent.ndim not in (3, 4) or latent.size != int(np.prod(self.latent_shape)):
-            raise ValueError(f"latent file {os.path.join(self.features_dir, name)} has shape "
-                             f"{latent.shape}, the others {self.latent_shape}: mixed latent sets?")
-        latent = torch.from_numpy(latent.reshape(self.latent_shape).astype(np.float32, copy=False))
+        latent = torch.from_numpy(self._read_latent(name))
         label = self._labels[index] if self._labels is not None else self._read_label(name)
         return latent, torch.tensor(label, dtype=torch.int64)
+
+
+#################################################################################
+#                                   Packing                                     #
+#################################################################################
+
+class PackedSetExistsError(FileExistsError):
+    """A packed set is already there and overwriting was not asked for; `.path` is its folder."""
+
+    def __init__(self, path, message):
+        super().__init__(message)
+        self.path = path
+
+    def __str__(self):
+        return self.args[0]
+
+
+def _fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_text_atomic(path, text):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _lock_folder(folder):
+    """An exclusive lock on `folder` held until the returned file is closed (or the process
+    dies); None where file locks are not available. Raises ValueError if someone holds it."""
+    try:
+        import fcntl
+    except ImportError:     # not POSIX: no lock, as documented (one conversion per folder)
+        return None
+    handle = open(os.path.join(folder, "lock"), "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ValueError(f"another conversion is writing {folder} right now: wait for it to "
+                         f"finish (one conversion per folder at a time)")
+    return handle
+
+
+def _fingerprint(source_root, prefix, names, shape):
+    digest = hashlib.sha256()
+    digest.update(json.dumps([source_root, prefix, list(shape), len(names)]).encode())
+    for name in names:
+        digest.update(name.encode("utf-8") + b"\n")
+    return digest.hexdigest()
+
+
+def pack_latents(feature_path, prefix=None, out_root=None, overwrite=False, workers=4,
+                 chunk_size=4096, progress=True, log=print):
+    """Convert a per-file latent set into the packed layout; returns the packed folder.
+
+    Reads `<feature_path>/<prefix>_features/*.npy` + `_labels/*.npy` in the dataset's order
+    (flipped copies are rows like any other) and writes `<out_root>/<prefix>_packed/` (default
+    out_root: feature_path). The set is built in `<out_root>/.partial-<prefix>_packed/` and
+    renamed into place only when complete; an interrupted conversion of the same source
+    resumes there from its last saved row (saved every `chunk_size` rows). An existing packed
+    set raises PackedSetExistsError unless `overwrite`. Bad input (missing folders, unpaired
+    files, different latent shapes, unreadable files) raises a one-line ValueError.
+    """
+    source = LatentFeatureDataset(feature_path, prefix=prefix, layout="files")
+    prefix, shape, names, count = source.prefix, source.latent_shape, source.names, len(source)
+    out_root = os.path.abspath(os.fspath(out_root if out_root is not None else source.root))
+    final = packed_dir(out_root, prefix)
+    if os.path.exists(final) and not overwrite:
+        raise PackedSetExistsError(final, f"{final} already holds a packed set: refusing to "
+                                          f"overwrite it; delete it, pass overwrite (--overwrite) "
+                                          f"or choose another output folder")
+    os.makedirs(out_root, exist_ok=True)
+    work = os.path.join(out_root, TMP_PREFIX + prefix + PACKED_SUFFIX)
+    os.makedirs(work, exist_ok=True)
+    lock = _lock_folder(work)
+    try:
+        fingerprint = _fingerprint(source.root, prefix, names, shape)
+        progress_path = os.path.join(work, PACKED_PROGRESS)
+        done = 0
+        if os.path.exists(progress_path):
+            try:
+                with open(progress_path) as f:
+                    saved = json.load(f)
+                if saved.get("fingerprint") == fingerprint:
+                    done = int(saved["rows_done"])
+            except (OSError, ValueError, KeyError, TypeError):
+                done = 0
+            if done:
+                log(f"resuming an interrupted conversion at row {done} of {count}")
+            else:
+                log(f"discarding an interrupted conversion of other latents in {work}")
+        latents_path = os.path.join(work, PACKED_LATENTS)
+        labels_path = os.path.join(work, PACKED_LABELS)
+        if done:
+            latents = np.load(latents_path, mmap_mode="r+")
+            labels = np.load(labels_path, mmap_mode="r+")
+        else:
+            for entry in os.scandir(work):       # a fresh start: nothing from before is kept
+                if entry.name == "lock":
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.remove(entry.path)
+            latents = np.lib.format.open_memmap(latents_path, mode="w+", dtype=np.float32,
+                                                shape=(count, *shape))
+            labels = np.lib.format.open_memmap(labels_path, mode="w+", dtype=np.int64,
+                                               shape=(count,))
+
+        def read(name):
+            return source._read_latent(name), source._read_label(name)
+
+        from tqdm import tqdm
+        bar = tqdm(total=count, initial=done, unit="latent", desc=f"packing {prefix}",
+                   disable=not progress, dynamic_ncols=True)
+        with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
+            for start in range(done, count, chunk_size):
+                stop = min(start + chunk_size, count)
+                for row, (latent, label) in enumerate(pool.map(read, names[start:stop]), start):
+                    latents[row] = latent
+                    labels[row] = label
+                    bar.update(1)
+                latents.flush()
+                labels.flush()
+                _write_text_atomic(progress_path, json.dumps(
+                    {"fingerprint": fingerprint, "rows_done": stop, "count": count}))
+        bar.close()
+        all_labels = np.array(labels)
+        del latents, labels
+        _write_text_atomic(os.path.join(work, PACKED_NAMES), "".join(n + "\n" for n in names))
+        info = {"format": PACKED_FORMAT, "version": PACKED_VERSION, "count": count,
+                "latent_shape": list(shape), "latent_dtype": "float32", "label_dtype": "int64",
+                "num_classes_seen": int(all_labels.max()) + 1, "prefix": prefix,
+                "source": os.path.join(source.root, prefix + FEATURES_SUFFIX),
+                "files": {"latents": PACKED_LATENTS, "labels": PACKED_LABELS,
+                          "names": PACKED_NAMES}}
+        for name in (PACKED_LATENTS, PACKED_LABELS):
+            _fsync_path(os.path.join(work, name))
+        _write_text_atomic(os.path.join(work, PACKED_INFO), json.dumps(info, indent=1) + "\n")
+        os.remove(progress_path)
+        read_packed_info(work)                   # what we are about to publish reads back
+        if os.path.exists(final):
+            if not overwrite:
+                raise PackedSetExistsError(final, f"{final} appeared while converting: refusing "
+                                                  f"to overwrite it; delete it, pass overwrite "
+                                                  f"(--overwrite) or choose another output folder")
+            old = os.path.join(out_root, f"{TMP_PREFIX}old-{prefix}{PACKED_SUFFIX}.{os.getpid()}")
+            os.rename(final, old)
+            os.rename(work, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(work, final)
+        os.remove(os.path.join(final, "lock"))
+        _fsync_path(out_root)
+    finally:
+        if lock is not None:
+            lock.close()
+    return final
