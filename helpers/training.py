@@ -316,7 +316,7 @@ def build_dataset(args, vae_factor, is_main):
         dataset = ImageFolderDataset(args.data_path, args.image_size, random_flip=True, channels=3)
         channels, found = 3, dataset.num_classes
     if found > args.num_classes:
-        raise TrainingError(f"{args.data_path or args.dataset} has {found} classes (labels up to {found - 1}) "
+        raise TrainingError(f"{args.data_path or 'built-in ' + args.dataset} has {found} classes (labels up to {found - 1}) "
                             f">= --num-classes {args.num_classes}: pass --num-classes {found} or more")
     return dataset, channels, side
 

@@ -1,0 +1,378 @@
+"""train.py and helpers/training.py: exact resume, data order, bad inputs, NaN stop, checkpoint layout.
+
+Multi-process behaviour runs through real `torchrun --nproc_per_node 2` (gloo on CPU); single-process
+checks call train.main() in-process (same code path, no interpreter start-up).
+"""
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO_ROOT, make_image_folder, subprocess_env
+
+import train
+from helpers import training
+from helpers.images import ImageFolderDataset
+from helpers.latents import write_latent
+from helpers.log import read_losses
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+TINY = ["--model", "DiC-Tiny", "--num-workers", "0", "--no-progress"]
+N_LATENTS = 32          # 4 steps per epoch at global batch 8
+LATENT_SHAPE = (4, 8, 8)  # sd-vae latents of 64x64 images (factor 8)
+
+
+def make_latents(root, n=N_LATENTS, shape=LATENT_SHAPE, num_classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        write_latent(root, str(i), rng.standard_normal(shape).astype(np.float32), i % num_classes,
+                     prefix="imagenet64")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def latents(tmp_path_factory):
+    return make_latents(tmp_path_factory.mktemp("latents"))
+
+
+def latent_args(latents, results, *extra):
+    return [*TINY, "--feature-path", latents, "--image-size", "64", "--num-classes", "3",
+            "--global-batch-size", "8", "--results-dir", str(results), *map(str, extra)]
+
+
+def run_script(argv, nproc=1, script="train.py", env=None, timeout=300):
+    cmd = (TORCHRUN if nproc > 1 else [sys.executable]) + [os.path.join(REPO_ROOT, script)] + list(argv)
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env(**(env or {})), capture_output=True,
+                          text=True, timeout=timeout)
+    proc.output = proc.stdout + proc.stderr
+    return proc
+
+
+def call_main(argv):
+    """train.main in this process; returns the exit code."""
+    return train.main(training.parse_args(training.build_parser("test"), [str(a) for a in argv]))
+
+
+def only_run(results):
+    runs = sorted(os.listdir(results))
+    assert len(runs) == 1, runs
+    return os.path.join(results, runs[0])
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def assert_state_dicts_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def assert_opt_equal(a, b):
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for i in a["state"]:
+        for k, v in a["state"][i].items():
+            assert torch.equal(v, b["state"][i][k]), (i, k)
+
+
+def read_sample_log(run_dir):
+    """{step: set(indices)} over all ranks, plus {(rank, step): [indices]}."""
+    per_step, per_rank = {}, {}
+    for name in os.listdir(run_dir):
+        m = re.match(r"debug_samples_rank(\d+)\.txt$", name)
+        if not m:
+            continue
+        for line in open(os.path.join(run_dir, name)):
+            step, epoch, *idx = map(int, line.split())
+            per_rank[(int(m.group(1)), step)] = idx
+            per_step.setdefault(step, []).extend(idx)
+    return per_step, per_rank
+
+
+def logged_losses(text):
+    return re.findall(r"\(step=(\d{7})\) Train Loss: ([0-9.]+)", text)
+
+
+#################################################################################
+#                          Exact resume, two processes                          #
+#################################################################################
+
+def test_resume_is_bit_identical_with_two_processes(tmp_path, latents):
+    """6 steps in one go == 3 steps, then --resume auto to 6: model, EMA, optimizer and losses."""
+    common = ["--log-every", "1", "--ckpt-every", "2", "--debug-log-samples"]
+    one_go = run_script(latent_args(latents, tmp_path / "a", *common, "--max-steps", "6"), nproc=2)
+    assert one_go.returncode == 0, one_go.output
+    first = run_script(latent_args(latents, tmp_path / "b", *common, "--max-steps", "3"), nproc=2)
+    assert first.returncode == 0, first.output
+    resumed = run_script(latent_args(latents, tmp_path / "b", *common, "--max-steps", "6", "--resume", "auto"),
+                         nproc=2)
+    assert resumed.returncode == 0, resumed.output
+
+    run_a, run_b = only_run(tmp_path / "a"), only_run(tmp_path / "b")   # resume stays in the same folder
+    assert os.path.basename(run_a) == os.path.basename(run_b) == "000-DiC-Tiny"
+    assert sorted(os.listdir(os.path.join(run_a, "checkpoints"))) == ["0000002.pt", "0000004.pt", "0000006.pt"]
+    assert sorted(os.listdir(os.path.join(run_b, "checkpoints"))) == [
+        "0000002.pt", "0000003.pt", "0000004.pt", "0000006.pt"]
+    a, b = load(os.path.join(run_a, "checkpoints", "0000006.pt")), load(os.path.join(run_b, "checkpoints", "0000006.pt"))
+    assert_state_dicts_equal(a["model"], b["model"])
+    assert_state_dicts_equal(a["ema"], b["ema"])
+    assert_opt_equal(a["opt"], b["opt"])
+    assert not all(torch.equal(a["model"][k], a["ema"][k]) for k in a["model"])   # EMA really lags
+    # The checkpoint at the resume point is mid-epoch: epoch 0, 3 of 4 batches done.
+    mid = load(os.path.join(run_b, "checkpoints", "0000003.pt"))
+    assert (mid["step"], mid["epoch"], mid["batch_in_epoch"]) == (3, 0, 3)
+    assert (a["step"], a["epoch"], a["batch_in_epoch"]) == (6, 1, 2)
+    # Layout and keys: DiT's four plus the resume state, with one RNG state per process.
+    assert {"model", "ema", "opt", "args", "step", "epoch", "batch_in_epoch", "rng", "scaler",
+            "world_size", "global_batch_size", "loss_window"} <= set(a)
+    assert a["world_size"] == 2 and len(a["rng"]) == 2
+    assert set(a["rng"][0]) >= {"torch", "numpy", "python"}
+    assert not torch.equal(a["rng"][0]["torch"], a["rng"][1]["torch"])   # per-process streams differ
+    assert a["args"].model == "DiC-Tiny" and a["args"].in_channels == 4 and a["scaler"] is None
+
+    # Identical logged losses (stdout and losses.csv), every step.
+    assert logged_losses(one_go.stdout) == logged_losses(first.stdout) + logged_losses(resumed.stdout)
+    assert len(logged_losses(one_go.stdout)) == 6
+    steps_a, losses_a = read_losses(os.path.join(run_a, "losses.csv"))
+    steps_b, losses_b = read_losses(os.path.join(run_b, "losses.csv"))
+    assert steps_a == steps_b == [1, 2, 3, 4, 5, 6] and losses_a == losses_b
+    assert "Resuming from" in open(os.path.join(run_b, "log.txt")).read()
+
+    # Same samples on the same ranks at every step; each sample exactly once in epoch 0 (steps 1-4).
+    per_step_a, per_rank_a = read_sample_log(run_a)
+    per_step_b, per_rank_b = read_sample_log(run_b)
+    assert per_rank_a == per_rank_b
+    assert all(len(per_rank_a[(r, s)]) == 4 for r in (0, 1) for s in range(1, 7))
+    epoch0 = sorted(i for s in range(1, 5) for i in per_step_a[s])
+    assert epoch0 == list(range(N_LATENTS))
+    epoch1 = [i for s in (5, 6) for i in per_step_a[s]]
+    assert len(set(epoch1)) == 16 and epoch1 != [i for s in (1, 2) for i in per_step_a[s]]
+
+
+def test_one_process_sees_each_sample_once_and_same_batches_as_two(tmp_path, latents):
+    """One process over one epoch: every sample exactly once, and each step's global batch is the
+    one two processes share between them (same seed, same order)."""
+    assert call_main(latent_args(latents, tmp_path, "--max-steps", "4", "--log-every", "2",
+                                 "--ckpt-every", "2", "--debug-log-samples")) == 0
+    run = only_run(tmp_path)
+    per_step, per_rank = read_sample_log(run)
+    assert sorted(i for s in per_step for i in per_step[s]) == list(range(N_LATENTS))
+    sampler = training.ResumableDistributedSampler(list(range(N_LATENTS)), 2, 0, 8, seed=0)
+    order = sampler.epoch_order()
+    for s in range(1, 5):
+        assert per_rank[(0, s)] == order[(s - 1) * 8: s * 8]   # one process walks the global order
+
+
+#################################################################################
+#                              Sampler and seeding                              #
+#################################################################################
+
+@pytest.mark.parametrize("n", [32, 37])
+def test_sampler_partitions_every_epoch_and_resumes_by_offset(n):
+    gb = 8
+    for world in (1, 2, 4):
+        samplers = [training.ResumableDistributedSampler(list(range(n)), world, r, gb, seed=3) for r in range(world)]
+        for epoch in (0, 1):
+            shards = []
+            for s in samplers:
+                s.set_epoch(epoch)
+                shards.append(list(s))
+                assert len(shards[-1]) == len(s) == n // gb * gb // world
+            seen = sorted(i for shard in shards for i in shard)
+            assert seen == sorted(samplers[0].epoch_order()) and len(set(seen)) == n // gb * gb
+            # Starting 2 global batches in == each process skipping its first 2 local batches.
+            for s, shard in zip(samplers, shards):
+                s.set_epoch(epoch, start=2 * gb)
+                assert list(s) == shard[2 * gb // world:]
+    a = training.ResumableDistributedSampler(list(range(n)), 1, 0, gb, seed=3)
+    a.set_epoch(0)
+    first = list(a)
+    a.set_epoch(1)
+    assert list(a) != first
+
+
+def test_random_flips_depend_only_on_seed_epoch_and_index(tmp_path):
+    folder = make_image_folder(tmp_path / "img", num_classes=1, per_class=6, size=(20, 20))
+    data = training.SeededSamples(ImageFolderDataset(folder, 16), seed=5)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    forward = [data[i][0] for i in range(6)]
+    assert torch.equal(torch.get_rng_state(), before)        # the training RNG stream is untouched
+    torch.manual_seed(123)
+    backward = {i: data[i][0] for i in reversed(range(6))}
+    assert all(torch.equal(forward[i], backward[i]) for i in range(6))
+    flipped = [not torch.equal(forward[i], data.dataset.load(i)) for i in range(6)]
+    data.set_epoch(1)
+    flipped1 = [not torch.equal(data[i][0], data.dataset.load(i)) for i in range(6)]
+    assert any(flipped) and not all(flipped) and flipped != flipped1
+
+
+#################################################################################
+#                    Image folders through a (tiny) VAE, with workers           #
+#################################################################################
+
+def test_vae_image_folder_with_workers_and_corrupt_image_resumes_exactly(tmp_path, tiny_vae_dir, capsys):
+    folder = make_image_folder(tmp_path / "img", num_classes=2, per_class=4, size=(40, 36))
+    os.remove(os.path.join(folder, "n00000001", "img_1_3.png"))
+    with open(os.path.join(folder, "n00000001", "img_1_3.png"), "wb") as f:
+        f.write(b"not a png")    # one corrupt image: skipped with a warning, counted
+    common = ["--model", "DiC-Tiny", "--data-path", folder, "--vae", tiny_vae_dir, "--image-size", "16",
+              "--num-classes", "2", "--global-batch-size", "2", "--num-workers", "2", "--log-every", "2",
+              "--ckpt-every", "100", "--no-progress"]
+    assert call_main([*common, "--results-dir", tmp_path / "a", "--max-steps", "4"]) == 0
+    out_a = capsys.readouterr().out
+    assert call_main([*common, "--results-dir", tmp_path / "b", "--max-steps", "2"]) == 0
+    assert call_main([*common, "--results-dir", tmp_path / "b", "--max-steps", "4", "--resume", "auto"]) == 0
+    out_b = capsys.readouterr().out
+    a = load(os.path.join(only_run(tmp_path / "a"), "checkpoints", "0000004.pt"))
+    b = load(os.path.join(only_run(tmp_path / "b"), "checkpoints", "0000004.pt"))
+    assert_state_dicts_equal(a["model"], b["model"])
+    assert_state_dicts_equal(a["ema"], b["ema"])
+    assert_opt_equal(a["opt"], b["opt"])
+    assert a["args"].in_channels == 4 and a["model_kwargs"]["input_size"] == 8   # tiny VAE: factor 2
+    assert logged_losses(out_a) == logged_losses(out_b) and len(logged_losses(out_a)) == 2
+    # 8 files, one epoch of 4 steps (resumed mid-epoch): the corrupt one is met once.
+    assert "Skipped Corrupt Images: 1" in out_a and a["skipped_images"] == 1
+
+
+#################################################################################
+#                     Bad input: one line, non-zero, nothing written            #
+#################################################################################
+
+def _bad(tmp_path, capsys, argv, message):
+    results = tmp_path / "results"
+    code = call_main([*argv, "--results-dir", results, "--max-steps", "1"])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert message in err, err
+    assert err.strip().count("\n") == 0 and err.startswith("error: "), err   # one line
+    assert not os.path.exists(results)
+    return err
+
+
+def test_bad_data_paths(tmp_path, capsys):
+    _bad(tmp_path, capsys, [*TINY, "--data-path", tmp_path / "missing", "--vae", "none"], "does not exist")
+    (tmp_path / "empty").mkdir()
+    _bad(tmp_path, capsys, [*TINY, "--data-path", tmp_path / "empty", "--vae", "none"], "no class sub-folders")
+    _bad(tmp_path, capsys, [*TINY, "--image-size", "16"], "pass exactly one data source")
+    _bad(tmp_path, capsys, [*TINY, "--dataset", "digits", "--vae", "ema"], "drop --vae ema")
+    _bad(tmp_path, capsys, ["--model", "DiC-Nope", "--dataset", "digits"], "unknown model 'DiC-Nope'")
+    _bad(tmp_path, capsys, [*TINY, "--dataset", "digits", "--global-batch-size", "4096"],
+         "fewer than --global-batch-size 4096")
+
+
+def test_bad_latents(tmp_path, capsys):
+    root = make_latents(tmp_path / "lat", n=16)
+    _bad(tmp_path, capsys, latent_args(root, tmp_path / "x", "--image-size", "128"),
+         "are 4x8x8 but --image-size 128 with --vae ema (factor 8) needs 4x16x16: pass --image-size 64")
+    _bad(tmp_path, capsys, [*latent_args(root, tmp_path / "x"), "--num-classes", "2"],
+         "have label 2 >= --num-classes 2")
+    os.remove(os.path.join(root, "imagenet64_labels", "5.npy"))
+    _bad(tmp_path, capsys, latent_args(root, tmp_path / "x"), "1 feature files have no label file (e.g. 5.npy)")
+    no_labels = make_latents(tmp_path / "lat2", n=4)
+    import shutil
+    shutil.rmtree(os.path.join(no_labels, "imagenet64_labels"))
+    _bad(tmp_path, capsys, latent_args(no_labels, tmp_path / "x"), "imagenet64_labels is missing")
+
+
+def test_bad_sizes_and_labels(tmp_path, capsys):
+    _bad(tmp_path, capsys, [*TINY, "--dataset", "digits", "--image-size", "18"],
+         "DiC-Tiny cannot take: it downsamples by 4, so use an image size divisible by 4")
+    _bad(tmp_path, capsys, ["--model", "DiT-S/8", "--dataset", "digits", "--image-size", "12"],
+         "not divisible by patch_size 8")
+    _bad(tmp_path, capsys, [*TINY, "--dataset", "digits", "--num-classes", "5"], "10 classes")
+    folder = make_image_folder(tmp_path / "img", num_classes=3, per_class=1)
+    _bad(tmp_path, capsys, [*TINY, "--data-path", folder, "--vae", "none", "--image-size", "16",
+                            "--num-classes", "2"], "has 3 classes")
+    _bad(tmp_path, capsys, [*TINY, "--data-path", folder, "--image-size", "16", "--num-classes", "3",
+                            "--vae", str(tmp_path / "novae")], "--vae")
+
+
+def test_resume_errors_write_nothing(tmp_path, capsys, latents):
+    assert call_main(latent_args(latents, tmp_path / "r", "--max-steps", "4", "--ckpt-every", "2")) == 0
+    run = only_run(tmp_path / "r")
+    capsys.readouterr()
+    snapshot = {name: os.path.getmtime(os.path.join(run, name)) for name in os.listdir(run)}
+    log_before = open(os.path.join(run, "log.txt")).read()
+
+    def refused(argv, message):
+        code = call_main(argv)
+        err = capsys.readouterr().err
+        assert code != 0 and message in err, err
+        assert {n: os.path.getmtime(os.path.join(run, n)) for n in os.listdir(run)} == snapshot
+        assert open(os.path.join(run, "log.txt")).read() == log_before
+        assert sorted(os.listdir(tmp_path / "r")) == [os.path.basename(run)]
+
+    ckpt2 = os.path.join(run, "checkpoints", "0000002.pt")
+    refused([*latent_args(latents, tmp_path / "r"), "--model", "DiC-S", "--resume", ckpt2],
+            "checkpoint holds DiC-Tiny weights but the model is DiC-S")
+    refused([*latent_args(latents, tmp_path / "r"), "--max-steps", "6", "--resume", ckpt2],
+            "0000004.pt is newer than")
+    refused([*latent_args(latents, tmp_path / "r"), "--resume", str(tmp_path / "nope.pt")],
+            "no such checkpoint or run folder")
+    bare = tmp_path / "bare.pt"
+    torch.save(load(ckpt2)["ema"], bare)
+    refused([*latent_args(latents, tmp_path / "r"), "--resume", bare], "use --ckpt")
+    refused([*latent_args(latents, tmp_path / "r"), "--resume", "auto", "--ckpt", bare], "do not mix")
+
+    # Resuming a finished run to its own target does nothing and writes no checkpoint.
+    assert call_main([*latent_args(latents, tmp_path / "r"), "--resume", run]) == 0
+    assert "Nothing to do" in capsys.readouterr().out
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["0000002.pt", "0000004.pt"]
+    # --ckpt starts a new run (new folder, step 0) from the weights of a bare state_dict.
+    assert call_main([*latent_args(latents, tmp_path / "r"), "--ckpt", bare, "--max-steps", "1"]) == 0
+    assert "Initialised model and EMA weights" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "r")) == ["000-DiC-Tiny", "001-DiC-Tiny"]
+
+
+def test_batch_not_divisible_by_processes_two_processes(tmp_path, latents):
+    proc = run_script(latent_args(latents, tmp_path / "r", "--global-batch-size", "7"), nproc=2)
+    assert proc.returncode != 0
+    assert "--global-batch-size 7 is not divisible by the 2 processes: use a multiple of 2" in proc.stderr
+    assert proc.stderr.count("error: --global-batch-size") == 1     # printed once, by rank 0
+    assert not os.path.exists(tmp_path / "r")
+
+
+#################################################################################
+#                        NaN stop and run folders                               #
+#################################################################################
+
+def test_nan_loss_stops_all_processes_and_keeps_last_good_checkpoint(tmp_path, latents):
+    proc = run_script(latent_args(latents, tmp_path / "r", "--max-steps", "6", "--ckpt-every", "2",
+                                  "--log-every", "1", "--debug-nan-at-step", "3"), nproc=2)
+    run = only_run(tmp_path / "r")
+    good = os.path.join(run, "checkpoints", "0000002.pt")
+    assert proc.returncode != 0
+    assert f"error: loss became nan at step 3; last good checkpoint: {good}" in proc.stderr, proc.output
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["0000002.pt"]
+    ckpt = load(good)
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert "loss became nan at step 3" in open(os.path.join(run, "log.txt")).read()
+    assert [s for s, _ in logged_losses(proc.stdout)] == ["0000001", "0000002"]
+
+
+def test_new_runs_never_reuse_a_folder(tmp_path, capsys):
+    results = tmp_path / "results"
+    (results / "000-DiC-Tiny").mkdir(parents=True)
+    (results / "000-DiC-Tiny" / "keep.txt").write_text("mine")
+    (results / "003-DiT-XL-2").mkdir()
+    assert call_main([*TINY, "--dataset", "digits", "--global-batch-size", "8", "--max-steps", "1",
+                      "--results-dir", results]) == 0
+    assert sorted(os.listdir(results)) == ["000-DiC-Tiny", "003-DiT-XL-2", "004-DiC-Tiny"]
+    assert os.listdir(results / "000-DiC-Tiny") == ["keep.txt"]
+    assert sorted(os.listdir(results / "004-DiC-Tiny")) == ["args.json", "checkpoints", "log.txt", "losses.csv"]
+    assert os.listdir(results / "004-DiC-Tiny" / "checkpoints") == ["0000001.pt"]
+    # DiT's number (count of entries), moved past every number in use.
+    assert os.path.basename(training.create_run_dir(str(results), "DiT-XL/2")) == "005-DiT-XL-2"
+
+
+def test_script_runs_as_plain_python_and_exits_nonzero_on_error(tmp_path):
+    proc = run_script([*TINY, "--dataset", "digits", "--num-classes", "3", "--results-dir", tmp_path / "r"])
+    assert proc.returncode == 2 and proc.stderr.startswith("error: built-in digits has 10 classes"), proc.output
+    assert not os.path.exists(tmp_path / "r")
