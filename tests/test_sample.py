@@ -38,7 +38,8 @@ def make_checkpoint(path, model="DiC-Tiny", image_size=16, in_channels=1, num_cl
         checkpoint["ema"] = {k: v + 0.01 * torch.randn_like(v) for k, v in state.items()}
     if with_args:
         checkpoint["args"] = argparse.Namespace(model=model, image_size=image_size, num_classes=num_classes,
-                                                vae=vae, global_seed=0)
+                                                vae=vae, in_channels=in_channels, model_overrides={},
+                                                global_seed=0)  # as train.py saves them
     atomic_save(checkpoint, path)
     return str(path)
 

@@ -1,0 +1,235 @@
+"""
+Sample many images from a DiC (or DiT) checkpoint over any number of processes, then pack them in
+one .npz (arr_0: uint8 (N, H, W, 3)) for FID and the other metrics, like DiT's sample_ddp.py.
+
+    torchrun --nproc_per_node 8 sample_ddp.py --ckpt results/000-DiC-XL/checkpoints/0400000.pt
+    python sample_ddp.py --ckpt ...          # one process (CPU or one GPU)
+
+Image i depends only on (--global-seed, i, the settings): its label, its initial noise and every
+per-step noise come from a generator seeded from (global seed, i). So the .npz is the same from 1
+or 8 processes and any --per-proc-batch-size, and exactly --num-fid-samples images are made.
+Rank r makes images r, r + W, r + 2W, ... (W processes) and writes each PNG atomically, so an
+interrupted run, rerun with the same arguments, skips the PNGs it has and ends with the same .npz.
+An existing complete .npz is left as it is.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from helpers.distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
+from helpers.models import parse_model_overrides
+from helpers.sampling import (IndexNoise, SamplingError, atomic_replace, build_model,
+                              check_common_args, draw_labels, generate, make_diffusion,
+                              make_model_fn, npz_shape, png_name, read_checkpoint,
+                              resolve_settings, to_uint8_rgb, write_npz_from_pngs)
+
+SETTINGS_FILE = "sampling_settings.json"
+# Testing only: exit abruptly (as if killed) after this many batches on every rank.
+EXIT_AFTER_ENV = "SAMPLE_DDP_TEST_EXIT_AFTER_BATCHES"
+
+
+def folder_name(args):
+    """DiT's sample folder name (model, checkpoint, size, VAE, cfg, seed), plus the other settings
+    that change the images."""
+    model = args.model.replace("/", "-")
+    ckpt = os.path.basename(args.ckpt).replace(".pt", "")
+    vae = os.path.basename(os.path.normpath(args.vae))
+    name = f"{model}-{ckpt}-size-{args.image_size}-vae-{vae}-cfg-{args.cfg_scale}-seed-{args.global_seed}"
+    name += f"-{args.sampler}-{args.num_sampling_steps}"
+    if args.weights != "ema":
+        name += f"-weights-{args.weights}"
+    if args.guide_channels != "official":
+        name += f"-guide-{args.guide_channels}"
+    if args.balanced_classes:
+        name += "-balanced"
+    return name
+
+
+def image_settings(args):
+    """Everything that decides the pixels of image i (not N, process count or batch size)."""
+    return {"ckpt": os.path.abspath(args.ckpt), "weights": args.weights, "model": args.model,
+            "model_kwargs": {k: repr(v) for k, v in sorted(args.model_kwargs.items())},
+            "image_size": args.image_size, "num_classes": args.num_classes, "vae": args.vae,
+            "in_channels": args.in_channels, "cfg_scale": args.cfg_scale,
+            "guide_channels": args.guide_channels, "num_sampling_steps": args.num_sampling_steps,
+            "sampler": args.sampler, "global_seed": args.global_seed,
+            "balanced_classes": args.balanced_classes}
+
+
+def check_output(args, sample_folder, npz_path, expected_shape):
+    """Rank 0, read-only: "done" when a complete .npz exists, else "go".
+
+    A folder holding samples of other settings (same name, e.g. another run's 0400000.pt) and an
+    .npz of the wrong size are errors: nothing is mixed or overwritten.
+    """
+    settings_path = os.path.join(sample_folder, SETTINGS_FILE)
+    if os.path.exists(settings_path):
+        settings = image_settings(args)
+        with open(settings_path) as f:
+            previous = json.load(f)
+        changed = [k for k in sorted(set(settings) | set(previous)) if settings.get(k) != previous.get(k)]
+        if changed:
+            k = changed[0]
+            raise SamplingError(f"{sample_folder} holds samples made with other settings ({k}: "
+                                f"{previous.get(k)!r}, now {settings.get(k)!r}): use another --sample-dir")
+    if os.path.exists(npz_path):
+        shape = npz_shape(npz_path)
+        if shape == expected_shape:
+            return "done"
+        raise SamplingError(f"{npz_path} exists but holds {shape if shape else 'no readable uint8 arr_0'}, "
+                            f"not {expected_shape}: move it away to sample again")
+    return "go"
+
+
+def create_output(args, sample_folder):
+    """Rank 0: the sample folder with a record of the settings its images are made with."""
+    os.makedirs(sample_folder, exist_ok=True)
+    settings_path = os.path.join(sample_folder, SETTINGS_FILE)
+    if not os.path.exists(settings_path):
+        atomic_replace(lambda tmp: _write_json(image_settings(args), tmp), settings_path)
+
+
+def on_rank0(dist, fn, *fn_args):
+    """Run fn on rank 0 and hand its result (or its error) to every rank."""
+    result = None
+    if dist.is_main:
+        try:
+            result = ("ok", fn(*fn_args))
+        except (SamplingError, OSError, ValueError) as e:
+            result = ("error", str(e))
+    status, value = broadcast_object(result)
+    if status == "error":
+        raise SamplingError(value)
+    return value
+
+
+def _write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def main(args):
+    check_common_args(args)
+    if args.per_proc_batch_size < 1 or args.num_fid_samples < 1:
+        raise SamplingError("--per-proc-batch-size and --num-fid-samples must be >= 1")
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32  # True: fast, may change the last bits
+    torch.backends.cudnn.allow_tf32 = args.tf32
+    torch.set_grad_enabled(False)
+
+    # Setup DDP (one process without torchrun); the device comes from LOCAL_RANK:
+    dist = setup_distributed()
+    rank, world_size, device = dist.rank, dist.world_size, dist.device
+    log = print if dist.is_main else (lambda *a, **k: None)
+
+    checkpoint, state_dict = read_checkpoint(args.ckpt, args.weights)
+    resolve_settings(args, checkpoint, state_dict, log=log)
+    del checkpoint
+    sample_folder = os.path.join(args.sample_dir, folder_name(args))
+    npz_path = f"{sample_folder}.npz"
+    expected_shape = (args.num_fid_samples, args.image_size, args.image_size, 3)
+
+    # Rank 0 checks the output (read-only); every rank learns the outcome and fails alike:
+    if on_rank0(dist, check_output, args, sample_folder, npz_path, expected_shape) == "done":
+        log(f"{npz_path} already holds all {args.num_fid_samples} samples: nothing to do")
+        cleanup_distributed()
+        return npz_path
+
+    model, vae = build_model(args, state_dict, device)
+    del state_dict
+    on_rank0(dist, create_output, args, sample_folder)
+    diffusion = make_diffusion(model, args.sampler, args.num_sampling_steps)
+    model_fn = make_model_fn(model, args.cfg_scale, args.guide_channels)
+
+    # This rank's images, minus those an earlier (interrupted) run already wrote:
+    done = set(os.listdir(sample_folder))
+    mine = [i for i in range(rank, args.num_fid_samples, world_size) if png_name(i) not in done]
+    if dist.is_main:
+        already = sum(png_name(i) in done for i in range(args.num_fid_samples))
+        if already:
+            log(f"Resuming: {already} of {args.num_fid_samples} samples already in {sample_folder}")
+        log(f"Sampling {args.num_fid_samples - already} images with {world_size} process(es), "
+            f"batch {args.per_proc_batch_size} per process, into {sample_folder}")
+    batches = [mine[k:k + args.per_proc_batch_size] for k in range(0, len(mine), args.per_proc_batch_size)]
+    exit_after = int(os.environ.get(EXIT_AFTER_ENV, "0"))
+    for b, indices in enumerate(tqdm(batches, disable=not dist.is_main, desc="batches")):
+        # The last batch is padded to the full batch size: every model call has the same shape.
+        noise = IndexNoise(args.global_seed, indices, pad_to=args.per_proc_batch_size)
+        labels = draw_labels(noise, args.num_classes, args.balanced_classes)
+        images = generate(model, vae, diffusion, model_fn, noise, labels, args, device)
+        images = to_uint8_rgb(images[:len(indices)])
+        for index, image in zip(indices, images):
+            atomic_replace(lambda tmp: Image.fromarray(image).save(tmp, format="PNG"),
+                           os.path.join(sample_folder, png_name(index)))
+        if exit_after and b + 1 >= exit_after:
+            print(f"[rank {rank}] {EXIT_AFTER_ENV}={exit_after}: exiting now", flush=True)
+            os._exit(3)
+
+    # Make sure all processes have finished saving their samples before packing the .npz:
+    barrier()
+    del model, vae
+    cleanup_distributed()
+    if dist.is_main:
+        write_npz_from_pngs(sample_folder, args.num_fid_samples, npz_path, expected_shape[1:], progress=True)
+        print(f"Saved .npz file to {npz_path} [shape={expected_shape}].")
+    return npz_path
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--ckpt", type=str, required=True,
+                        help="checkpoint: ours, an official DiC/DiT file, or a bare state_dict")
+    parser.add_argument("--weights", type=str, choices=["ema", "model"], default="ema",
+                        help="which weights of our/DiT's checkpoint to use (default: ema)")
+    parser.add_argument("--model", type=str, default=None,
+                        help="model name, e.g. DiC-XL or DiT-XL/2 (default: checkpoint's, else DiC-XL)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="image side in pixels (default: checkpoint's, else 256)")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="number of classes (default: checkpoint's, else 1000)")
+    parser.add_argument("--vae", type=str, default=None,
+                        help="ema, mse, a local AutoencoderKL folder, or none for pixel space "
+                             "(default: checkpoint's, else ema)")
+    parser.add_argument("--in-channels", type=int, default=None,
+                        help="image channels of a pixel-space model (--vae none); default: checkpoint's")
+    parser.add_argument("--cfg-scale", type=float, default=1.5,
+                        help="classifier-free guidance scale; 1 = no guidance (default: 1.5, DiT's FID setting)")
+    parser.add_argument("--guide-channels", type=str, choices=["official", "all"], default="official",
+                        help="official: guide the first 3 latent channels as DiT/DiC; all: every channel")
+    parser.add_argument("--num-sampling-steps", type=int, default=250)
+    parser.add_argument("--sampler", type=str, choices=["ddpm", "ddim"], default="ddpm",
+                        help="ddpm: DiT's ancestral sampler; ddim: deterministic DDIM (eta 0)")
+    parser.add_argument("--per-proc-batch-size", type=int, default=32)
+    parser.add_argument("--num-fid-samples", type=int, default=50_000)
+    parser.add_argument("--global-seed", type=int, default=0)
+    parser.add_argument("--balanced-classes", action="store_true",
+                        help="image i gets class i %% num_classes (default: uniform random labels)")
+    parser.add_argument("--sample-dir", type=str, default="samples")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="allow TF32 matmuls/convolutions on Ampere+ GPUs (default: on)")
+    return parser
+
+
+def parse_args(argv=None):
+    """Parse flags; leftover --network_g__key=value model overrides become args.model_kwargs."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        args.model_kwargs = parse_model_overrides(extra)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    try:
+        main(arguments)
+    except (ValueError, FileExistsError) as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,161 @@
+"""sample_ddp.py: exact sample counts, the same .npz from any process count, resume, bad input."""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO_ROOT, subprocess_env
+from test_sample import make_checkpoint
+
+import sample_ddp
+from helpers.checkpoint import CheckpointError
+from helpers.sampling import SamplingError
+
+N = 10  # not a multiple of any batch size used here
+FOLDER = "DiC-Tiny-0000100-size-16-vae-vae-cfg-1.5-seed-0-ddpm-5"
+
+
+def ddp_args(ckpt, sample_dir, *extra):
+    return ["--ckpt", ckpt, "--num-fid-samples", str(N), "--num-sampling-steps", "5",
+            "--sample-dir", str(sample_dir), *extra]
+
+
+def run_in_process(ckpt, sample_dir, *extra):
+    return sample_ddp.main(sample_ddp.parse_args(ddp_args(ckpt, sample_dir, *extra)))
+
+
+def run_script(ckpt, sample_dir, *extra, nproc=1, env=None):
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    return subprocess.run([*launcher, os.path.join(REPO_ROOT, "sample_ddp.py"), *ddp_args(ckpt, sample_dir, *extra)],
+                          capture_output=True, text=True, env=subprocess_env(**(env or {})), timeout=300)
+
+
+def load(npz):
+    with np.load(npz) as f:
+        return f["arr_0"]
+
+
+@pytest.fixture(scope="module")
+def latent_ckpt(tmp_path_factory, tiny_vae_dir):
+    """A DiC-Tiny on the tiny VAE's 4x8x8 latents of 16 px images (the VAE keeps pixels unsaturated)."""
+    folder = tmp_path_factory.mktemp("ckpt") / "vae"
+    shutil.copytree(tiny_vae_dir, folder)
+    return make_checkpoint(folder.parent / "0000100.pt", image_size=16, in_channels=4, num_classes=10,
+                           vae=str(folder))
+
+
+@pytest.fixture(scope="module")
+def reference(latent_ckpt, tmp_path_factory):
+    """One process, batch 3: the .npz every other run must reproduce."""
+    npz = run_in_process(latent_ckpt, tmp_path_factory.mktemp("reference"), "--per-proc-batch-size", "3")
+    return npz
+
+
+def test_one_process_writes_exactly_n_images(reference):
+    assert os.path.basename(reference) == f"{FOLDER}.npz"
+    images = load(reference)
+    assert images.shape == (N, 16, 16, 3) and images.dtype == np.uint8
+    folder = reference[:-len(".npz")]
+    pngs = sorted(p for p in os.listdir(folder) if p.endswith(".png"))
+    assert pngs == [f"{i:06d}.png" for i in range(N)]
+    assert np.array_equal(np.asarray(Image.open(os.path.join(folder, "000007.png"))), images[7])
+    assert len({images[i].tobytes() for i in range(N)}) == N      # ten different samples
+    saturated = np.mean((images == 0) | (images == 255))
+    assert saturated < 0.2 and images.std() > 10                  # real pixel values, not clamps
+
+
+def test_two_processes_give_the_same_npz_byte_for_byte(latent_ckpt, reference, tmp_path):
+    result = run_script(latent_ckpt, tmp_path, "--per-proc-batch-size", "3", nproc=2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"Sampling {N} images with 2 process(es), batch 3 per process" in result.stdout
+    npz = tmp_path / f"{FOLDER}.npz"
+    assert npz.read_bytes() == open(reference, "rb").read()
+    # Another batch size changes the kernels' batch shape, so only float rounding may differ.
+    other = load(run_in_process(latent_ckpt, tmp_path / "b4", "--per-proc-batch-size", "4"))
+    diff = np.abs(other.astype(int) - load(reference))
+    assert diff.max() <= 1 and np.mean(diff > 0) < 0.01
+
+
+def test_interrupted_run_resumes_to_the_same_npz_and_a_done_run_is_left_alone(latent_ckpt, reference,
+                                                                               tmp_path, capsys):
+    killed = run_script(latent_ckpt, tmp_path, "--per-proc-batch-size", "3",
+                        env={sample_ddp.EXIT_AFTER_ENV: 1})
+    assert killed.returncode == 3, killed.stderr[-2000:]
+    folder = tmp_path / FOLDER
+    assert sorted(p.name for p in folder.glob("*.png")) == ["000000.png", "000001.png", "000002.png"]
+    assert not (tmp_path / f"{FOLDER}.npz").exists()
+    (folder / ".000003.tmp-99999.png").write_bytes(b"half a png")  # as if killed mid-write
+    first_png_mtime = os.stat(folder / "000000.png").st_mtime_ns
+
+    npz = run_in_process(latent_ckpt, tmp_path, "--per-proc-batch-size", "3")
+    assert f"Resuming: 3 of {N} samples already in" in capsys.readouterr().out
+    assert open(npz, "rb").read() == open(reference, "rb").read()
+    assert os.stat(folder / "000000.png").st_mtime_ns == first_png_mtime  # skipped, not redone
+
+    mtime = os.stat(npz).st_mtime_ns
+    result = run_script(latent_ckpt, tmp_path, "--per-proc-batch-size", "3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{npz} already holds all {N} samples: nothing to do" in result.stdout
+    assert os.stat(npz).st_mtime_ns == mtime and open(npz, "rb").read() == open(reference, "rb").read()
+
+
+def test_pixel_space_grey_samples_are_rgb_and_labels_can_be_balanced(tmp_path, capsys):
+    ckpt = make_checkpoint(tmp_path / "pixels.pt")  # 1-channel 16 px, vae none, from its args
+    npz = sample_ddp.main(sample_ddp.parse_args(
+        ["--ckpt", ckpt, "--num-fid-samples", "3", "--num-sampling-steps", "2", "--per-proc-batch-size", "2",
+         "--sample-dir", str(tmp_path / "s"), "--balanced-classes", "--cfg-scale", "1"]))
+    assert "--model DiC-Tiny --image-size 16 --num-classes 10 --vae none --in-channels 1" in capsys.readouterr().out
+    assert npz.endswith("DiC-Tiny-pixels-size-16-vae-none-cfg-1.0-seed-0-ddpm-2-balanced.npz")
+    images = load(npz)
+    assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
+    assert (images[..., 0] == images[..., 1]).all() and (images[..., 1] == images[..., 2]).all()
+
+
+# ------------------------------------------------------------------ bad input
+
+def test_bad_cfg_scale_is_a_one_line_error_and_creates_nothing(latent_ckpt, tmp_path):
+    result = run_script(latent_ckpt, tmp_path / "s", "--cfg-scale", "0.9")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: --cfg-scale must be >= 1 (1 = no guidance), got 0.9"
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("extra, error, message", [
+    (["--model", "DiC-S"], CheckpointError,
+     "checkpoint holds DiC-Tiny weights but the model is DiC-S: pass --model DiC-Tiny or a DiC-S checkpoint"),
+    (["--model", "DiT-XL/9"], SamplingError, "unknown model 'DiT-XL/9': choose one of"),
+    (["--num-fid-samples", "0"], SamplingError, "--per-proc-batch-size and --num-fid-samples must be >= 1"),
+])
+def test_bad_input_creates_no_output(latent_ckpt, tmp_path, extra, error, message):
+    with pytest.raises(error) as info:
+        run_in_process(latent_ckpt, tmp_path / "s", *extra)
+    assert message in str(info.value)
+    assert not (tmp_path / "s").exists()
+
+
+def test_checkpoint_without_ema_says_use_weights_model(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "noema.pt", with_ema=False)
+    with pytest.raises(CheckpointError, match="has no 'ema' weights: use --weights model"):
+        run_in_process(ckpt, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_existing_outputs_of_other_settings_are_never_mixed_or_overwritten(latent_ckpt, reference, tmp_path):
+    sample_dir = os.path.dirname(reference)
+    before = open(reference, "rb").read()
+    with pytest.raises(SamplingError, match=r"exists but holds \(10, 16, 16, 3\), not \(12, 16, 16, 3\): "
+                                            r"move it away to sample again"):
+        sample_ddp.main(sample_ddp.parse_args(ddp_args(latent_ckpt, sample_dir, "--num-fid-samples", "12")))
+    # Another run's checkpoint with the same file name maps to the same folder: refused.
+    other = tmp_path / "other" / os.path.basename(latent_ckpt)
+    other.parent.mkdir()
+    shutil.copy(latent_ckpt, other)
+    with pytest.raises(SamplingError, match="holds samples made with other settings \\(ckpt: "):
+        run_in_process(str(other), sample_dir)
+    assert open(reference, "rb").read() == before
