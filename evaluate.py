@@ -219,6 +219,8 @@ def main(args, extractor=None):
     """Evaluate (REF SAMPLE) or build a reference batch (--make-ref); `extractor` is for tests."""
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        raise EvaluationError(f"--device {args.device} but CUDA is not available: use --device cpu")
     if args.batch_size < 1 or args.is_split_size < 1 or args.pr_batch_size < 1:
         raise EvaluationError("--batch-size, --is-split-size and --pr-batch-size must be >= 1")
     if args.make_ref is not None:

@@ -116,10 +116,20 @@ class RunningStatistics:
 
 
 def _trace_sqrt_product_eigh(sigma1, sigma2):
-    """tr sqrt(sigma1 sigma2) = sum sqrt(eig(S1^1/2 sigma2 S1^1/2)) for PSD sigma1, sigma2."""
-    w, v = np.linalg.eigh(sigma1)
-    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T        # S1^1/2, symmetric PSD
-    m = root1 @ sigma2 @ root1
+    """tr sqrt(sigma1 sigma2) for PSD sigma1, sigma2, without a non-symmetric square root.
+
+    With sigma1 = V diag(w) V^T and B = V diag(sqrt w), sigma1 sigma2 has the eigenvalues of the
+    PSD matrix B^T sigma2 B, so the trace is the sum of their square roots. Eigenvalues of
+    sigma1 below a rank tolerance (tr(sigma1) * D * eps, at least numpy's matrix_rank one) are
+    zero in exact arithmetic and are skipped, which makes few-image covariances cheap.
+    """
+    from scipy import linalg
+    tol = max(float(np.trace(sigma1)), 0.0) * len(sigma1) * np.finfo(np.float64).eps
+    w, v = linalg.eigh(sigma1, driver="evr", subset_by_value=(tol, np.inf))
+    if len(w) == 0:
+        return 0.0
+    b = v * np.sqrt(w)                                      # (D, rank)
+    m = b.T @ sigma2 @ b
     eig = np.linalg.eigvalsh((m + m.T) / 2)
     return float(np.sqrt(np.clip(eig, 0, None)).sum())
 
