@@ -21,9 +21,18 @@ skipped with a warning (no file pair; counted in the summary) and retried on eve
 `<features-path>/imagenet<size>_extract.json` records the settings; a resumed run with another
 VAE, image size, seed or dataset is refused rather than mixed in. Run one job per folder at a time.
 
+With --packed, the finished per-file set is also packed into `<features-path>/imagenet<size>_packed/`
+(one memory-mapped latents.npy + labels.npy, see convert_features.py), which train.py then reads
+instead of the files; the packed rows are exactly the per-file latents in the dataset's order.
+A packed set never goes stale silently: a run that changes the per-file set beside a packed copy
+re-packs it with --packed (saying so) and otherwise stops with an error, and a packed set made
+from another folder is never replaced.
+
 Examples:
     # one process (CPU or one GPU)
     python extract_features.py --data-path /data/imagenet/train --features-path features --vae ema
+    # ... then also pack them for fast reading (features/imagenet256_packed)
+    python extract_features.py --data-path /data/imagenet/train --features-path features --packed
     # 8 GPUs on one node
     torchrun --nproc_per_node=8 extract_features.py --data-path /data/imagenet/train \\
         --features-path features --image-size 256 --vae ema
@@ -45,8 +54,8 @@ from tqdm import tqdm
 from helpers.distributed import barrier, broadcast_object, cleanup_distributed, is_distributed, \
     setup_distributed
 from helpers.images import ImageFolderDataset
-from helpers.latents import layout_dirs, layout_prefix, pair_is_complete, remove_partial_files, \
-    write_latent
+from helpers.latents import PACKED_INFO, file_names, layout_dirs, layout_prefix, pack_latents, \
+    packed_dir, pair_is_complete, read_packed_names, remove_partial_files, write_latent
 from helpers.vae import downsample_factor, encode, latent_channels, latent_scale, load_vae
 
 META_SUFFIX = "_extract.json"   # <features-path>/<prefix>_extract.json: what the latents were made with
@@ -123,6 +132,57 @@ def check_metadata(path, meta, resuming):
     return None
 
 
+def check_packed(features_path, prefix, repack):
+    """Error text if a packed set beside the per-file set makes this run unsafe, else None:
+    one made from another folder (never replaced), or, without --packed, one that is already
+    stale (the per-file set differs from it)."""
+    packed = packed_dir(features_path, prefix)
+    if not os.path.isdir(packed):
+        return None
+    source = packed_source(packed)
+    own = layout_dirs(features_path, prefix)[0]
+    if source is None or os.path.realpath(source) != os.path.realpath(own):
+        return (f"{packed} is a packed set made from {source}, not from this folder's latents: "
+                f"move it away or choose another --features-path")
+    if not repack and read_packed_names(packed) != file_names(features_path, prefix):
+        return (f"{packed} no longer matches the per-file latents beside it, and train.py reads "
+                f"the packed set: pass --packed to re-pack it, or delete it")
+    return None
+
+
+def packed_source(packed):
+    """The per-file features folder a packed set was made from (None if unreadable)."""
+    try:
+        with open(os.path.join(packed, PACKED_INFO)) as f:
+            return json.load(f).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def finish_packed(args, prefix):
+    """After extraction, on rank 0: pack the per-file set (--packed) and keep a packed set
+    beside it in step with it."""
+    packed = packed_dir(args.features_path, prefix)
+    exists = os.path.isdir(packed)
+    if exists and read_packed_names(packed) == file_names(args.features_path, prefix):
+        print(f"packed set {packed} is up to date", flush=True)
+        return
+    if exists and not args.packed:
+        fail(f"the per-file latents changed, so {packed} (which train.py reads first) is stale: "
+             f"re-pack it with --packed (or convert_features.py --overwrite), or delete it")
+    if not args.packed:
+        return
+    if exists:
+        print(f"re-packing: the per-file latents changed since {packed} was written; the new "
+              f"packed set replaces it once complete", flush=True)
+    try:
+        final = pack_latents(args.features_path, prefix=prefix, overwrite=exists,
+                             workers=max(1, args.num_workers))
+    except (ValueError, OSError) as e:
+        fail(str(e).splitlines()[0])
+    print(f"packed into {final}", flush=True)
+
+
 def write_metadata(path, meta):
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
@@ -179,6 +239,8 @@ def main(args):
         resuming = os.path.isdir(features_dir) and any(
             name.endswith(".npy") for name in os.listdir(features_dir))
         error = check_metadata(meta_path, meta, resuming)
+        if error is None:
+            error = check_packed(args.features_path, prefix, args.packed)
         if error is None:
             os.makedirs(args.features_path, exist_ok=True)
             write_metadata(meta_path, meta)
@@ -246,6 +308,10 @@ def main(args):
               f"{os.path.join(args.features_path, prefix + '_features')}", flush=True)
     del loader
     cleanup_distributed()
+    # Pack after the job is torn down: every rank has written its files (they all reached the
+    # all_reduce above), and a long packing cannot time out the others' teardown barrier.
+    if info.is_main:
+        finish_packed(args, prefix)
 
 
 def build_parser():
@@ -265,6 +331,9 @@ def build_parser():
                         help="also encode the flipped images, as <index>_flip.npy")
     parser.add_argument("--max-images", type=int, default=None,
                         help="encode only the first N images (a quick try; rerun without it to finish)")
+    parser.add_argument("--packed", action="store_true",
+                        help="also pack the latents into <features-path>/<prefix>_packed/ "
+                             "(memory-mapped; what train.py then reads)")
     parser.add_argument("--prefix", type=str, default=None,
                         help="folder prefix (default: imagenet<image-size>, the official name)")
     return parser

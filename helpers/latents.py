@@ -171,6 +171,14 @@ def _load_npy(path):
                          f"(it rewrites incomplete files)") from e
 
 
+def file_names(root, prefix):
+    """Names of the per-file set's feature files, in dataset order ([] if there is no folder)."""
+    features_dir = layout_dirs(root, prefix)[0]
+    if not os.path.isdir(features_dir):
+        return []
+    return sorted(_list_npy(features_dir), key=_natural_key)
+
+
 def find_prefixes(root):
     """Every `<prefix>` with a `<prefix>_features` folder under `root`, sorted."""
     return sorted(e.name[:-len(FEATURES_SUFFIX)] for e in os.scandir(root)
