@@ -1,0 +1,89 @@
+"""train_accelerate.py: exact bf16 resume over two CPU processes, the same checkpoint format as train.py,
+and GradScaler state carried through checkpoints (the fp16 path; accelerate runs fp16 as fp32 on CPU)."""
+import os
+
+import torch
+
+from conftest import subprocess_env  # noqa: F401  (run_script uses it)
+from test_train import (assert_opt_equal, assert_state_dicts_equal, call_main, latent_args, latents,  # noqa: F401
+                        load, logged_losses, only_run, run_script)
+
+from helpers import training
+from helpers.distributed import DistInfo
+from helpers.log import read_losses
+
+CPU = {"ACCELERATE_USE_CPU": "true"}
+
+
+def test_bf16_resume_is_bit_identical_and_format_matches_train_py(tmp_path, latents):
+    common = ["--precision", "bf16", "--log-every", "1", "--ckpt-every", "2"]
+    one_go = run_script(latent_args(latents, tmp_path / "a", *common, "--max-steps", "4"), nproc=2,
+                        script="train_accelerate.py", env=CPU)
+    assert one_go.returncode == 0, one_go.output
+    assert "accelerate: 2 processes on cpu" in one_go.stdout and "mixed precision bf16" in one_go.stdout
+    first = run_script(latent_args(latents, tmp_path / "b", *common, "--max-steps", "2"), nproc=2,
+                       script="train_accelerate.py", env=CPU)
+    assert first.returncode == 0, first.output
+    resumed = run_script(latent_args(latents, tmp_path / "b", *common, "--max-steps", "4", "--resume", "auto"),
+                         nproc=2, script="train_accelerate.py", env=CPU)
+    assert resumed.returncode == 0, resumed.output
+
+    run_a, run_b = only_run(tmp_path / "a"), only_run(tmp_path / "b")
+    a = load(os.path.join(run_a, "checkpoints", "0000004.pt"))
+    b = load(os.path.join(run_b, "checkpoints", "0000004.pt"))
+    assert_state_dicts_equal(a["model"], b["model"])
+    assert_state_dicts_equal(a["ema"], b["ema"])
+    assert_opt_equal(a["opt"], b["opt"])
+    assert all(v.dtype == torch.float32 for v in a["ema"].values())       # EMA kept in fp32
+    assert logged_losses(one_go.stdout) == logged_losses(first.stdout) + logged_losses(resumed.stdout)
+    assert read_losses(os.path.join(run_a, "losses.csv"))[1] == read_losses(os.path.join(run_b, "losses.csv"))[1]
+    assert a["world_size"] == 2 and len(a["rng"]) == 2 and a["args"].precision == "bf16"
+
+    # Same format as train.py: identical top-level keys, weight keys/shapes, optimizer layout, RNG entries.
+    assert call_main(latent_args(latents, tmp_path / "ddp", "--max-steps", "2", "--ckpt-every", "2")) == 0
+    d = load(os.path.join(only_run(tmp_path / "ddp"), "checkpoints", "0000002.pt"))
+    assert set(a) == set(d)
+    for key in ("model", "ema"):
+        assert {k: v.shape for k, v in a[key].items()} == {k: v.shape for k, v in d[key].items()}
+    assert a["opt"]["param_groups"] == d["opt"]["param_groups"]
+    assert a["opt"]["state"].keys() == d["opt"]["state"].keys()
+    assert set(a["rng"][0]) == set(d["rng"][0])
+    assert type(a["args"]) is type(d["args"]) and a["model_kwargs"] == d["model_kwargs"]
+
+
+def test_grad_scaler_state_is_saved_and_restored(tmp_path, latents, capsys):
+    """What train_accelerate.py does with accelerator.scaler under fp16 on a GPU, here with a CPU
+    GradScaler: its state goes into every checkpoint and comes back on resume, bit-exactly."""
+
+    def fit(results, max_steps, resume=None):
+        argv = latent_args(latents, results, "--max-steps", max_steps, "--ckpt-every", "2", "--log-every", "1")
+        args = training.parse_args(training.build_parser("test"), [str(a) for a in argv] +
+                                   (["--resume", resume] if resume else []))
+        run = training.prepare(args, DistInfo(0, 0, 1, torch.device("cpu")))
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
+
+        def train_step(x, y):
+            t = torch.randint(0, run.diffusion.num_timesteps, (x.shape[0],))
+            loss = run.diffusion.training_losses(run.model, x, t, dict(y=y))["loss"].mean()
+            run.opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(run.opt)
+            scaler.update()
+            training.update_ema(run.ema, run.model)
+            return loss
+
+        training.train(run, train_step, scaler=scaler)
+        run.log.close()
+        return scaler
+
+    one_go = fit(tmp_path / "a", 4)
+    fit(tmp_path / "b", 2)
+    resumed = fit(tmp_path / "b", 4, resume="auto")
+    a = load(os.path.join(only_run(tmp_path / "a"), "checkpoints", "0000004.pt"))
+    b = load(os.path.join(only_run(tmp_path / "b"), "checkpoints", "0000004.pt"))
+    mid = load(os.path.join(only_run(tmp_path / "b"), "checkpoints", "0000002.pt"))
+    assert mid["scaler"]["scale"] == 2.0 ** 12                 # grew once per step (growth_interval=1)
+    assert a["scaler"] == b["scaler"] and a["scaler"]["scale"] == 2.0 ** 14
+    assert one_go.get_scale() == resumed.get_scale() == 2.0 ** 14
+    assert_state_dicts_equal(a["model"], b["model"])
+    assert_opt_equal(a["opt"], b["opt"])
