@@ -18,6 +18,11 @@ reference batch that carries `mu`/`sigma`/`mu_s`/`sigma_s` is used as is (ADM's 
 hold statistics of the whole dataset plus 10,000 images for precision/recall); otherwise the
 statistics come from its arr_0. The same holds for a sample batch, as in ADM.
 
+Few images: the Inception Score uses ADM's splits of 5000 (--is-split-size); with fewer samples
+it is one split of all of them (lower and not comparable with papers' 50k/10-split numbers).
+Precision/recall need at least 4 images per batch (k=3 neighbours). --fid-method eigh gives the
+same Fréchet distance as ADM's scipy sqrtm up to round-off, several times faster on CPU.
+
 Inception weights: without --inception-weights torch-fidelity downloads its converted TF weights
 (weights-inception-2015-12-05-6726825d.pth) into the torch hub cache; offline, pass that file.
 """

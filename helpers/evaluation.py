@@ -395,6 +395,7 @@ class NpzImages:
                                           f"np.savez(path, images)")
                 with zf.open("arr_0.npy") as f:
                     header = _read_npy_header(f)
+                    data_bytes = zf.getinfo("arr_0.npy").file_size - f.tell()
         except zipfile.BadZipFile as e:
             raise EvaluationError(f"{what} {self.path} is not an .npz file ({e})") from e
         if header is None:                                  # rare .npy format 3.0: read it whole
@@ -409,6 +410,9 @@ class NpzImages:
             hint = " (channels first? save (N, H, W, 3))" if len(self.shape) == 4 and self.shape[1] == 3 else ""
             raise EvaluationError(f"{what} {self.path}: arr_0 has shape {self.shape}, expected "
                                   f"(N, H, W, 3) RGB images{hint}")
+        if data_bytes < int(np.prod(self.shape)):
+            raise EvaluationError(f"{what} {self.path}: arr_0 is truncated ({data_bytes} bytes of "
+                                  f"image data for shape {self.shape}); rewrite the file")
         if self.shape[0] < min_images:
             raise EvaluationError(f"{what} {self.path} holds {self.shape[0]} images; at least "
                                   f"{min_images} are needed")
@@ -428,15 +432,18 @@ class NpzImages:
                 yield np.ascontiguousarray(arr[start:start + batch_size])
             return
         per_image = int(np.prod(self.shape[1:]))
-        with zipfile.ZipFile(self.path) as zf, zf.open("arr_0.npy") as f:
-            _read_npy_header(f)
-            for start in range(0, len(self), batch_size):
-                count = min(batch_size, len(self) - start)
-                data = f.read(count * per_image)
-                if len(data) != count * per_image:
-                    raise EvaluationError(f"{self.path}: arr_0 is truncated (image {start + len(data) // per_image} "
-                                          f"of {len(self)})")
-                yield np.frombuffer(data, dtype=np.uint8).reshape((count,) + self.shape[1:])
+        try:
+            with zipfile.ZipFile(self.path) as zf, zf.open("arr_0.npy") as f:
+                _read_npy_header(f)
+                for start in range(0, len(self), batch_size):
+                    count = min(batch_size, len(self) - start)
+                    data = f.read(count * per_image)
+                    if len(data) != count * per_image:
+                        raise EvaluationError(f"{self.path}: arr_0 ends at image "
+                                              f"{start + len(data) // per_image} of {len(self)}")
+                    yield np.frombuffer(data, dtype=np.uint8).reshape((count,) + self.shape[1:])
+        except (zipfile.BadZipFile, OSError, EOFError) as e:    # e.g. a CRC error mid-file
+            raise EvaluationError(f"{self.path}: arr_0 cannot be read ({_first_line(e)})") from e
 
 
 def read_npz_statistics(path, what="batch"):

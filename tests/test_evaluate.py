@@ -343,6 +343,17 @@ def test_bad_batches_are_refused_before_any_work(tmp_path, good_batch, arrays, m
             run_main(good_batch, bad, extractor=fake_extractor)
 
 
+def test_truncated_batch_is_refused_before_any_work(tmp_path, good_batch):
+    import zipfile
+    bad = tmp_path / "short.npz"                 # header says 10 images, data holds 5
+    with zipfile.ZipFile(bad, "w") as zf, zf.open("arr_0.npy", "w") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
+                                                 "shape": (10, 8, 8, 3)})
+        f.write(np.zeros((5, 8, 8, 3), np.uint8).tobytes())
+    with pytest.raises(EvaluationError, match="arr_0 is truncated"):
+        run_main(good_batch, bad, extractor=fake_extractor)
+
+
 def test_bad_arguments_and_outputs_are_refused(tmp_path, good_batch):
     with pytest.raises(EvaluationError, match="reference batch .*missing.npz does not exist"):
         run_main(tmp_path / "missing.npz", good_batch)
