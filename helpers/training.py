@@ -44,6 +44,7 @@ from helpers.models import create_model, is_dit, model_names, parse_model_overri
 from helpers.vae import encode, latent_channels, load_vae
 
 CHECKPOINT_FORMAT = "dic-train-1"
+RESUME_KEYS = ("model", "ema", "opt", "args", "step", "epoch", "batch_in_epoch", "rng")
 CKPT_NAME = re.compile(r"^(\d{7,})\.pt$")
 RUN_NAME = re.compile(r"^(\d+)-(.+)$")
 VAE_FACTORS = {"ema": 8, "mse": 8, "none": 1}   # sd-vae-ft-*: 8 pixels per latent cell
@@ -477,15 +478,20 @@ def load_resume_checkpoint(path):
     if not isinstance(checkpoint, dict) or "step" not in checkpoint or "rng" not in checkpoint:
         raise TrainingError(f"checkpoint {path} has no training state (step, data position, RNG): it "
                             f"cannot be resumed exactly; use --ckpt {path} to start a new run from its weights")
+    missing = [k for k in RESUME_KEYS if k not in checkpoint]
+    if missing:
+        raise TrainingError(f"checkpoint {path} lacks {', '.join(missing)}: it is incomplete and cannot be "
+                            f"resumed; resume an earlier checkpoint of the run")
     return checkpoint
 
 
 # Flags a resumed run does not take from its checkpoint.
-_NOT_INHERITED = {"resume", "ckpt", "explicit", "no_progress", "debug_nan_at_step", "debug_log_samples"}
+_NOT_INHERITED = {"resume", "ckpt", "explicit", "no_progress", "mixed_precision", "debug_nan_at_step",
+                  "debug_log_samples"}
 # Flags that change the training itself: differing from the checkpoint's, the run goes on but not as
 # the uninterrupted run would have.
 _EXACTNESS = ("data_path", "feature_path", "dataset", "image_size", "vae", "global_batch_size", "global_seed",
-              "lr", "precision", "grad_clip", "max_grad_norm", "model_overrides")
+              "lr", "precision", "mixed_precision", "grad_clip", "max_grad_norm", "model_overrides")
 
 
 def inherit_args(args, saved):
@@ -517,7 +523,7 @@ def _collective(fn, dist_info, on_main_only=False):
             result = fn()
         except TrainingError as e:
             error = (str(e), e.code)
-        except (ValueError, OSError, KeyError, RuntimeError) as e:  # helpers' one-line errors
+        except (ValueError, OSError) as e:  # the helpers' one-line errors (bad data, VAE, checkpoint)
             error = (_one_line(e), 2)
     if dist_info.world_size > 1:
         if on_main_only:
@@ -576,10 +582,12 @@ def prepare(args, dist_info, log=None):
         try:
             model = create_model(args.model, **model_kwargs)
         except (ValueError, TypeError, AssertionError) as e:
-            kind = "patch" if is_dit(args.model) else "setting"
-            raise TrainingError(f"cannot build {args.model} for --image-size {args.image_size} "
-                                f"(model input {side}x{side}, {channels} channels; {kind} problem): "
-                                f"{_one_line(e)}") from e
+            hint = ""
+            if is_dit(args.model) and args.model.rsplit("/", 1)[-1].isdigit():
+                step = vae_factor * int(args.model.rsplit("/", 1)[-1])
+                hint = f"; use an image size divisible by {step} (e.g. {max(step, args.image_size // step * step)})"
+            raise TrainingError(f"cannot build {args.model} for a {channels}x{side}x{side} input (--image-size "
+                                f"{args.image_size}, VAE factor {vae_factor}): {_one_line(e)}{hint}") from e
         _check_model_size(model, args, side, vae_factor)
         model = model.to(device)
         ema = deepcopy(model).to(device)   # EMA in fp32, never trained
@@ -599,7 +607,8 @@ def prepare(args, dist_info, log=None):
             except (ValueError, KeyError) as e:
                 raise TrainingError(f"the optimizer state in {resume_path} does not fit {args.model}: "
                                     f"{_one_line(e)}") from e
-            later = [p for s, p in list_checkpoints(run_dir_of(resume_path) or "") if s > checkpoint["step"]]
+            run_dir = run_dir_of(resume_path)
+            later = [p for s, p in list_checkpoints(run_dir) if s > checkpoint["step"]] if run_dir else []
             if later:
                 raise TrainingError(f"{os.path.basename(later[0])} is newer than {resume_path}: resuming "
                                     f"would write over that run's later checkpoints; resume the newest "

@@ -285,7 +285,8 @@ def test_bad_sizes_and_labels(tmp_path, capsys):
     _bad(tmp_path, capsys, [*TINY, "--dataset", "digits", "--image-size", "18"],
          "DiC-Tiny cannot take: it downsamples by 4, so use an image size divisible by 4")
     _bad(tmp_path, capsys, ["--model", "DiT-S/8", "--dataset", "digits", "--image-size", "12"],
-         "not divisible by patch_size 8")
+         "not divisible by patch_size 8; use an image size divisible by 8 (e.g. 8)")
+    _bad(tmp_path, capsys, [*TINY, "--dataset", "digits", "--network_g__skip_stride=0"], "skip_stride must be >= 1")
     _bad(tmp_path, capsys, [*TINY, "--dataset", "digits", "--num-classes", "5"], "10 classes")
     folder = make_image_folder(tmp_path / "img", num_classes=3, per_class=1)
     _bad(tmp_path, capsys, [*TINY, "--data-path", folder, "--vae", "none", "--image-size", "16",
@@ -363,11 +364,14 @@ def test_new_runs_never_reuse_a_folder(tmp_path, capsys):
     (results / "000-DiC-Tiny" / "keep.txt").write_text("mine")
     (results / "003-DiT-XL-2").mkdir()
     assert call_main([*TINY, "--dataset", "digits", "--global-batch-size", "8", "--max-steps", "1",
-                      "--results-dir", results]) == 0
+                      "--results-dir", results, "--network_g__skip_stride=1"]) == 0
     assert sorted(os.listdir(results)) == ["000-DiC-Tiny", "003-DiT-XL-2", "004-DiC-Tiny"]
     assert os.listdir(results / "000-DiC-Tiny") == ["keep.txt"]
     assert sorted(os.listdir(results / "004-DiC-Tiny")) == ["args.json", "checkpoints", "log.txt", "losses.csv"]
     assert os.listdir(results / "004-DiC-Tiny" / "checkpoints") == ["0000001.pt"]
+    ckpt = load(results / "004-DiC-Tiny" / "checkpoints" / "0000001.pt")   # the override reached the model
+    assert ckpt["model_kwargs"] == {"input_size": 16, "in_channels": 1, "num_classes": 10, "skip_stride": 1}
+    assert ckpt["args"].model_overrides == {"skip_stride": 1} and ckpt["args"].dataset == "digits"
     # DiT's number (count of entries), moved past every number in use.
     assert os.path.basename(training.create_run_dir(str(results), "DiT-XL/2")) == "005-DiT-XL-2"
 
@@ -376,3 +380,9 @@ def test_script_runs_as_plain_python_and_exits_nonzero_on_error(tmp_path):
     proc = run_script([*TINY, "--dataset", "digits", "--num-classes", "3", "--results-dir", tmp_path / "r"])
     assert proc.returncode == 2 and proc.stderr.startswith("error: built-in digits has 10 classes"), proc.output
     assert not os.path.exists(tmp_path / "r")
+
+
+def test_unknown_flags_are_rejected(capsys):
+    with pytest.raises(SystemExit) as e:
+        training.parse_args(training.build_parser("test"), ["--dataset", "digits", "--modle", "DiC-S"])
+    assert e.value.code == 2 and "unrecognised argument '--modle'" in capsys.readouterr().err
