@@ -6,8 +6,9 @@ Sample a grid of images from a trained DiC (or DiT) checkpoint, like DiT's sampl
 The checkpoint may be ours ({"model", "ema", "opt", "args"}), an official DiC/DiT file or a bare
 state_dict; the EMA weights are used unless --weights model. Settings left unset (model, image
 size, classes, VAE) are taken from the checkpoint's saved training args when it has them.
-For many samples (FID), use sample_ddp.py; image j here equals image j of sample_ddp.py with the
-same seed and settings when it gets the same label.
+For many samples (FID), use sample_ddp.py. Image j of the grid draws its noise from a generator
+seeded from (--seed, j), as image j of sample_ddp.py does: adding labels after it does not change
+its noise.
 """
 import argparse
 import os

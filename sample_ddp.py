@@ -6,11 +6,15 @@ one .npz (arr_0: uint8 (N, H, W, 3)) for FID and the other metrics, like DiT's s
     python sample_ddp.py --ckpt ...          # one process (CPU or one GPU)
 
 Image i depends only on (--global-seed, i, the settings): its label, its initial noise and every
-per-step noise come from a generator seeded from (global seed, i). So the .npz is the same from 1
-or 8 processes and any --per-proc-batch-size, and exactly --num-fid-samples images are made.
-Rank r makes images r, r + W, r + 2W, ... (W processes) and writes each PNG atomically, so an
-interrupted run, rerun with the same arguments, skips the PNGs it has and ends with the same .npz.
-An existing complete .npz is left as it is.
+per-step noise come from a generator seeded from (global seed, i), and every model call has the
+same batch shape (a rank's last batch is padded). So the .npz is byte-identical from 1 or 8
+processes at the same --per-proc-batch-size, and exactly --num-fid-samples images are made.
+Another batch size gives the same samples up to the float rounding of batched kernels (BLAS and
+cuDNN choose kernels by shape), which rarely moves a pixel by one level.
+Rank r (global rank) makes images r, r + W, r + 2W, ... (W processes) and writes each PNG
+atomically, so an interrupted run, rerun with the same arguments, skips the PNGs it has and ends
+with the same .npz. An existing complete .npz is left as it is. Rank 0 packs the .npz, so on
+several nodes --sample-dir must be on a shared file system (as in DiT).
 """
 import argparse
 import json

@@ -3,9 +3,11 @@ the guided model function, the reverse-diffusion loop and decoding to uint8.
 
 Determinism: every sample index i owns a CPU torch.Generator seeded from (seed, i). It draws, in
 this order, the random class label, the initial noise x_T and every per-step noise of the reverse
-process. So image i depends only on (seed, i, settings), never on its batch-mates, the batch size
-or the number of processes; the diffusion arithmetic itself is DiT's (p_mean_variance, p_sample's
-update, ddim_sample).
+process. So the randomness of image i depends only on (seed, i), never on its batch-mates, the batch
+size or the number of processes; the diffusion arithmetic itself is DiT's (p_mean_variance,
+p_sample's update, ddim_sample). Bit-exact pixels also need the same batch shape for every model
+call (see IndexNoise's pad_to): batched kernels round a row the same way at any position of a
+batch of one shape, but not necessarily at another batch size.
 """
 import argparse
 import os
@@ -44,6 +46,9 @@ def check_common_args(args):
         raise SamplingError(f"--num-sampling-steps must be >= 1, got {args.num_sampling_steps}")
     if args.model is not None and args.model not in model_names():
         raise SamplingError(f"unknown model {args.model!r}: choose one of {', '.join(model_names())}")
+    seed = getattr(args, "seed", getattr(args, "global_seed", 0))
+    if seed < 0:
+        raise SamplingError(f"the seed must be >= 0, got {seed}")
     if args.in_channels is not None and args.in_channels < 1:
         raise SamplingError(f"--in-channels must be >= 1, got {args.in_channels}")
 
