@@ -24,7 +24,7 @@ import os
 import random
 import re
 import sys
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from copy import deepcopy
 
 import numpy as np
@@ -34,9 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from diffusion import create_diffusion
-from helpers.checkpoint import (CheckpointError, atomic_save, extract_state_dict, load_checkpoint_file,
-                                load_model_weights)
-from helpers.distributed import all_reduce_mean, barrier, broadcast_object, is_distributed, seed_everything
+from helpers.checkpoint import atomic_save, extract_state_dict, load_checkpoint_file, load_model_weights
+from helpers.distributed import barrier, broadcast_object, is_distributed, seed_everything
 from helpers.images import BUILTIN_DATASETS, ImageFolderDataset, builtin_dataset, collate_skip_none
 from helpers.latents import LatentFeatureDataset
 from helpers.log import LossFile, RunLogger, ThroughputMeter
@@ -915,4 +914,4 @@ def run_guarded(body, dist_info, log=None):
 
 __all__ = ["TrainingError", "NonFiniteLoss", "build_parser", "parse_args", "resolve_args", "prepare", "train",
            "update_ema", "autocast_forward", "configure_precision", "save_checkpoint", "run_guarded",
-           "ResumableDistributedSampler", "SeededSamples", "derive_seed", "all_reduce_mean"]
+           "ResumableDistributedSampler", "SeededSamples", "derive_seed"]

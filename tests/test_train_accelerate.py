@@ -4,7 +4,6 @@ import os
 
 import torch
 
-from conftest import subprocess_env  # noqa: F401  (run_script uses it)
 from test_train import (assert_opt_equal, assert_state_dicts_equal, call_main, latent_args, latents,  # noqa: F401
                         load, logged_losses, only_run, run_script)
 
