@@ -290,7 +290,7 @@ class ResumableDistributedSampler(DistributedSampler):
         return max(self.usable - self.start, 0) // self.num_replicas
 
 
-def build_dataset(args, vae_factor, is_main):
+def build_dataset(args, vae_factor):
     """(dataset, in_channels, model input side) for the chosen source; one-line errors for bad data."""
     side = args.image_size // vae_factor
     if args.feature_path:
@@ -301,7 +301,8 @@ def build_dataset(args, vae_factor, is_main):
                 f"latents in {args.feature_path} are {c}x{h}x{w} but --image-size {args.image_size} with "
                 f"--vae {args.vae} (factor {vae_factor}) needs {c}x{side}x{side}: pass --image-size "
                 f"{h * vae_factor} (or the --vae the latents were made with)")
-        if is_main and dataset.num_classes_seen > args.num_classes:  # reads every label: once, on rank 0
+        # Reads every label. All processes do it at once (none waits in a collective meanwhile).
+        if dataset.num_classes_seen > args.num_classes:
             raise TrainingError(f"latents in {args.feature_path} have label {dataset.num_classes_seen - 1} "
                                 f">= --num-classes {args.num_classes}: pass --num-classes "
                                 f"{dataset.num_classes_seen} or more")
@@ -536,10 +537,7 @@ def _collective(fn, dist_info, on_main_only=False):
 
 
 def _one_line(e):
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if isinstance(e, KeyError):
-        text = f"missing entry {text}"
-    return text
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def prepare(args, dist_info, log=None):
@@ -568,7 +566,7 @@ def prepare(args, dist_info, log=None):
         seed_everything(args.global_seed * world_size + dist_info.rank)   # DiT's per-process seed
         configure_precision(args.precision)
         vae_factor = _vae_factor(args.vae)
-        dataset, channels, side = build_dataset(args, vae_factor, dist_info.is_main)
+        dataset, channels, side = build_dataset(args, vae_factor)
         if len(dataset) < args.global_batch_size:
             raise TrainingError(f"the dataset has {len(dataset)} samples, fewer than --global-batch-size "
                                 f"{args.global_batch_size}: lower it or add data")
