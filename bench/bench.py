@@ -47,7 +47,7 @@ import torch  # noqa: E402
 
 from diffusion import create_diffusion  # noqa: E402
 from helpers.fastpath import (adamw_implementation, autocast_forward, channels_last_input,  # noqa: E402
-                              configure_tf32, ema_update, ema_update_reference, make_adamw,
+                              configure_tf32, default_channels_last, ema_update, ema_update_reference, make_adamw,
                               maybe_compile, to_channels_last)
 from helpers.models import create_model, model_names  # noqa: E402
 
@@ -180,16 +180,26 @@ def time_calls(fn, device, warmup, iters):
 #                                   Configs                                     #
 #################################################################################
 
+def _fast_with_other_layout(fast):
+    """Ablation row name and settings: the fast path with the other memory format."""
+    if fast["channels_last"]:
+        return "fast without channels_last", {**fast, "channels_last": False}
+    return "fast + channels_last", {**fast, "channels_last": True}
+
+
 def train_configs(args):
-    """name -> settings. eager = DiT's recipe; fast = every fastpath switch; ablation = one at a time."""
+    """name -> settings. eager = DiT's recipe; fast = the fastpath switches (channels_last per
+    --channels-last); ablation = one switch at a time, and fast with the other memory format."""
     eager = dict(precision="fp32", channels_last=False, fused_adamw=False, foreach_ema=False, compile=False)
-    fast = dict(precision="bf16", channels_last=True, fused_adamw=True, foreach_ema=True, compile=False)
+    fast = dict(precision="bf16", channels_last=args.fast_channels_last, fused_adamw=True, foreach_ema=True,
+                compile=False)
     configs = {"eager fp32": eager}
     if args.ablation:
         configs["+channels_last"] = {**eager, "channels_last": True}
         configs["+bf16"] = {**eager, "precision": "bf16"}
         configs["+fused AdamW, foreach EMA"] = {**eager, "fused_adamw": True, "foreach_ema": True}
-        configs["fast without channels_last"] = {**fast, "channels_last": False}
+        label, other = _fast_with_other_layout(fast)
+        configs[label] = other
     configs["fast"] = fast
     if args.compile:
         configs["fast + compile"] = {**fast, "compile": True}
@@ -197,12 +207,15 @@ def train_configs(args):
 
 
 def sample_configs(args):
-    configs = {"eager fp32": dict(precision="fp32", channels_last=False, compile=False),
-               "fast": dict(precision="bf16", channels_last=True, compile=False)}
+    """eager fp32 vs fast (bf16 autocast, channels_last per --channels-last) [+ compile]."""
+    fast = dict(precision="bf16", channels_last=args.fast_channels_last, compile=False)
+    configs = {"eager fp32": dict(precision="fp32", channels_last=False, compile=False)}
     if args.ablation:
-        configs["fast without channels_last"] = dict(precision="bf16", channels_last=False, compile=False)
+        label, other = _fast_with_other_layout(fast)
+        configs[label] = other
+    configs["fast"] = fast
     if args.compile:
-        configs["fast + compile"] = dict(precision="bf16", channels_last=True, compile=True)
+        configs["fast + compile"] = {**fast, "compile": True}
     return configs
 
 
@@ -296,24 +309,26 @@ def _sample_loop(diffusion, kind, model_fn, z, model_kwargs, device):
 
 
 def time_sampler(diffusion, kind, model_fn, z, model_kwargs, device, timed_steps):
-    """Median seconds per reverse step over `timed_steps` steps (after one warm-up step), and
-    the total over them; with timed_steps = all steps the total is the real chain latency."""
+    """Per reverse step: median wall s, median process-CPU s, and the wall total over
+    `timed_steps` steps (after one warm-up step); with timed_steps = all steps the total is the
+    real chain latency."""
     warm = _sample_loop(diffusion, kind, model_fn, z, model_kwargs, device)
     next(warm)
     warm.close()
     sync(device)
-    steps = []
+    walls, cpus = [], []
     loop = _sample_loop(diffusion, kind, model_fn, z, model_kwargs, device)
-    t0 = time.perf_counter()
-    for out in loop:
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in loop:
         sync(device)
-        now = time.perf_counter()
-        steps.append(now - t0)
-        t0 = now
-        if len(steps) >= timed_steps:
+        now, cnow = time.perf_counter(), time.process_time()
+        walls.append(now - t0)
+        cpus.append(cnow - c0)
+        t0, c0 = now, cnow
+        if len(walls) >= timed_steps:
             break
     loop.close()
-    return statistics.median(steps), sum(steps)
+    return statistics.median(walls), statistics.median(cpus), sum(walls)
 
 
 def bench_sample(name, base, cfg, args, device):
@@ -346,11 +361,12 @@ def bench_sample(name, base, cfg, args, device):
                 total = diffusion.num_timesteps
                 timed = total if args.sample_steps_scale >= 1 else \
                     min(total, max(args.min_sample_steps, math.ceil(args.sample_steps_scale * total)))
-                per_step, measured = time_sampler(diffusion, label, model_fn, z, model_kwargs, device, timed)
+                per_step, cpu_step, measured = time_sampler(diffusion, label, model_fn, z, model_kwargs,
+                                                            device, timed)
                 latency = measured if timed == total else per_step * total
                 result[label] = dict(steps=total, timed_steps=timed, extrapolated=timed < total,
-                                     step_s=per_step, batch_latency_s=latency,
-                                     per_image_s=latency / n, images=n)
+                                     step_s=per_step, batch_latency_s=latency, per_image_s=latency / n,
+                                     cpu_step_s=cpu_step, per_image_cpu_s=cpu_step * total / n, images=n)
         result["peak_mib"] = mem.stop()
         result["memory_method"] = mem.method
     except torch.cuda.OutOfMemoryError:
@@ -408,20 +424,30 @@ def bench_data(args):
         def packed(idx):
             return torch.from_numpy(packed_x[idx]), torch.from_numpy(packed_y[idx])
 
-        readers = {"per-file .npy (official layout, np.load per item)": per_file,
-                   "packed .npy, np.load(mmap_mode='r'), fancy-indexed batch": packed}
-        try:  # the repo's dataset class for the per-file layout
+        readers = {"per-file .npy (official layout), np.load per item": per_file,
+                   "packed .npy (plain numpy), np.load(mmap_mode='r'), fancy-indexed batch": packed}
+        # The repo's own readers: helpers.latents.LatentFeatureDataset on both layouts, items
+        # collated into a batch as a DataLoader does (layout written by helpers.latents.pack_latents).
+        try:
             from torch.utils.data import default_collate
 
-            from helpers.latents import LatentFeatureDataset
-            dataset = LatentFeatureDataset(root)
-            dataset.labels  # noqa: B018  (read the label files once, as training would)
+            from helpers.latents import LatentFeatureDataset, pack_latents
+            files_ds = LatentFeatureDataset(root, layout="files")
+            files_ds.labels  # noqa: B018  (read the label files once, as training would)
+            t0 = time.perf_counter()
+            pack_latents(root, progress=False, log=lambda *a, **k: None)
+            write_repo_packed_s = time.perf_counter() - t0
+            packed_ds = LatentFeatureDataset(root, layout="packed")
 
-            def repo_dataset(idx):
-                return default_collate([dataset[i] for i in idx])
-            readers["per-file via helpers.latents.LatentFeatureDataset"] = repo_dataset
-        except Exception as e:  # noqa: BLE001 - optional reader; say why it is missing
-            print(f"  data: helpers.latents.LatentFeatureDataset not timed ({e})", flush=True)
+            def collate_from(dataset):
+                return lambda idx: default_collate([dataset[int(i)] for i in idx])
+            readers["per-file via helpers.latents.LatentFeatureDataset (layout=files), per item + collate"] = \
+                collate_from(files_ds)
+            readers["packed via helpers.latents.LatentFeatureDataset (layout=packed), per item + collate"] = \
+                collate_from(packed_ds)
+        except Exception as e:  # noqa: BLE001 - optional readers; say why they are missing
+            write_repo_packed_s = None
+            print(f"  data: helpers.latents readers not timed ({type(e).__name__}: {e})", flush=True)
 
         for label, read in readers.items():
             order = rng.permutation(num)
@@ -434,6 +460,7 @@ def bench_data(args):
             results[label] = dict(samples_per_s=num / seconds, seconds=seconds)
             print(f"  data  {label}: {num / seconds:,.0f} samples/s", flush=True)
     return dict(samples=num, batch=batch, write_per_file_s=write_files_s, write_packed_s=write_packed_s,
+                pack_latents_s=write_repo_packed_s,
                 bytes_per_file=16384 + 128, readers=results,
                 note="warm page cache (files just written), one reader thread; cold disk reads of "
                      "many small files are slower")
@@ -451,8 +478,26 @@ def ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
 
 
+def timing_basis(res):
+    """"cpu" when ratios use process CPU time (CPU device, one thread: steadier on a shared
+    machine), else "wall"."""
+    m = res["machine"]
+    return "cpu" if m["gpu"] is None and m["torch_threads"] == 1 else "wall"
+
+
+def train_rate(r, basis):
+    return r.get("images_per_cpu_s" if basis == "cpu" else "images_per_s")
+
+
+def sample_latency(r, basis, sampler="DDPM-250"):
+    s = r.get(sampler, {})
+    return s.get("per_image_cpu_s" if basis == "cpu" else "per_image_s")
+
+
 def markdown_report(res):
     m, a = res["machine"], res["settings"]
+    basis = timing_basis(res)
+    by = "by CPU time" if basis == "cpu" else "wall clock"
     lines = ["## DiC / DiT speed benchmark", ""]
     lines.append(f"- command: `{res['command']}`")
     gpu = f", GPU {m['gpu']} ({m['gpu_memory_gib']} GiB, CUDA {m['cuda']}, TF32 {m['tf32']})" if m["gpu"] else ""
@@ -467,11 +512,18 @@ def markdown_report(res):
     lines.append(f"- sampling: {a['sample_batch']} images per batch (+ as many null-label rows), CFG {CFG_SCALE}, "
                  f"latency per image = batch latency / images"
                  + ("; **extrapolated** = median step time x steps" if a["sample_steps_scale"] < 1 else ""))
+    lines.append(f"- fast = bf16 autocast + fused AdamW + foreach EMA"
+                 + (" + channels_last" if a["fast_channels_last"] else " (NCHW: --channels-last auto is off on CPU)")
+                 + (" (+ torch.compile row)" if a["compile"] else ""))
+    if basis == "cpu":
+        lines.append("- **ratios (`vs eager`, DiC/DiT) use process CPU time**: with one thread it counts the "
+                     "work done and not the time other processes held the cores (this machine is shared); "
+                     "wall-clock columns are shown beside them.")
     lines.append("")
 
     lines += ["### Training throughput", "",
-              "| model | params (M) | GMACs | GMACs (paper, 256px) | config | ms/step | img/s | "
-              "img/s by CPU time | vs eager | peak MiB |",
+              "| model | params (M) | GMACs | GMACs (paper, 256px) | config | ms/step (wall) | img/s (wall) | "
+              "img/s (CPU time) | vs eager | peak MiB |",
               "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for name, r in res["models"].items():
         base = r["train"].get("eager fp32", {})
@@ -482,57 +534,52 @@ def markdown_report(res):
             lines.append(
                 f"| {name} | {r['params'] / 1e6:.1f} | {r['gmacs']:.2f} | {fmt(r['gmacs_paper'])} | {cfg} | "
                 f"{t['step_s'] * 1000:.0f} | {t['images_per_s']:.2f} | {fmt(t['images_per_cpu_s'])} | "
-                f"{fmt(ratio(t['images_per_s'], base.get('images_per_s')))}x | {fmt(t['peak_mib'], '.0f')} |")
+                f"{fmt(ratio(train_rate(t, basis), train_rate(base, basis)))}x | {fmt(t['peak_mib'], '.0f')} |")
     lines.append("")
-    lines.append("`vs eager` = img/s ratio to the same model's eager fp32 row (wall clock). "
-                 "fast = bf16 autocast + channels_last + fused AdamW + foreach EMA"
-                 + (" (+ torch.compile)." if a["compile"] else "."))
-    if m["gpu"] is None:
-        lines.append("`img/s by CPU time` divides by the process CPU time instead of wall time: with one "
-                     "thread it is less disturbed by other processes on a shared machine.")
+    lines.append(f"`vs eager` = img/s ratio to the same model's eager fp32 row ({by}).")
     lines.append("")
 
     lines += ["### Sampling latency per image", "",
-              "| model | config | DDPM-250 s/img | DDIM-50 s/img | ms/step (batch) | timed steps | vs eager | peak MiB |",
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
+              "| model | config | DDPM-250 s/img (wall) | DDIM-50 s/img (wall) | DDPM-250 s/img (CPU time) | "
+              "ms/step (batch, wall) | timed steps | vs eager | peak MiB |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in res["models"].items():
         base = r["sample"].get("eager fp32", {})
         for cfg, s in r["sample"].items():
             if "error" in s:
-                lines.append(f"| {name} | {cfg} | {s['error']} | | | | | |")
+                lines.append(f"| {name} | {cfg} | {s['error']} | | | | | | |")
                 continue
             ddpm, ddim = s["DDPM-250"], s["DDIM-50"]
-            ext = " (extrapolated)" if ddpm["extrapolated"] else ""
-            speedup = ratio(base.get("DDPM-250", {}).get("per_image_s"), ddpm["per_image_s"])
             lines.append(
-                f"| {name} | {cfg} | {ddpm['per_image_s']:.3f}{ext} | {ddim['per_image_s']:.3f}"
-                f"{' (extrapolated)' if ddim['extrapolated'] else ''} | {ddpm['step_s'] * 1000:.1f} | "
+                f"| {name} | {cfg} | {ddpm['per_image_s']:.2f}{' (extrapolated)' if ddpm['extrapolated'] else ''} | "
+                f"{ddim['per_image_s']:.2f}{' (extrapolated)' if ddim['extrapolated'] else ''} | "
+                f"{ddpm['per_image_cpu_s']:.2f} | {ddpm['step_s'] * 1000:.1f} | "
                 f"{ddpm['timed_steps']}/{ddpm['steps']}, {ddim['timed_steps']}/{ddim['steps']} | "
-                f"{fmt(speedup)}x | {fmt(s.get('peak_mib'), '.0f')} |")
+                f"{fmt(ratio(sample_latency(base, basis), sample_latency(s, basis)))}x | "
+                f"{fmt(s.get('peak_mib'), '.0f')} |")
     lines.append("")
-    lines.append("`vs eager` = eager latency / this latency (DDPM-250). One step costs the same in DDPM and "
-                 "DDIM (one guided forward), so DDIM-50 = 50/250 of DDPM-250.")
+    lines.append(f"`vs eager` = eager DDPM-250 latency / this one ({by}). A DDPM and a DDIM step cost the "
+                 "same (one guided forward), so DDIM-50 = DDPM-250 / 5 up to noise.")
     lines.append("")
 
     pairs = [(d, t) for d, t in PAIRS if d in res["models"] and t in res["models"]]
     if pairs:
         lines += ["### DiC vs DiT of similar GMACs", "",
+                  f"Ratios {by}; > 1 means DiC is faster.", "",
                   "| DiC | DiT | GMACs | train img/s DiC/DiT (eager) | (fast) | sampling speed-up DiC vs DiT "
                   "(eager) | (fast) |",
                   "|---|---|---|---:|---:|---:|---:|"]
         for d, t in pairs:
             rd, rt = res["models"][d], res["models"][t]
 
-            def tr(cfg, key="images_per_s"):
-                return ratio(rd["train"].get(cfg, {}).get(key), rt["train"].get(cfg, {}).get(key))
+            def tr(cfg):
+                return ratio(train_rate(rd["train"].get(cfg, {}), basis), train_rate(rt["train"].get(cfg, {}), basis))
 
             def sp(cfg):
-                return ratio(rt["sample"].get(cfg, {}).get("DDPM-250", {}).get("per_image_s"),
-                             rd["sample"].get(cfg, {}).get("DDPM-250", {}).get("per_image_s"))
+                return ratio(sample_latency(rt["sample"].get(cfg, {}), basis),
+                             sample_latency(rd["sample"].get(cfg, {}), basis))
             lines.append(f"| {d} | {t} | {rd['gmacs']:.2f} vs {rt['gmacs']:.2f} | {fmt(tr('eager fp32'))}x | "
                          f"{fmt(tr('fast'))}x | {fmt(sp('eager fp32'))}x | {fmt(sp('fast'))}x |")
-        lines.append("")
-        lines.append("> 1 means DiC is faster.")
         lines.append("")
 
     if res.get("data"):
@@ -541,16 +588,17 @@ def markdown_report(res):
         lines += ["### Latent loading", "",
                   f"{d['samples']:,} synthetic (1, 4, {a['latent_size']}, {a['latent_size']}) float32 latents, "
                   f"random-order batches of {d['batch']}, {d['note']}. Writing them took "
-                  f"{d['write_per_file_s']:.1f} s as per-file .npy vs {d['write_packed_s']:.2f} s packed "
-                  "(packed file written with plain numpy here).", "",
-                  "| reader | samples/s | vs training consumption |", "|---|---:|---:|"]
+                  f"{d['write_per_file_s']:.1f} s as per-file .npy vs {d['write_packed_s']:.2f} s as one "
+                  f"plain-numpy packed array; helpers.latents.pack_latents converted the per-file set in "
+                  f"{fmt(d.get('pack_latents_s'), '.1f')} s.", "",
+                  "| reader | samples/s (wall) | vs training consumption |", "|---|---:|---:|"]
         for label, r in d["readers"].items():
             lines.append(f"| {label} | {r['samples_per_s']:,.0f} | "
-                         f"{fmt(ratio(r['samples_per_s'], consume['images_per_s']), '.0f')}x |")
+                         f"{fmt(ratio(r['samples_per_s'], consume['images_per_s']) if consume else None, '.0f')}x |")
         if consume:
             lines.append("")
             lines.append(f"Training consumption: {consume['images_per_s']:.2f} img/s ({consume['model']}, "
-                         f"{consume['config']}, this device). Above 1x the reader keeps up from one thread.")
+                         f"{consume['config']}, this device, {by}). Above 1x one reader thread keeps up.")
         lines.append("")
     lines.append(f"Total bench time: {res['elapsed_s']:.0f} s.")
     return "\n".join(lines)
@@ -579,6 +627,9 @@ def parse_args(argv=None):
     p.add_argument("--min-sample-steps", type=int, default=5, help="timed steps at least, when extrapolating")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default 1 on cpu for steady numbers; torch's default on cuda)")
+    p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
+                   help="channels_last in the fast path (auto: on for cuda, off for cpu, where "
+                        "GroupNorm's NHWC kernels are slow); the ablation rows time the other choice")
     p.add_argument("--compile", action="store_true", help="also time fast path + torch.compile")
     p.add_argument("--no-ablation", dest="ablation", action="store_false",
                    help="skip the one-component-at-a-time training rows")
@@ -616,6 +667,8 @@ def parse_args(argv=None):
     if args.image_size % 8:
         p.error(f"--image-size {args.image_size} is not a multiple of 8 (the VAE downsamples by 8)")
     args.latent_size = args.image_size // 8
+    args.fast_channels_last = (default_channels_last(args.device) if args.channels_last == "auto"
+                               else args.channels_last == "on")
     for key in ("batch_size", "iters", "sample_batch", "data_samples", "data_batch"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
@@ -673,10 +726,11 @@ def main(argv=None):
 
     # the fastest measured training row of the first model: what a loader has to keep up with
     first = res["models"][args.model_list[0]]["train"]
-    rows = [(cfg, r) for cfg, r in first.items() if "images_per_s" in r]
+    basis = timing_basis(res)
+    rows = [(cfg, train_rate(r, basis)) for cfg, r in first.items() if train_rate(r, basis)]
     if rows:
-        cfg, r = max(rows, key=lambda kv: kv[1]["images_per_s"])
-        res["consumption"] = dict(model=args.model_list[0], config=cfg, images_per_s=r["images_per_s"])
+        cfg, rate = max(rows, key=lambda kv: kv[1])
+        res["consumption"] = dict(model=args.model_list[0], config=cfg, images_per_s=rate, basis=basis)
     if args.data:
         res["data"] = bench_data(args)
     res["elapsed_s"] = time.perf_counter() - start

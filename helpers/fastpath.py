@@ -87,6 +87,18 @@ def to_channels_last(model):
     return model.to(memory_format=torch.channels_last)
 
 
+def default_channels_last(device):
+    """The speed default for `--channels-last auto`: on for CUDA, off for CPU.
+
+    Measured with bench/bench.py on a 2-core AMD EPYC (AVX512-BF16), torch 2.14, one thread:
+    a DiC-S training step gains nothing in fp32 (1.52 s vs 1.49 s) and loses in bf16 (0.96 s vs
+    0.84 s), because GroupNorm's channels_last CPU kernels are slow (forward ~5x, backward ~13x
+    the NCHW ones) while oneDNN convolutions already reorder internally. On CUDA, cuDNN's
+    tensor-core convolutions prefer NHWC; time it with `python bench/bench.py --device cuda`.
+    """
+    return torch.device(device).type == "cuda"
+
+
 def channels_last_input(x):
     """An (N, C, H, W) batch in NHWC memory layout (same values, same shape); other ranks unchanged."""
     if x.ndim == 4:
