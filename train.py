@@ -42,7 +42,7 @@ def main(args):
             if args.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             opt.step()
-            training.update_ema(ema, run.model)
+            training.update_ema(ema, run.model, args.ema_decay)
             return loss
 
         training.train(run, train_step)

@@ -45,7 +45,7 @@ def main(args):
             if args.grad_clip:
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             opt.step()
-            training.update_ema(run.ema, run.model)   # run.model is the unwrapped fp32 module
+            training.update_ema(run.ema, run.model, args.ema_decay)   # run.model is the unwrapped fp32 module
             return loss
 
         training.train(run, train_step, scaler=accelerator.scaler)

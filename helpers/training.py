@@ -79,7 +79,8 @@ def build_parser(description):
     data.add_argument("--vae", type=str, default=None,
                       help="ema | mse (stabilityai/sd-vae-ft-*), a local AutoencoderKL folder, or none "
                            "(pixel space); default ema (none for --dataset)")
-    data.add_argument("--num-workers", type=int, default=4)
+    data.add_argument("--num-workers", type=int, default=None,
+                      help="DataLoader workers per process (default 4; 0 for in-memory --dataset)")
 
     model = p.add_argument_group("model and optimisation")
     model.add_argument("--model", type=str, default="DiC-XL", help=f"one of {', '.join(model_names())}")
@@ -90,6 +91,8 @@ def build_parser(description):
     model.add_argument("--grad-clip", action="store_true", help="clip the gradient norm (off, as official)")
     model.add_argument("--max-grad-norm", type=float, default=None,
                        help="norm for --grad-clip (default 1.0; giving it turns clipping on)")
+    model.add_argument("--ema-decay", type=float, default=0.9999,
+                       help="EMA decay per step (0.9999, official; shorter runs want less, e.g. 0.999)")
     model.add_argument("--global-seed", type=int, default=0)
 
     run = p.add_argument_group("run length, checkpoints and logging")
@@ -158,6 +161,8 @@ def resolve_args(args, world_size):
                                 f"--vae {args.vae} (built-in datasets train in pixel space)")
         args.image_size = 16 if args.image_size is None else args.image_size
         args.num_classes = classes if args.num_classes is None else args.num_classes
+        args.num_workers = 0 if args.num_workers is None else args.num_workers  # data is in memory
+    args.num_workers = 4 if args.num_workers is None else args.num_workers
     args.vae = "ema" if args.vae is None else ("none" if str(args.vae).lower() == "none" else args.vae)
     args.image_size = 256 if args.image_size is None else args.image_size
     args.num_classes = 1000 if args.num_classes is None else args.num_classes
@@ -171,6 +176,8 @@ def resolve_args(args, world_size):
             raise TrainingError(f"{flag} must be >= {low}, got {value}")
     if not args.lr > 0:
         raise TrainingError(f"--lr must be positive, got {args.lr}")
+    if not 0 <= args.ema_decay < 1:
+        raise TrainingError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if args.global_batch_size % world_size:
         raise TrainingError(f"--global-batch-size {args.global_batch_size} is not divisible by the "
                             f"{world_size} processes: use a multiple of {world_size}")
@@ -667,7 +674,7 @@ def _describe(run):
     source = args.feature_path or args.data_path or f"built-in {args.dataset}"
     log.info(f"Dataset contains {len(run.dataset):,} samples ({source}); {run.steps_per_epoch:,} steps per "
              f"epoch at global batch {args.global_batch_size} ({run.local_batch} x {run.dist.world_size} processes)")
-    log.info(f"VAE: {args.vae}; precision: {args.precision}; lr {args.lr}; EMA decay 0.9999"
+    log.info(f"VAE: {args.vae}; precision: {args.precision}; lr {args.lr}; EMA decay {args.ema_decay}"
              f"{f'; grad clip {args.max_grad_norm}' if args.grad_clip else ''}")
     if args.ckpt:
         log.info(f"Initialised model and EMA weights from {args.ckpt}")
