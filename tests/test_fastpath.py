@@ -217,3 +217,50 @@ def test_ema_update_accepts_compiled_wrapper_and_rejects_mismatch():
     assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), ref.parameters()))
     with pytest.raises(ValueError, match="EMA and model parameters differ"):
         ema_update(torch.nn.Linear(2, 2), model, 0.5)
+
+
+# --------------------------------------------------------------------- bench ----
+
+def _load_bench():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench.py")
+    spec = importlib.util.spec_from_file_location("dic_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_gmacs_match_papers():
+    bench = _load_bench()
+    # DiC paper / shared/spec/DIC.md (2 decimals) and DiT's ~118.6 for DiT-XL/2, at 256px
+    for name, paper in (("DiC-S", 5.87), ("DiC-B", 23.44), ("DiC-XL", 116.10), ("DiC-H", 204.32),
+                        ("DiT-XL/2", 118.6)):
+        gmacs, params = bench.count_gmacs(name, 32)
+        assert abs(gmacs - paper) < 0.05, (name, gmacs)
+    assert params == 675_129_632
+
+
+def test_bench_runs_end_to_end(tmp_path, monkeypatch):
+    """A seconds-long run of the one-command benchmark: every section is produced and sane."""
+    import json
+    bench = _load_bench()
+    out = tmp_path / "bench.json"
+    # main() switches TF32 on (the official setting); give the other tests the flags back
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
+    bench.main(["--models", "DiC-Tiny", "--image-size", "64", "--batch-size", "2", "--warmup", "0",
+                "--iters", "1", "--sample-batch", "1", "--min-sample-steps", "1", "--no-ablation",
+                "--data-samples", "40", "--data-batch", "16", "--json", str(out)])
+    res = json.loads(out.read_text())
+    tiny = res["models"]["DiC-Tiny"]
+    assert set(tiny["train"]) == {"eager fp32", "fast"} and set(tiny["sample"]) == {"eager fp32", "fast"}
+    assert tiny["train"]["fast"]["precision"] == "bf16" and tiny["train"]["fast"]["optimizer"] == "fused"
+    assert all(r["images_per_s"] > 0 for r in tiny["train"].values())
+    ddpm = tiny["sample"]["fast"]["DDPM-250"]
+    assert ddpm["extrapolated"] and ddpm["steps"] == 250 and ddpm["timed_steps"] == 3
+    assert ddpm["batch_latency_s"] == pytest.approx(ddpm["step_s"] * 250)
+    assert len(res["data"]["readers"]) == 4
+    assert "extrapolated" in res["markdown"] and "### Latent loading" in res["markdown"]
+    with pytest.raises(SystemExit):  # never overwrites a results file
+        bench.main(["--models", "DiC-Tiny", "--json", str(out)])
