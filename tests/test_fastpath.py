@@ -241,17 +241,19 @@ def test_bench_gmacs_match_papers():
     assert params == 675_129_632
 
 
-def test_bench_runs_end_to_end(tmp_path, monkeypatch):
+def test_bench_runs_end_to_end(tmp_path):
     """A seconds-long run of the one-command benchmark: every section is produced and sane."""
     import json
     bench = _load_bench()
     out = tmp_path / "bench.json"
     # main() switches TF32 on (the official setting); give the other tests the flags back
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
-    bench.main(["--models", "DiC-Tiny", "--image-size", "64", "--batch-size", "2", "--warmup", "0",
-                "--iters", "1", "--sample-batch", "1", "--min-sample-steps", "1", "--no-ablation",
-                "--data-samples", "40", "--data-batch", "16", "--json", str(out)])
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        bench.main(["--models", "DiC-Tiny", "--image-size", "64", "--batch-size", "2", "--warmup", "0",
+                    "--iters", "1", "--sample-batch", "1", "--min-sample-steps", "1", "--no-ablation",
+                    "--data-samples", "40", "--data-batch", "16", "--json", str(out)])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
     res = json.loads(out.read_text())
     tiny = res["models"]["DiC-Tiny"]
     assert set(tiny["train"]) == {"eager fp32", "fast"} and set(tiny["sample"]) == {"eager fp32", "fast"}
