@@ -76,10 +76,11 @@ def test_two_processes_give_the_same_npz_byte_for_byte(latent_ckpt, reference, t
     assert f"Sampling {N} images with 2 process(es), batch 3 per process" in result.stdout
     npz = tmp_path / f"{FOLDER}.npz"
     assert npz.read_bytes() == open(reference, "rb").read()
-    # Another batch size changes the kernels' batch shape, so only float rounding may differ.
-    other = load(run_in_process(latent_ckpt, tmp_path / "b4", "--per-proc-batch-size", "4"))
-    diff = np.abs(other.astype(int) - load(reference))
-    assert diff.max() <= 1 and np.mean(diff > 0) < 0.01
+    # One process at another batch size: the same bytes too. (Per-sample noise makes the samples
+    # equal by construction; batched kernels could in principle round a row differently at
+    # another batch shape, which on this machine they do not. The README states the caveat.)
+    other = run_in_process(latent_ckpt, tmp_path / "b4", "--per-proc-batch-size", "4")
+    assert open(other, "rb").read() == open(reference, "rb").read()
 
 
 def test_interrupted_run_resumes_to_the_same_npz_and_a_done_run_is_left_alone(latent_ckpt, reference,
