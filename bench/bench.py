@@ -9,8 +9,9 @@ What is timed (warm-up iterations excluded, median of the timed ones):
 - training: one step as train.py does it: t ~ U{0..999}, diffusion.training_losses (eps MSE + VB,
   learned sigma), backward, AdamW step, EMA update. "eager" is DiT's recipe (fp32, NCHW,
   torch.optim.AdamW defaults, per-parameter EMA); "fast" is helpers/fastpath.py's path (bf16
-  autocast + channels_last + fused AdamW + foreach EMA; + torch.compile with --compile). The
-  ablation rows add one component at a time to eager.
+  autocast + fused AdamW + foreach EMA; + channels_last with --channels-last on; + a
+  torch.compile row with --compile). The ablation rows add one component at a time to eager,
+  and time the fast path with the other memory format.
 - sampling: DDPM-250 and DDIM-50 with classifier-free guidance (scale 1.5; the batch holds n images
   + n null-label rows, as DiT's sample.py). With --sample-steps-scale < 1 only a few steps are
   timed and the per-step median is multiplied by the step count: such latencies are marked
@@ -47,7 +48,7 @@ import torch  # noqa: E402
 
 from diffusion import create_diffusion  # noqa: E402
 from helpers.fastpath import (adamw_implementation, autocast_forward, channels_last_input,  # noqa: E402
-                              configure_tf32, default_channels_last, ema_update, ema_update_reference, make_adamw,
+                              configure_tf32, ema_update, ema_update_reference, make_adamw,
                               maybe_compile, to_channels_last)
 from helpers.models import create_model, model_names  # noqa: E402
 
@@ -513,7 +514,7 @@ def markdown_report(res):
                  f"latency per image = batch latency / images"
                  + ("; **extrapolated** = median step time x steps" if a["sample_steps_scale"] < 1 else ""))
     lines.append(f"- fast = bf16 autocast + fused AdamW + foreach EMA"
-                 + (" + channels_last" if a["fast_channels_last"] else " (NCHW: --channels-last auto is off on CPU)")
+                 + (" + channels_last" if a["fast_channels_last"] else " (NCHW; --channels-last on adds channels_last)")
                  + (" (+ torch.compile row)" if a["compile"] else ""))
     if basis == "cpu":
         lines.append("- **ratios (`vs eager`, DiC/DiT) use process CPU time**: with one thread it counts the "
@@ -531,8 +532,9 @@ def markdown_report(res):
             if "error" in t:
                 lines.append(f"| {name} | | | | {cfg} | {t['error']} | | | | |")
                 continue
+            label = cfg + (f" (first step {t['first_step_s']:.0f} s: compiling)" if t.get("compile") else "")
             lines.append(
-                f"| {name} | {r['params'] / 1e6:.1f} | {r['gmacs']:.2f} | {fmt(r['gmacs_paper'])} | {cfg} | "
+                f"| {name} | {r['params'] / 1e6:.1f} | {r['gmacs']:.2f} | {fmt(r['gmacs_paper'])} | {label} | "
                 f"{t['step_s'] * 1000:.0f} | {t['images_per_s']:.2f} | {fmt(t['images_per_cpu_s'])} | "
                 f"{fmt(ratio(train_rate(t, basis), train_rate(base, basis)))}x | {fmt(t['peak_mib'], '.0f')} |")
     lines.append("")
@@ -550,8 +552,9 @@ def markdown_report(res):
                 lines.append(f"| {name} | {cfg} | {s['error']} | | | | | | |")
                 continue
             ddpm, ddim = s["DDPM-250"], s["DDIM-50"]
+            label = cfg + (f" (compiling {s['compile_s']:.0f} s)" if "compile_s" in s else "")
             lines.append(
-                f"| {name} | {cfg} | {ddpm['per_image_s']:.2f}{' (extrapolated)' if ddpm['extrapolated'] else ''} | "
+                f"| {name} | {label} | {ddpm['per_image_s']:.2f}{' (extrapolated)' if ddpm['extrapolated'] else ''} | "
                 f"{ddim['per_image_s']:.2f}{' (extrapolated)' if ddim['extrapolated'] else ''} | "
                 f"{ddpm['per_image_cpu_s']:.2f} | {ddpm['step_s'] * 1000:.1f} | "
                 f"{ddpm['timed_steps']}/{ddpm['steps']}, {ddim['timed_steps']}/{ddim['steps']} | "
@@ -627,9 +630,10 @@ def parse_args(argv=None):
     p.add_argument("--min-sample-steps", type=int, default=5, help="timed steps at least, when extrapolating")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default 1 on cpu for steady numbers; torch's default on cuda)")
-    p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
-                   help="channels_last in the fast path (auto: on for cuda, off for cpu, where "
-                        "GroupNorm's NHWC kernels are slow); the ablation rows time the other choice")
+    p.add_argument("--channels-last", choices=["on", "off"], default="off",
+                   help="channels_last in the fast path (default off: slower for DiC on CPU, where "
+                        "GroupNorm's NHWC kernels are slow; unmeasured on CUDA); the ablation rows time "
+                        "the other choice")
     p.add_argument("--compile", action="store_true", help="also time fast path + torch.compile")
     p.add_argument("--no-ablation", dest="ablation", action="store_false",
                    help="skip the one-component-at-a-time training rows")
@@ -667,8 +671,7 @@ def parse_args(argv=None):
     if args.image_size % 8:
         p.error(f"--image-size {args.image_size} is not a multiple of 8 (the VAE downsamples by 8)")
     args.latent_size = args.image_size // 8
-    args.fast_channels_last = (default_channels_last(args.device) if args.channels_last == "auto"
-                               else args.channels_last == "on")
+    args.fast_channels_last = args.channels_last == "on"
     for key in ("batch_size", "iters", "sample_batch", "data_samples", "data_batch"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1")

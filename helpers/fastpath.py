@@ -11,7 +11,11 @@ bench/bench.py):
     * `ema_update`: DiT's `ema.mul_(decay).add_(param, alpha=1 - decay)` done with foreach ops;
       bit-identical to DiT's per-parameter loop (tested on CPU).
     * `to_channels_last` / `channels_last_input`: NHWC memory layout for the convolutions; same
-      math, outputs equal eager NCHW to ~1e-6 relative (different summation order).
+      math, outputs equal eager NCHW to ~1e-6 relative (different summation order). Not faster
+      for DiC on CPU (bench: +2-4% in fp32, -10% with bf16: GroupNorm's NHWC CPU kernels are slow,
+      backward ~13x the NCHW one); on CUDA unmeasured here, and CUDA GroupNorm has returned NCHW
+      for NHWC input (pytorch#111824), i.e. layout conversions around every DiC block. So: off
+      unless `bench/bench.py --device cuda` shows a gain.
 - Change numbers, opt-in:
     * `autocast_context(device, "bf16")`: bf16 autocast (convolutions and matmuls in bf16, norms and
       reductions in fp32); outputs differ from fp32 by ~0.5% relative (see the test for the bound).
@@ -85,18 +89,6 @@ def to_channels_last(model):
     Parameters keep their shapes and names, so state_dicts save and load as before.
     """
     return model.to(memory_format=torch.channels_last)
-
-
-def default_channels_last(device):
-    """The speed default for `--channels-last auto`: on for CUDA, off for CPU.
-
-    Measured with bench/bench.py on a 2-core AMD EPYC (AVX512-BF16), torch 2.14, one thread:
-    a DiC-S training step gains nothing in fp32 (1.52 s vs 1.49 s) and loses in bf16 (0.96 s vs
-    0.84 s), because GroupNorm's channels_last CPU kernels are slow (forward ~5x, backward ~13x
-    the NCHW ones) while oneDNN convolutions already reorder internally. On CUDA, cuDNN's
-    tensor-core convolutions prefer NHWC; time it with `python bench/bench.py --device cuda`.
-    """
-    return torch.device(device).type == "cuda"
 
 
 def channels_last_input(x):
