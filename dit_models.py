@@ -6,12 +6,14 @@
 # Written without timm: PatchEmbed, Attention and Mlp below keep timm's key names.
 # --------------------------------------------------------
 
-import math
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import dic_models
+from dic_models import TimestepEmbedder
 
 
 def modulate(x, shift, scale):
@@ -73,57 +75,13 @@ class Mlp(nn.Module):
 #               Embedding Layers for Timesteps and Class Labels                 #
 #################################################################################
 
-class TimestepEmbedder(nn.Module):
-    """Scalar timesteps to vectors: 256 sinusoidal features, then Linear-SiLU-Linear."""
-    def __init__(self, hidden_size, frequency_embedding_size=256):
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
-            nn.SiLU(),
-            nn.Linear(hidden_size, hidden_size, bias=True),
-        )
-        self.frequency_embedding_size = frequency_embedding_size
-
-    @staticmethod
-    def timestep_embedding(t, dim, max_period=10000):
-        """Sinusoidal features of (possibly fractional) timesteps t (N,) -> (N, dim), [cos | sin] as GLIDE/DiT."""
-        half = dim // 2
-        freqs = torch.exp(
-            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-        )                                                   # (half,)
-        args = t[:, None].float() * freqs[None]             # (N, half)
-        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2 * half)
-        if dim % 2:
-            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
-        return embedding
-
-    def forward(self, t):
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))  # (N, D)
-
-
-class LabelEmbedder(nn.Module):
+# The timestep embedder is DiC's (the same module and keys as DiT's). DiC's label embedder also
+# returns the labels after dropout, which DiC reuses at every resolution; DiT needs the vectors only.
+class LabelEmbedder(dic_models.LabelEmbedder):
     """Class labels to vectors; drops labels to the null row `num_classes` for classifier-free guidance."""
-    def __init__(self, num_classes, hidden_size, dropout_prob):
-        super().__init__()
-        use_cfg_embedding = dropout_prob > 0  # the null row exists only when labels can be dropped (as DiT)
-        self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
-        self.num_classes = num_classes
-        self.dropout_prob = dropout_prob
-
-    def token_drop(self, labels, force_drop_ids=None):
-        """Replace dropped labels by the null label; force_drop_ids == 1 marks forced drops."""
-        if force_drop_ids is None:
-            # Drawn on the CPU generator as DiT does, so a seed gives the same drops on any device.
-            drop_ids = (torch.rand(labels.shape[0]) < self.dropout_prob).to(labels.device)
-        else:
-            drop_ids = force_drop_ids == 1
-        return torch.where(drop_ids, self.num_classes, labels)
 
     def forward(self, labels, train, force_drop_ids=None):
-        use_dropout = self.dropout_prob > 0
-        if (train and use_dropout) or (force_drop_ids is not None):
-            labels = self.token_drop(labels, force_drop_ids)
-        return self.embedding_table(labels)  # (N, D)
+        return super().forward(labels, train, force_drop_ids)[0]  # (N, D)
 
 
 #################################################################################
