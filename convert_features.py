@@ -21,7 +21,6 @@ Examples:
     python convert_features.py --feature-path features --prefix imagenet512 --out /fast/features
 """
 import argparse
-import os
 import sys
 
 from helpers.latents import PackedSetExistsError, pack_latents, read_packed_info

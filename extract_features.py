@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 from helpers.distributed import barrier, broadcast_object, cleanup_distributed, is_distributed, \
     setup_distributed
+from helpers.files import atomic_write_text
 from helpers.images import ImageFolderDataset
 from helpers.latents import PACKED_INFO, file_names, layout_dirs, layout_prefix, pack_latents, \
     packed_dir, pair_is_complete, read_packed_names, remove_partial_files, write_latent
@@ -184,10 +185,7 @@ def finish_packed(args, prefix):
 
 
 def write_metadata(path, meta):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(meta, indent=1), overwrite=True)
 
 
 #################################################################################

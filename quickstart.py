@@ -25,6 +25,8 @@ import time
 
 import torch
 
+from helpers.files import atomic_write_text
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -127,9 +129,7 @@ def main(args):
                    total_seconds=round(time.time() - start, 1), steps=args.steps,
                    cfg_scale=args.cfg_scale, sampler=args.sampler, sampling_steps=args.sampling_steps)
     quality_path = os.path.join(run_dir, "quality.json")
-    with open(quality_path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(figures, f, indent=2)
-    os.replace(quality_path + ".tmp", quality_path)
+    atomic_write_text(quality_path, json.dumps(figures, indent=2) + "\n")
 
     print(f"Judge (MLP on real training digits), held-out accuracy: "
           f"{100 * figures['classifier_test_accuracy']:.1f}%")

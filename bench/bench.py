@@ -50,6 +50,7 @@ from diffusion import create_diffusion  # noqa: E402
 from helpers.fastpath import (adamw_implementation, autocast_forward, channels_last_input,  # noqa: E402
                               configure_tf32, ema_update, ema_update_reference, make_adamw,
                               maybe_compile, to_channels_last)
+from helpers.files import atomic_write_text  # noqa: E402
 from helpers.models import create_model, model_names  # noqa: E402
 
 QUICK_MODELS = ["DiC-S", "DiT-S/2"]
@@ -513,7 +514,7 @@ def markdown_report(res):
     lines.append(f"- sampling: {a['sample_batch']} images per batch (+ as many null-label rows), CFG {CFG_SCALE}, "
                  f"latency per image = batch latency / images"
                  + ("; **extrapolated** = median step time x steps" if a["sample_steps_scale"] < 1 else ""))
-    lines.append(f"- fast = bf16 autocast + fused AdamW + foreach EMA"
+    lines.append("- fast = bf16 autocast + fused AdamW + foreach EMA"
                  + (" + channels_last" if a["fast_channels_last"] else " (NCHW; --channels-last on adds channels_last)")
                  + (" (+ torch.compile row)" if a["compile"] else ""))
     if basis == "cpu":
@@ -742,10 +743,7 @@ def main(argv=None):
     print()
     print(report)
     if args.json:
-        tmp = f"{args.json}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=2, default=str)
-        os.replace(tmp, args.json)
+        atomic_write_text(args.json, json.dumps(res, indent=2, default=str), overwrite=True)
         print(f"\nwrote {args.json}")
 
 

@@ -4,11 +4,11 @@ Our checkpoints keep DiT's top-level keys ("model", "ema", "opt", "args") so DiT
 read them; resume state lives beside them under its own keys.
 """
 import os
-import tempfile
 from functools import lru_cache
 
 import torch
 
+from helpers.files import atomic_write
 from helpers.models import all_models
 
 
@@ -21,24 +21,7 @@ def atomic_save(obj, path, overwrite=False):
 
     Refuses to replace an existing file unless `overwrite` is set, so no run loses another's work.
     """
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} already exists: refusing to overwrite it "
-                              f"(move it away or choose another output)")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp), overwrite)
 
 
 def load_checkpoint_file(path):

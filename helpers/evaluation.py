@@ -49,6 +49,8 @@ import zipfile
 import numpy as np
 import torch
 
+from helpers.files import atomic_write, atomic_write_text
+
 # ADM's constants.
 POOL_DIM = 2048                 # pool_3 features
 SPATIAL_CHANNELS = 7            # mixed_6/conv:0[..., :7]
@@ -469,33 +471,11 @@ def read_npz_statistics(path, what="batch"):
 #                                 Atomic writes                                 #
 #################################################################################
 
-def _atomic_write(path, write, overwrite, suffix):
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise EvaluationError(f"{path} already exists: refusing to overwrite it (pass --overwrite "
-                              f"or choose another output)")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
 def save_npz_atomic(path, overwrite=False, **arrays):
     """np.savez (uncompressed, like ADM's batches) to a temp file, then rename; never clobbers."""
-    return _atomic_write(path, lambda f: np.savez(f, **arrays), overwrite, ".npz")
+    return atomic_write(path, lambda tmp: np.savez(tmp, **arrays), overwrite)
 
 
 def save_json_atomic(path, obj, overwrite=False):
     """JSON (indent 2) written atomically; never clobbers unless `overwrite`."""
-    text = (json.dumps(obj, indent=2) + "\n").encode()
-    return _atomic_write(path, lambda f: f.write(text), overwrite, ".json")
+    return atomic_write_text(path, json.dumps(obj, indent=2) + "\n", overwrite)

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from helpers.files import atomic_write_text
+
 FEATURES_SUFFIX = "_features"
 LABELS_SUFFIX = "_labels"
 PACKED_SUFFIX = "_packed"
@@ -460,15 +462,6 @@ def _fsync_path(path):
         os.close(fd)
 
 
-def _write_text_atomic(path, text):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _lock_folder(folder):
     """An exclusive lock on `folder` held until the returned file is closed (or the process
     dies); None where file locks are not available. Raises ValueError if someone holds it."""
@@ -567,12 +560,13 @@ def pack_latents(feature_path, prefix=None, out_root=None, overwrite=False, work
                     bar.update(1)
                 latents.flush()
                 labels.flush()
-                _write_text_atomic(progress_path, json.dumps(
-                    {"fingerprint": fingerprint, "rows_done": stop, "count": count}))
+                atomic_write_text(progress_path, json.dumps(
+                    {"fingerprint": fingerprint, "rows_done": stop, "count": count}), overwrite=True)
         bar.close()
         all_labels = np.array(labels)
         del latents, labels
-        _write_text_atomic(os.path.join(work, PACKED_NAMES), "".join(n + "\n" for n in names))
+        atomic_write_text(os.path.join(work, PACKED_NAMES), "".join(n + "\n" for n in names),
+                          overwrite=True)
         info = {"format": PACKED_FORMAT, "version": PACKED_VERSION, "count": count,
                 "latent_shape": list(shape), "latent_dtype": "float32", "label_dtype": "int64",
                 "num_classes_seen": int(all_labels.max()) + 1, "prefix": prefix,
@@ -581,7 +575,8 @@ def pack_latents(feature_path, prefix=None, out_root=None, overwrite=False, work
                           "names": PACKED_NAMES}}
         for name in (PACKED_LATENTS, PACKED_LABELS):
             _fsync_path(os.path.join(work, name))
-        _write_text_atomic(os.path.join(work, PACKED_INFO), json.dumps(info, indent=1) + "\n")
+        atomic_write_text(os.path.join(work, PACKED_INFO), json.dumps(info, indent=1) + "\n",
+                          overwrite=True)
         os.remove(progress_path)
         read_packed_info(work)                   # what we are about to publish reads back
         if os.path.exists(final):

@@ -13,6 +13,8 @@ import time
 
 import torch
 
+from helpers.files import atomic_write_text
+
 LOSS_FIELDS = ("step", "loss", "steps_per_sec", "images_per_sec", "epoch")
 
 
@@ -113,10 +115,7 @@ class LossFile:
                 writer = csv.DictWriter(buf, fieldnames=LOSS_FIELDS, lineterminator="\n")
                 writer.writeheader()
                 writer.writerows({k: r.get(k, "") for k in LOSS_FIELDS} for r in kept)
-                tmp = self.path + ".tmp"
-                with open(tmp, "w", encoding="utf-8") as f:
-                    f.write(buf.getvalue())
-                os.replace(tmp, self.path)
+                atomic_write_text(self.path, buf.getvalue(), overwrite=True)
         if not os.path.exists(self.path):
             with open(self.path, "w", encoding="utf-8") as f:
                 f.write(",".join(LOSS_FIELDS) + "\n")

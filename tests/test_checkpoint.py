@@ -113,3 +113,22 @@ def test_checkpoint_of_another_size_or_family_is_described():
                                               r"\(e\.g\. x_embedder\.proj\.weight: checkpoint "
                                               r"\(32, 3, 3, 3\) vs model \(32, 4, 3, 3\)\)"):
         load_model_weights(create_model("DiC-Tiny", num_classes=10), tiny, "DiC-Tiny")
+
+
+def test_atomic_write_keeps_the_extension_and_leaves_nothing_on_failure(tmp_path):
+    from helpers.files import atomic_write, atomic_write_text
+    seen = []
+    atomic_write(tmp_path / "a.npz", lambda tmp: seen.append(tmp) or open(tmp, "wb").write(b"x"))
+    assert seen[0].endswith(".npz") and os.path.basename(seen[0]).startswith(".tmp-")
+    assert (tmp_path / "a.npz").read_bytes() == b"x"
+
+    def crash(tmp):
+        open(tmp, "wb").write(b"half")
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(tmp_path / "b.json", crash)
+    assert sorted(os.listdir(tmp_path)) == ["a.npz"]                  # no b.json, no temp file
+    atomic_write_text(tmp_path / "c.txt", "héllo\n")
+    assert (tmp_path / "c.txt").read_text(encoding="utf-8") == "héllo\n"
+    with pytest.raises(FileExistsError, match="c.txt already exists"):
+        atomic_write_text(tmp_path / "c.txt", "other")
