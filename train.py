@@ -7,6 +7,10 @@ class folders (VAE-encoded on the fly), precomputed latents, or a built-in pixel
     torchrun --nproc_per_node=8 train.py --model DiC-XL --feature-path /path/to/features
     python train.py --model DiC-Tiny --dataset digits --global-batch-size 64 --max-steps 2000
     torchrun --nproc_per_node=8 train.py --model DiC-XL --data-path ... --resume auto
+    torchrun --nproc_per_node=8 train.py --model DiC-XL --feature-path ... --precision bf16 --compile
+
+Fast path (helpers/fastpath.py): fused AdamW and a foreach EMA update are on (same numbers up to
+float rounding); --precision bf16, --compile and --channels-last on are opt-in.
 
 Runs never get lost: see helpers/training.py (atomic checkpoints, exact resume, NaN stop).
 """
@@ -15,7 +19,7 @@ import sys
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from helpers import training
+from helpers import fastpath, training
 from helpers.distributed import cleanup_distributed, is_distributed, setup_distributed
 from helpers.log import RunLogger
 
@@ -31,7 +35,10 @@ def main(args):
         model = run.model   # `python train.py`: one process, no process group, no DDP needed
         if is_distributed():
             model = DDP(run.model, device_ids=[device.index] if device.type == "cuda" else None)
-        forward = training.autocast_forward(model, args.precision, device)
+        # torch.compile (--compile) wraps only this forward; run.model stays the plain module that
+        # the EMA follows and the checkpoints save.
+        forward = training.training_forward(model, run)
+        training.log_fast_path(run, compiled=args.compile)
         diffusion, opt, ema = run.diffusion, run.opt, run.ema
 
         def train_step(x, y):
@@ -42,7 +49,7 @@ def main(args):
             if args.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             opt.step()
-            training.update_ema(ema, run.model, args.ema_decay)
+            fastpath.ema_update(ema, run.model, args.ema_decay)
             return loss
 
         training.train(run, train_step)

@@ -10,14 +10,15 @@ resume as train.py (everything but the accelerate calls lives in helpers/trainin
 
 Mixed precision comes from `accelerate launch --mixed_precision` (or ACCELERATE_MIXED_PRECISION);
 `--precision bf16` asks for bf16 directly. The EMA stays in fp32; a fp16 GradScaler's state is
-saved in the checkpoints and restored on resume.
+saved in the checkpoints and restored on resume. The fast-path flags (--fused-adamw,
+--channels-last, --compile) are train.py's; --compile compiles the prepared model.
 """
 import sys
 
 import torch
 from accelerate import Accelerator
 
-from helpers import training
+from helpers import fastpath, training
 from helpers.distributed import DistInfo, cleanup_distributed
 from helpers.log import RunLogger
 
@@ -35,17 +36,24 @@ def main(args):
         model, opt = accelerator.prepare(run.model, run.opt)   # DDP + autocast (outputs in fp32)
         log.info(f"accelerate: {accelerator.num_processes} processes on {accelerator.device}, "
                  f"mixed precision {accelerator.mixed_precision}")
+        # --compile: torch.compile of the prepared model (not twice where accelerate's own dynamo
+        # option, e.g. `accelerate launch --dynamo_backend inductor`, compiled it already).
+        # Autocast is accelerate's (--precision bf16 set mixed_precision above).
+        forward = training.training_forward(model, run, autocast=False)
+        mixed = accelerator.mixed_precision
+        training.log_fast_path(run, compiled=args.compile or hasattr(model, "_orig_mod"),
+                               precision=args.precision if mixed in (None, "no") else f"{mixed} (accelerate)")
         diffusion, device = run.diffusion, dist_info.device
 
         def train_step(x, y):
             t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
-            loss = diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean()
+            loss = diffusion.training_losses(forward, x, t, dict(y=y))["loss"].mean()
             opt.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             if args.grad_clip:
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             opt.step()
-            training.update_ema(run.ema, run.model, args.ema_decay)   # run.model is the unwrapped fp32 module
+            fastpath.ema_update(run.ema, run.model, args.ema_decay)   # run.model: the unwrapped fp32 module
             return loss
 
         training.train(run, train_step, scaler=accelerator.scaler)

@@ -10,12 +10,15 @@ bench/bench.py):
       the plain for-loop AdamW up to float rounding (foreach is bit-identical on CPU).
     * `ema_update`: DiT's `ema.mul_(decay).add_(param, alpha=1 - decay)` done with foreach ops;
       bit-identical to DiT's per-parameter loop (tested on CPU).
+    * `load_optimizer_state`: a resumed optimizer keeps the kernel it was built with (torch's
+      load_state_dict would take the saved `fused`/`foreach` flags).
     * `to_channels_last` / `channels_last_input`: NHWC memory layout for the convolutions; same
       math, outputs equal eager NCHW to ~1e-6 relative (different summation order). Not faster
       for DiC on CPU (bench: +2-4% in fp32, -10% with bf16: GroupNorm's NHWC CPU kernels are slow,
       backward ~13x the NCHW one); on CUDA unmeasured here, and CUDA GroupNorm has returned NCHW
       for NHWC input (pytorch#111824), i.e. layout conversions around every DiC block. So: off
-      unless `bench/bench.py --device cuda` shows a gain.
+      unless `bench/bench.py --device cuda` shows a gain (`default_channels_last`). Checkpoints
+      stay plain: save `contiguous_state_dict(model.state_dict())`.
 - Change numbers, opt-in:
     * `autocast_context(device, "bf16")`: bf16 autocast (convolutions and matmuls in bf16, norms and
       reductions in fp32); outputs differ from fp32 by ~0.5% relative (see the test for the bound).
@@ -89,6 +92,40 @@ def to_channels_last(model):
     Parameters keep their shapes and names, so state_dicts save and load as before.
     """
     return model.to(memory_format=torch.channels_last)
+
+
+def default_channels_last(device):
+    """What `--channels-last auto` means on `device`: currently off everywhere.
+
+    CPU (measured, bench/README.md): a DiC-S training step gains 2-4% in fp32 and loses ~10% with
+    bf16, because GroupNorm's NHWC CPU kernels are slow (backward ~13x the NCHW one). CUDA: not
+    measured here, and CUDA GroupNorm has returned NCHW for NHWC input (pytorch#111824), i.e.
+    layout conversions around every DiC block. Turn it on (`--channels-last on`) where
+    `bench/bench.py --device cuda --channels-last on` shows a gain.
+    """
+    torch.device(device)   # validates the device string
+    return False
+
+
+def use_channels_last(choice, device):
+    """Resolve a --channels-last {auto,on,off} choice to a bool for `device`."""
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"channels_last must be 'auto', 'on' or 'off', got {choice!r}")
+    return default_channels_last(device) if choice == "auto" else choice == "on"
+
+
+def contiguous_state_dict(state_dict):
+    """A state_dict whose tensors are in the default (NCHW) layout: the tensors that already are
+    are kept (no copy), channels_last ones are copied. Same values and keys, so a checkpoint saved
+    from a channels_last model is a plain one and loads into any model exactly."""
+    return type(state_dict)((k, v.contiguous() if torch.is_tensor(v) else v) for k, v in state_dict.items())
+
+
+def contiguous_optimizer_state(opt_state):
+    """An optimizer state_dict with its per-parameter tensors in the default layout (see above)."""
+    state = {i: {k: v.contiguous() if torch.is_tensor(v) else v for k, v in per_param.items()}
+             for i, per_param in opt_state["state"].items()}
+    return {**opt_state, "state": state}
 
 
 def channels_last_input(x):
@@ -171,6 +208,52 @@ def make_adamw(params, lr, weight_decay=0.0, fused="auto"):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kwargs)
 
 
+def fused_choice(choice):
+    """A --fused-adamw {auto,on,off} choice as make_adamw's `fused` argument ("auto", True, False)."""
+    mapping = {"auto": "auto", "on": True, "off": False}
+    if choice not in mapping:
+        raise ValueError(f"fused AdamW must be 'auto', 'on' or 'off', got {choice!r}")
+    return mapping[choice]
+
+
+def optimizer_implementation(opt):
+    """"fused", "foreach" or "for-loop": the AdamW kernel `opt` runs (from its own flags)."""
+    group = opt.param_groups[0] if opt.param_groups else opt.defaults
+    if group.get("fused"):
+        return "fused"
+    return "foreach" if group.get("foreach") else "for-loop"
+
+
+def load_optimizer_state(opt, state_dict):
+    """opt.load_state_dict(state_dict), keeping the kernel `opt` was built with.
+
+    torch's load_state_dict replaces every param group's settings with the saved ones, including
+    `fused` and `foreach`: a checkpoint written by a for-loop AdamW (e.g. torch's default on CPU,
+    or DiT's) would silently switch a fused optimizer back, and vice versa. This puts the kernel
+    flags of `opt` back, stores each `step` where that kernel wants it (fused: float32 on the
+    parameter's device; otherwise a CPU tensor) and gives the moment buffers their parameter's
+    memory layout (channels_last models). Values are copied exactly; nothing else changes.
+    """
+    kernel = {key: opt.defaults.get(key) for key in ("fused", "foreach", "capturable")}
+    opt.load_state_dict(state_dict)
+    for group in opt.param_groups:
+        group.update(kernel)
+        on_device = bool(kernel["fused"] or kernel["capturable"])
+        for p in group["params"]:
+            state = opt.state.get(p)
+            if not state:
+                continue
+            for key, value in list(state.items()):
+                if not torch.is_tensor(value):
+                    continue
+                if key == "step":
+                    state[key] = (value.to(dtype=torch.float32, device=p.device) if on_device
+                                  else value.to(device="cpu"))
+                elif value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+    return opt
+
+
 #################################################################################
 #                                       EMA                                     #
 #################################################################################
@@ -213,3 +296,14 @@ def ema_update_reference(ema_model, model, decay=0.9999):
     ema_tensors, model_tensors = ema_pairs(ema_model, model)
     for ema, param in zip(ema_tensors, model_tensors):
         ema.mul_(decay).add_(param, alpha=1 - decay)
+
+
+#################################################################################
+#                                    Summary                                    #
+#################################################################################
+
+def describe(precision, adamw, channels_last, compiled, ema="foreach"):
+    """One log line naming the active fast-path options, e.g.
+    "fast path: precision tf32, AdamW fused, EMA foreach, channels_last off, compile off"."""
+    return (f"fast path: precision {precision}, AdamW {adamw}, EMA {ema}, "
+            f"channels_last {'on' if channels_last else 'off'}, compile {'on' if compiled else 'off'}")

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from diffusion import create_diffusion
+from helpers import fastpath
 from helpers.checkpoint import atomic_save, extract_state_dict, load_checkpoint_file, load_model_weights
 from helpers.distributed import barrier, broadcast_object, is_distributed, seed_everything
 from helpers.images import BUILTIN_DATASETS, ImageFolderDataset, builtin_dataset, collate_skip_none
@@ -86,14 +87,27 @@ def build_parser(description):
     model.add_argument("--model", type=str, default="DiC-XL", help=f"one of {', '.join(model_names())}")
     model.add_argument("--global-batch-size", type=int, default=256)
     model.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (weight decay 0)")
-    model.add_argument("--precision", type=str, default="tf32", choices=["fp32", "tf32", "bf16"],
-                       help="tf32 (official: TF32 matmuls on GPU), fp32 (strict), bf16 (autocast)")
+    model.add_argument("--precision", type=str, default="tf32", choices=list(fastpath.PRECISIONS),
+                       help="tf32 (official: TF32 matmuls on GPU), fp32 (strict), bf16 (autocast; "
+                            "changes the numbers, opt-in)")
     model.add_argument("--grad-clip", action="store_true", help="clip the gradient norm (off, as official)")
     model.add_argument("--max-grad-norm", type=float, default=None,
                        help="norm for --grad-clip (default 1.0; giving it turns clipping on)")
     model.add_argument("--ema-decay", type=float, default=0.9999,
                        help="EMA decay per step (0.9999, official; shorter runs want less, e.g. 0.999)")
     model.add_argument("--global-seed", type=int, default=0)
+
+    fast = p.add_argument_group("fast path (helpers/fastpath.py; bench/README.md has the timings)")
+    fast.add_argument("--fused-adamw", type=str, default="auto", choices=["auto", "on", "off"],
+                      help="AdamW kernel: auto = fused where torch has it for the device (CUDA, and CPU "
+                           "since torch 2.4), else foreach/for-loop; same math as torch's default AdamW "
+                           "up to float rounding (default auto)")
+    fast.add_argument("--channels-last", type=str, default="auto", choices=["auto", "on", "off"],
+                      help="NHWC weights and batches: same math up to float rounding; auto = off "
+                           "(slower for DiC on CPU, unmeasured on CUDA; default auto)")
+    fast.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                      help="torch.compile the training forward (minutes of compilation; reorders float "
+                           "operations; default off). Checkpoints stay plain state_dicts")
 
     run = p.add_argument_group("run length, checkpoints and logging")
     run.add_argument("--results-dir", type=str, default="results")
@@ -341,36 +355,41 @@ def _check_model_size(model, args, side, vae_factor):
 
 
 #################################################################################
-#                           EMA, precision, RNG state                           #
+#                              Fast path, RNG state                             #
 #################################################################################
 
-@torch.no_grad()
-def update_ema(ema_model, model, decay=0.9999):
-    """DiT's EMA step, ema = decay * ema + (1 - decay) * param, over all parameters at once."""
-    ema_params = dict(ema_model.named_parameters())
-    pairs = [(ema_params[name], param.detach()) for name, param in model.named_parameters()]
-    ema_list = [e for e, _ in pairs]
-    torch._foreach_mul_(ema_list, decay)
-    torch._foreach_add_(ema_list, [p for _, p in pairs], alpha=1 - decay)
+def training_forward(model, run, autocast=True):
+    """The network as the diffusion loss calls it: `model` (plain, DDP or accelerate-prepared),
+    torch.compile'd with --compile (unless already compiled), under bf16 autocast with --precision
+    bf16 if `autocast` (output in fp32), its input x_t in channels_last with --channels-last on.
 
-
-def configure_precision(precision):
-    """TF32 matmuls/convolutions on for tf32 and bf16 (as official DiT/DiC), off for fp32."""
-    allow = precision in ("tf32", "bf16")
-    torch.backends.cuda.matmul.allow_tf32 = allow
-    torch.backends.cudnn.allow_tf32 = allow
-
-
-def autocast_forward(model, precision, device):
-    """The network as the diffusion loss calls it: under bf16 autocast if asked, output in fp32."""
-    if precision != "bf16":
+    Only this forward is compiled: run.model stays the plain module, so EMA updates and
+    checkpoints see clean parameter names (no `_orig_mod.` / `module.` prefixes).
+    The batch itself stays NCHW: the diffusion draws its noise with randn_like(x_start), which
+    fills a channels_last tensor in memory order, i.e. other noise for the same seed; converting
+    x_t here keeps the noise, and so the run, the same in both layouts.
+    """
+    if run.args.compile and not hasattr(model, "_orig_mod"):
+        model = fastpath.maybe_compile(model, True)
+    if autocast:
+        model = fastpath.autocast_forward(model, run.device, run.args.precision)
+    if not run.channels_last:
         return model
+    net = model
 
-    def forward(x, t, **kwargs):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            out = model(x, t, **kwargs)
-        return out.float()
+    def forward(x, *args, **kwargs):
+        return net(fastpath.channels_last_input(x), *args, **kwargs)
     return forward
+
+
+def log_fast_path(run, compiled, precision=None):
+    """One line naming the active fast-path options (and remember them for the checkpoints)."""
+    precision = precision or run.args.precision
+    run.fast_path = dict(precision=precision, adamw=fastpath.optimizer_implementation(run.opt),
+                         ema="foreach", channels_last=run.channels_last, compile=bool(compiled))
+    if precision == "tf32" and run.device.type != "cuda":
+        precision = f"tf32 (plain fp32 on {run.device.type})"
+    run.log.info(fastpath.describe(precision, run.fast_path["adamw"], run.channels_last, compiled, ema="foreach"))
 
 
 def capture_rng_state(device):
@@ -498,7 +517,8 @@ _NOT_INHERITED = {"resume", "ckpt", "explicit", "no_progress", "mixed_precision"
 # Flags that change the training itself: differing from the checkpoint's, the run goes on but not as
 # the uninterrupted run would have.
 _EXACTNESS = ("data_path", "feature_path", "dataset", "image_size", "vae", "global_batch_size", "global_seed",
-              "lr", "precision", "mixed_precision", "grad_clip", "max_grad_norm", "model_overrides")
+              "lr", "precision", "mixed_precision", "grad_clip", "max_grad_norm", "model_overrides",
+              "fused_adamw", "channels_last", "compile")
 
 
 def inherit_args(args, saved):
@@ -571,7 +591,7 @@ def prepare(args, dist_info, log=None):
             inherit_args(args, checkpoint.get("args"))
         resolve_args(args, world_size)
         seed_everything(args.global_seed * world_size + dist_info.rank)   # DiT's per-process seed
-        configure_precision(args.precision)
+        fastpath.configure_tf32(args.precision in ("tf32", "bf16"))   # as official DiT/DiC; off for fp32
         vae_factor = _vae_factor(args.vae)
         dataset, channels, side = build_dataset(args, vae_factor)
         if len(dataset) < args.global_batch_size:
@@ -594,9 +614,17 @@ def prepare(args, dist_info, log=None):
                                 f"{args.image_size}, VAE factor {vae_factor}): {_one_line(e)}{hint}") from e
         _check_model_size(model, args, side, vae_factor)
         model = model.to(device)
+        channels_last = fastpath.use_channels_last(args.channels_last, device)
+        if channels_last:
+            fastpath.to_channels_last(model)   # before the optimizer: its buffers follow the layout
         ema = deepcopy(model).to(device)   # EMA in fp32, never trained
         ema.requires_grad_(False)
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
+        try:   # DiT's AdamW (lr 1e-4, no weight decay, torch's betas/eps), fastest kernel available
+            opt = fastpath.make_adamw(model.parameters(), lr=args.lr, weight_decay=0,
+                                      fused=fastpath.fused_choice(args.fused_adamw))
+        except ValueError as e:
+            raise TrainingError(f"--fused-adamw {args.fused_adamw}: {_one_line(e)}; use --fused-adamw "
+                                f"auto or off") from e
         if args.ckpt:
             init = load_checkpoint_file(args.ckpt)
             weights = extract_state_dict(init, "model" if isinstance(init, dict) and "model" in init else "ema")
@@ -606,8 +634,8 @@ def prepare(args, dist_info, log=None):
         if checkpoint is not None:
             load_model_weights(model, checkpoint["model"], args.model)
             load_model_weights(ema, checkpoint["ema"], args.model)
-            try:
-                opt.load_state_dict(checkpoint["opt"])
+            try:   # keeps this run's AdamW kernel (torch would take the checkpoint's fused/foreach flags)
+                fastpath.load_optimizer_state(opt, checkpoint["opt"])
             except (ValueError, KeyError) as e:
                 raise TrainingError(f"the optimizer state in {resume_path} does not fit {args.model}: "
                                     f"{_one_line(e)}") from e
@@ -618,7 +646,7 @@ def prepare(args, dist_info, log=None):
                                     f"would write over that run's later checkpoints; resume the newest "
                                     f"(--resume auto) or move the later ones away")
         return dict(checkpoint=checkpoint, vae=vae, dataset=dataset, model=model, ema=ema, opt=opt,
-                    model_kwargs=model_kwargs)
+                    model_kwargs=model_kwargs, channels_last=channels_last)
     built = _collective(build, dist_info)
     checkpoint = built["checkpoint"]
     diffusion = create_diffusion(timestep_respacing="", learn_sigma=built["model"].learn_sigma)
@@ -648,7 +676,8 @@ def prepare(args, dist_info, log=None):
     run = TrainRun(args=args, dist=dist_info, device=device, log=log, run_dir=run_dir,
                    checkpoint_dir=os.path.join(run_dir, "checkpoints"), diffusion=diffusion,
                    vae=built["vae"], model=built["model"], ema=built["ema"], opt=built["opt"],
-                   model_kwargs=built["model_kwargs"], raw_dataset=built["dataset"], dataset=dataset,
+                   model_kwargs=built["model_kwargs"], channels_last=built["channels_last"], fast_path=None,
+                   raw_dataset=built["dataset"], dataset=dataset,
                    sampler=sampler, loader=loader, local_batch=local_batch,
                    steps_per_epoch=len(dataset) // args.global_batch_size,
                    step=0, epoch=0, batch_in_epoch=0, loss_sum=0.0, loss_steps=0, skipped=0,
@@ -732,9 +761,10 @@ def save_checkpoint(run, scaler=None):
         epoch, batch_in_epoch = _position(run)
         checkpoint = {
             # DiT's keys: every DiT/DiC tool reads these.
-            "model": run.model.state_dict(),
-            "ema": run.ema.state_dict(),
-            "opt": run.opt.state_dict(),
+            # (tensors in the default layout, also from a channels_last run: they load anywhere)
+            "model": fastpath.contiguous_state_dict(run.model.state_dict()),
+            "ema": fastpath.contiguous_state_dict(run.ema.state_dict()),
+            "opt": fastpath.contiguous_optimizer_state(run.opt.state_dict()),
             "args": run.args,
             # Exact-resume state.
             "step": run.step,
@@ -747,6 +777,7 @@ def save_checkpoint(run, scaler=None):
             "loss_window": {"sum": run.loss_sum, "steps": run.loss_steps},
             "skipped_images": run.skipped,
             "model_kwargs": run.model_kwargs,
+            "fast_path": run.fast_path,          # which speed options wrote it (information only)
             "format": CHECKPOINT_FORMAT,
         }
         atomic_save(checkpoint, path)
@@ -801,7 +832,7 @@ def train(run, train_step, scaler=None):
         else:
             seed_everything(derive_seed(args.global_seed, run.step, run.dist.rank))
     else:
-        update_ema(run.ema, run.model, decay=0)   # EMA starts as the (now synced) initial weights
+        fastpath.ema_update(run.ema, run.model, decay=0)   # EMA starts as the (now synced) initial weights
         run.start_sample = 0
     run.last_good = os.path.join(run.checkpoint_dir, f"{run.step:07d}.pt") if run.last_saved is not None else None
     run.model.train()
@@ -918,5 +949,5 @@ def run_guarded(body, dist_info, log=None):
 
 
 __all__ = ["TrainingError", "NonFiniteLoss", "build_parser", "parse_args", "resolve_args", "prepare", "train",
-           "update_ema", "autocast_forward", "configure_precision", "save_checkpoint", "run_guarded",
+           "training_forward", "log_fast_path", "save_checkpoint", "run_guarded",
            "ResumableDistributedSampler", "SeededSamples", "derive_seed"]

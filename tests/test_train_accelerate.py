@@ -7,7 +7,7 @@ import torch
 from test_train import (assert_opt_equal, assert_state_dicts_equal, call_main, latent_args, latents,  # noqa: F401
                         load, logged_losses, only_run, run_script)
 
-from helpers import training
+from helpers import fastpath, training
 from helpers.distributed import DistInfo
 from helpers.log import read_losses
 
@@ -68,7 +68,7 @@ def test_grad_scaler_state_is_saved_and_restored(tmp_path, latents, capsys):
             scaler.scale(loss).backward()
             scaler.step(run.opt)
             scaler.update()
-            training.update_ema(run.ema, run.model)
+            fastpath.ema_update(run.ema, run.model)
             return loss
 
         training.train(run, train_step, scaler=scaler)
