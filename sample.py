@@ -12,16 +12,16 @@ its noise.
 """
 import argparse
 import os
-import sys
 
 import torch
 from torchvision.utils import save_image
 
 from helpers.distributed import setup_distributed
-from helpers.models import parse_model_overrides
-from helpers.sampling import (DIT_DEFAULT_LABELS, IndexNoise, SamplingError, atomic_replace,
-                              build_model, check_common_args, generate, make_diffusion,
-                              make_model_fn, read_checkpoint, resolve_settings)
+from helpers.sampling import (DIT_DEFAULT_LABELS, IndexNoise, SamplingError, add_model_args,
+                              add_sampler_args, add_speed_args, atomic_replace, build_model,
+                              check_common_args, generate, make_diffusion, make_model_fn,
+                              parse_with_model_overrides, read_checkpoint, resolve_settings,
+                              run_cli)
 
 
 def default_labels(num_classes, log=print):
@@ -72,54 +72,22 @@ def main(args):
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--ckpt", type=str, required=True,
-                        help="checkpoint: ours, an official DiC/DiT file, or a bare state_dict")
-    parser.add_argument("--weights", type=str, choices=["ema", "model"], default="ema",
-                        help="which weights of our/DiT's checkpoint to use (default: ema)")
-    parser.add_argument("--model", type=str, default=None,
-                        help="model name, e.g. DiC-XL or DiT-XL/2 (default: checkpoint's, else DiC-XL)")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="image side in pixels (default: checkpoint's, else 256)")
-    parser.add_argument("--num-classes", type=int, default=None,
-                        help="number of classes (default: checkpoint's, else 1000)")
-    parser.add_argument("--vae", type=str, default=None,
-                        help="ema, mse, a local AutoencoderKL folder, or none for pixel space "
-                             "(default: checkpoint's, else ema)")
-    parser.add_argument("--in-channels", type=int, default=None,
-                        help="image channels of a pixel-space model (--vae none); default: checkpoint's")
+    add_model_args(parser)
     parser.add_argument("--class-labels", type=int, nargs="+", default=None,
                         help="labels to sample (default: DiT's 207 360 387 974 88 979 417 279)")
-    parser.add_argument("--cfg-scale", type=float, default=4.0,
-                        help="classifier-free guidance scale; 1 = no guidance (default: 4.0, DiT's)")
-    parser.add_argument("--guide-channels", type=str, choices=["official", "all"], default="official",
-                        help="official: guide the first 3 latent channels as DiT/DiC; all: every channel")
-    parser.add_argument("--num-sampling-steps", type=int, default=250)
-    parser.add_argument("--sampler", type=str, choices=["ddpm", "ddim"], default="ddpm",
-                        help="ddpm: DiT's ancestral sampler; ddim: deterministic DDIM (eta 0)")
+    add_sampler_args(parser, cfg_scale=4.0, cfg_scale_source="DiT's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nrow", type=int, default=4, help="images per grid row")
     parser.add_argument("--out", type=str, default="sample.png", help="grid image to write")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                        help="allow TF32 matmuls/convolutions on Ampere+ GPUs (default: on)")
+    add_speed_args(parser)
     return parser
 
 
 def parse_args(argv=None):
     """Parse flags; leftover --network_g__key=value model overrides become args.model_kwargs."""
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    try:
-        args.model_kwargs = parse_model_overrides(extra)
-    except ValueError as e:
-        parser.error(str(e))
-    return args
+    return parse_with_model_overrides(build_parser(), argv)
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    try:
-        main(arguments)
-    except (ValueError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main, parse_args)

@@ -19,18 +19,17 @@ several nodes --sample-dir must be on a shared file system (as in DiT).
 import argparse
 import json
 import os
-import sys
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
 from helpers.distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
-from helpers.models import parse_model_overrides
-from helpers.sampling import (IndexNoise, SamplingError, atomic_replace, build_model,
-                              check_common_args, draw_labels, generate, make_diffusion,
-                              make_model_fn, npz_shape, png_name, read_checkpoint,
-                              resolve_settings, to_uint8_rgb, write_npz_from_pngs)
+from helpers.sampling import (IndexNoise, SamplingError, add_model_args, add_sampler_args,
+                              add_speed_args, atomic_replace, build_model, check_common_args,
+                              draw_labels, generate, make_diffusion, make_model_fn, npz_shape,
+                              parse_with_model_overrides, png_name, read_checkpoint,
+                              resolve_settings, run_cli, to_uint8_rgb, write_npz_from_pngs)
 
 SETTINGS_FILE = "sampling_settings.json"
 # Testing only: exit abruptly (as if killed) after this many batches on every rank.
@@ -185,55 +184,22 @@ def main(args):
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--ckpt", type=str, required=True,
-                        help="checkpoint: ours, an official DiC/DiT file, or a bare state_dict")
-    parser.add_argument("--weights", type=str, choices=["ema", "model"], default="ema",
-                        help="which weights of our/DiT's checkpoint to use (default: ema)")
-    parser.add_argument("--model", type=str, default=None,
-                        help="model name, e.g. DiC-XL or DiT-XL/2 (default: checkpoint's, else DiC-XL)")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="image side in pixels (default: checkpoint's, else 256)")
-    parser.add_argument("--num-classes", type=int, default=None,
-                        help="number of classes (default: checkpoint's, else 1000)")
-    parser.add_argument("--vae", type=str, default=None,
-                        help="ema, mse, a local AutoencoderKL folder, or none for pixel space "
-                             "(default: checkpoint's, else ema)")
-    parser.add_argument("--in-channels", type=int, default=None,
-                        help="image channels of a pixel-space model (--vae none); default: checkpoint's")
-    parser.add_argument("--cfg-scale", type=float, default=1.5,
-                        help="classifier-free guidance scale; 1 = no guidance (default: 1.5, DiT's FID setting)")
-    parser.add_argument("--guide-channels", type=str, choices=["official", "all"], default="official",
-                        help="official: guide the first 3 latent channels as DiT/DiC; all: every channel")
-    parser.add_argument("--num-sampling-steps", type=int, default=250)
-    parser.add_argument("--sampler", type=str, choices=["ddpm", "ddim"], default="ddpm",
-                        help="ddpm: DiT's ancestral sampler; ddim: deterministic DDIM (eta 0)")
+    add_model_args(parser)
+    add_sampler_args(parser, cfg_scale=1.5, cfg_scale_source="DiT's FID setting")
     parser.add_argument("--per-proc-batch-size", type=int, default=32)
     parser.add_argument("--num-fid-samples", type=int, default=50_000)
     parser.add_argument("--global-seed", type=int, default=0)
     parser.add_argument("--balanced-classes", action="store_true",
                         help="image i gets class i %% num_classes (default: uniform random labels)")
     parser.add_argument("--sample-dir", type=str, default="samples")
-    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                        help="allow TF32 matmuls/convolutions on Ampere+ GPUs (default: on)")
+    add_speed_args(parser)
     return parser
 
 
 def parse_args(argv=None):
     """Parse flags; leftover --network_g__key=value model overrides become args.model_kwargs."""
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    try:
-        args.model_kwargs = parse_model_overrides(extra)
-    except ValueError as e:
-        parser.error(str(e))
-    return args
+    return parse_with_model_overrides(build_parser(), argv)
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    try:
-        main(arguments)
-    except (ValueError, FileExistsError) as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main, parse_args)

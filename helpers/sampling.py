@@ -11,6 +11,7 @@ batch of one shape, but not necessarily at another batch size.
 """
 import argparse
 import os
+import sys
 import zipfile
 
 import numpy as np
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from diffusion import create_diffusion
 from helpers.checkpoint import (CheckpointError, extract_state_dict, load_checkpoint_file,
                                 load_model_weights)
-from helpers.models import create_model, model_names
+from helpers.models import create_model, model_names, parse_model_overrides
 from helpers.vae import decode, downsample_factor, latent_channels, load_vae
 
 # The labels DiT's sample.py conditions on (ImageNet ids).
@@ -32,6 +33,72 @@ GUIDE_CHANNELS = {"official": None, "all": "all"}  # --guide-channels -> forward
 
 class SamplingError(ValueError):
     """Bad sampling input; the message says what to change."""
+
+
+#################################################################################
+#                       Command-line flags both scripts take                    #
+#################################################################################
+
+def add_model_args(parser):
+    """The checkpoint and the model/VAE settings (unset ones come from the checkpoint's args)."""
+    parser.add_argument("--ckpt", type=str, required=True,
+                        help="checkpoint: ours, an official DiC/DiT file, or a bare state_dict")
+    parser.add_argument("--weights", type=str, choices=["ema", "model"], default="ema",
+                        help="which weights of our/DiT's checkpoint to use (default: ema)")
+    parser.add_argument("--model", type=str, default=None,
+                        help="model name, e.g. DiC-XL or DiT-XL/2 (default: checkpoint's, else DiC-XL)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="image side in pixels (default: checkpoint's, else 256)")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="number of classes (default: checkpoint's, else 1000)")
+    parser.add_argument("--vae", type=str, default=None,
+                        help="ema, mse, a local AutoencoderKL folder, or none for pixel space "
+                             "(default: checkpoint's, else ema)")
+    parser.add_argument("--in-channels", type=int, default=None,
+                        help="image channels of a pixel-space model (--vae none); default: checkpoint's")
+    return parser
+
+
+def add_sampler_args(parser, cfg_scale, cfg_scale_source):
+    """Guidance and the sampler; each script keeps its own --cfg-scale default (and says whose)."""
+    parser.add_argument("--cfg-scale", type=float, default=cfg_scale,
+                        help=f"classifier-free guidance scale; 1 = no guidance "
+                             f"(default: {cfg_scale}, {cfg_scale_source})")
+    parser.add_argument("--guide-channels", type=str, choices=list(GUIDE_CHANNELS), default="official",
+                        help="official: guide the first 3 latent channels as DiT/DiC; all: every channel")
+    parser.add_argument("--num-sampling-steps", type=int, default=250)
+    parser.add_argument("--sampler", type=str, choices=["ddpm", "ddim"], default="ddpm",
+                        help="ddpm: DiT's ancestral sampler; ddim: deterministic DDIM (eta 0)")
+    return parser
+
+
+def add_speed_args(parser):
+    """Speed switches."""
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="allow TF32 matmuls/convolutions on Ampere+ GPUs (default: on, as DiT)")
+    return parser
+
+
+def run_cli(main, parse_args):
+    """A script's entry point: main(parse_args()); a bad input (ValueError, FileExistsError) is one
+    `error: ...` line on stderr (from global rank 0 only under torchrun) and exit status 1."""
+    arguments = parse_args()
+    try:
+        main(arguments)
+    except (ValueError, FileExistsError) as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def parse_with_model_overrides(parser, argv=None):
+    """Parse flags; leftover official --network_g__key=value overrides become args.model_kwargs."""
+    args, extra = parser.parse_known_args(argv)
+    try:
+        args.model_kwargs = parse_model_overrides(extra)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
 
 
 #################################################################################
