@@ -27,11 +27,12 @@ from tqdm import tqdm
 from helpers.distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
 from helpers.sampling import (IndexNoise, SamplingError, add_model_args, add_sampler_args,
                               add_speed_args, atomic_replace, build_model, check_common_args,
-                              draw_labels, generate, make_diffusion, make_model_fn, npz_shape,
-                              parse_with_model_overrides, png_name, read_checkpoint,
+                              clips_denoised, draw_labels, generate, make_diffusion, make_model_fn,
+                              npz_shape, parse_with_model_overrides, png_name, read_checkpoint,
                               resolve_settings, run_cli, to_uint8_rgb, write_npz_from_pngs)
 
 SETTINGS_FILE = "sampling_settings.json"
+LEGACY_SETTINGS = {"clip_denoised": False}  # what older settings files implied
 # Testing only: exit abruptly (as if killed) after this many batches on every rank.
 EXIT_AFTER_ENV = "SAMPLE_DDP_TEST_EXIT_AFTER_BATCHES"
 
@@ -61,7 +62,7 @@ def image_settings(args):
             "in_channels": args.in_channels, "cfg_scale": args.cfg_scale,
             "guide_channels": args.guide_channels, "num_sampling_steps": args.num_sampling_steps,
             "sampler": args.sampler, "global_seed": args.global_seed,
-            "balanced_classes": args.balanced_classes}
+            "balanced_classes": args.balanced_classes, "clip_denoised": clips_denoised(args.vae)}
 
 
 def check_output(args, sample_folder, npz_path, expected_shape):
@@ -73,8 +74,8 @@ def check_output(args, sample_folder, npz_path, expected_shape):
     settings_path = os.path.join(sample_folder, SETTINGS_FILE)
     if os.path.exists(settings_path):
         settings = image_settings(args)
-        with open(settings_path) as f:
-            previous = json.load(f)
+        with open(settings_path) as f:  # folders from before this key existed: no clipping
+            previous = {**LEGACY_SETTINGS, **json.load(f)}
         changed = [k for k in sorted(set(settings) | set(previous)) if settings.get(k) != previous.get(k)]
         if changed:
             k = changed[0]

@@ -321,14 +321,16 @@ def make_model_fn(model, cfg_scale, guide_channels="official"):
 
 
 @torch.no_grad()
-def sample_latents(diffusion, model_fn, noise, labels, shape, device, sampler="ddpm", progress=False):
+def sample_latents(diffusion, model_fn, noise, labels, shape, device, sampler="ddpm", progress=False,
+                   clip_denoised=False):
     """Reverse diffusion from x_T to x_0 with every random draw taken from `noise` (IndexNoise).
 
     DiT's p_sample_loop draws the per-step noise with torch.randn_like over the whole batch, which
     ties a sample to its batch-mates and to the process count. This loop does the same arithmetic
     (p_mean_variance, then mean + exp(log_var / 2) * z with no noise at t = 0, as p_sample) but
     draws z per sample. DDIM (eta = 0) is deterministic after x_T, so diffusion.ddim_sample is used
-    as is (its randn_like draw is multiplied by sigma = 0).
+    as is (its randn_like draw is multiplied by sigma = 0). clip_denoised clips the predicted x_0
+    to [-1, 1] at every step (see generate).
     """
     if sampler not in ("ddpm", "ddim"):
         raise SamplingError(f"--sampler must be ddpm or ddim, got {sampler!r}")
@@ -341,21 +343,30 @@ def sample_latents(diffusion, model_fn, noise, labels, shape, device, sampler="d
     for i in steps:
         t = torch.full((x.shape[0],), i, dtype=torch.long, device=device)
         if sampler == "ddim":
-            x = diffusion.ddim_sample(model_fn, x, t, clip_denoised=False, model_kwargs=model_kwargs,
-                                      eta=0.0)["sample"]
+            x = diffusion.ddim_sample(model_fn, x, t, clip_denoised=clip_denoised,
+                                      model_kwargs=model_kwargs, eta=0.0)["sample"]
             continue
-        out = diffusion.p_mean_variance(model_fn, x, t, clip_denoised=False, model_kwargs=model_kwargs)
+        out = diffusion.p_mean_variance(model_fn, x, t, clip_denoised=clip_denoised,
+                                        model_kwargs=model_kwargs)
         z = noise.randn(shape, device=device)                             # drawn at t = 0 too, as DiT
         nonzero_mask = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
         x = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * z
     return x
 
 
+def clips_denoised(vae):
+    """Whether the predicted x_0 is clipped to [-1, 1] at every step: yes for a pixel-space model,
+    as ADM does for pixel models (images lie in [-1, 1]); no for latents, as DiT (latents are not
+    bounded by 1). `vae`: the loaded VAE (None in pixel space) or the resolved --vae setting."""
+    return vae is None or (isinstance(vae, str) and vae.lower() == "none")
+
+
 def generate(model, vae, diffusion, model_fn, noise, labels, args, device, progress=False):
     """Latents for `noise`'s indices, decoded to images in about [-1, 1]: (N, C_img, H, W)."""
     size = args.image_size // downsample_factor(vae)
     shape = (model.in_channels, size, size)
-    latents = sample_latents(diffusion, model_fn, noise, labels, shape, device, args.sampler, progress)
+    latents = sample_latents(diffusion, model_fn, noise, labels, shape, device, args.sampler, progress,
+                             clip_denoised=clips_denoised(vae))
     return decode(vae, latents)
 
 

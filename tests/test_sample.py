@@ -15,8 +15,9 @@ import sample
 from diffusion import create_diffusion
 from helpers.checkpoint import CheckpointError, atomic_save
 from helpers.models import create_model
-from helpers.sampling import (IndexNoise, SamplingError, draw_labels, index_seed, make_model_fn,
-                              sample_latents)
+from helpers.sampling import (IndexNoise, SamplingError, clips_denoised, draw_labels, generate,
+                              index_seed, make_model_fn, sample_latents)
+from helpers.vae import decode, load_vae
 
 
 def make_checkpoint(path, model="DiC-Tiny", image_size=16, in_channels=1, num_classes=10, vae="none",
@@ -267,3 +268,51 @@ def test_labels_random_or_balanced_and_noise_unchanged_by_balancing():
     assert draw_labels(padded, 5, balanced=True).tolist() == [0, 1, 0, 0]
     assert padded.randn((2, 3))[2:].abs().sum() == 0
     assert index_seed(0, 1) != index_seed(1, 0) and 0 <= index_seed(2**40, 10**9) < 2**63
+
+
+# ------------------------------------------------------------------ pixel space: clip x0 to [-1, 1]
+
+def tiny_pixel_model():
+    """A 1-channel 8 px pixel-space model whose x0 predictions leave [-1, 1] by far."""
+    torch.manual_seed(0)
+    model = create_model("DiC-Tiny", input_size=8, in_channels=1, num_classes=10)
+    for p in model.parameters():
+        if p.abs().sum() == 0:
+            p.data.normal_(0, 0.05)
+    return model.eval()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_pixel_space_samples_lie_in_minus_one_one(sampler):
+    model = tiny_pixel_model()
+    diffusion = create_diffusion("ddim5" if sampler == "ddim" else "5")
+    args = argparse.Namespace(image_size=8, sampler=sampler)
+    images = generate(model, None, diffusion, make_model_fn(model, 1.0), IndexNoise(0, range(4)),
+                      torch.tensor([0, 1, 2, 3]), args, "cpu")
+    assert images.shape == (4, 1, 8, 8)
+    assert images.min() >= -1 and images.max() <= 1
+    assert images.std() > 0.1                                     # not all one value
+    unclipped = sample_latents(diffusion, make_model_fn(model, 1.0), IndexNoise(0, range(4)),
+                               torch.tensor([0, 1, 2, 3]), (1, 8, 8), "cpu", sampler)
+    assert unclipped.abs().max() > 10                             # without the clip: far outside
+
+
+@torch.no_grad()
+def test_latent_space_sampling_is_not_clipped(tiny_vae_dir):
+    vae = load_vae(tiny_vae_dir, "cpu")
+    model = tiny_latent_model()
+    diffusion = create_diffusion("5")
+    args = argparse.Namespace(image_size=16, sampler="ddpm")      # 8x8 latents of the factor-2 VAE
+    model_fn = make_model_fn(model, 4.0)
+    labels = torch.tensor([0, 1])
+
+    def latents(clip):
+        return sample_latents(diffusion, model_fn, IndexNoise(0, range(2)), labels, (4, 8, 8), "cpu",
+                              clip_denoised=clip)
+
+    images = generate(model, vae, diffusion, model_fn, IndexNoise(0, range(2)), labels, args, "cpu")
+    assert torch.equal(images, decode(vae, latents(False)))       # DiT's clip_denoised=False
+    assert not torch.equal(latents(False), latents(True))
+    assert clips_denoised(None) and clips_denoised("none") and not clips_denoised(vae)
+    assert not clips_denoised("ema") and not clips_denoised(tiny_vae_dir)

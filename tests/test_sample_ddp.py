@@ -1,4 +1,5 @@
 """sample_ddp.py: exact sample counts, the same .npz from any process count, resume, bad input."""
+import json
 import os
 import shutil
 import subprocess
@@ -116,6 +117,8 @@ def test_pixel_space_grey_samples_are_rgb_and_labels_can_be_balanced(tmp_path, c
     images = load(npz)
     assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
     assert (images[..., 0] == images[..., 1]).all() and (images[..., 1] == images[..., 2]).all()
+    with open(os.path.join(npz[:-len(".npz")], sample_ddp.SETTINGS_FILE)) as f:
+        assert json.load(f)["clip_denoised"] is True                # pixel space: x0 clipped to [-1, 1]
 
 
 # ------------------------------------------------------------------ bad input
@@ -160,3 +163,24 @@ def test_existing_outputs_of_other_settings_are_never_mixed_or_overwritten(laten
     with pytest.raises(SamplingError, match="holds samples made with other settings \\(ckpt: "):
         run_in_process(str(other), sample_dir)
     assert open(reference, "rb").read() == before
+
+
+def test_a_folder_from_before_the_clip_key_is_still_recognised(latent_ckpt, reference, tmp_path, capsys):
+    folder = tmp_path / FOLDER
+    shutil.copytree(reference[:-len(".npz")], folder)
+    shutil.copy(reference, tmp_path / f"{FOLDER}.npz")
+    settings_path = folder / sample_ddp.SETTINGS_FILE
+    settings = json.loads(settings_path.read_text())
+    del settings["clip_denoised"]                                    # as the earlier version wrote it
+    settings_path.write_text(json.dumps(settings))
+    npz = run_in_process(latent_ckpt, tmp_path, "--per-proc-batch-size", "3")
+    assert "already holds all" in capsys.readouterr().out
+    assert open(npz, "rb").read() == open(reference, "rb").read()
+    # An old pixel-space folder was sampled without the [-1, 1] clip: refused, not mixed.
+    args = sample_ddp.parse_args(ddp_args(latent_ckpt, tmp_path, "--model", "DiC-Tiny", "--image-size", "16",
+                                          "--num-classes", "10", "--vae", "none", "--in-channels", "1"))
+    old_pixel_settings = {k: v for k, v in sample_ddp.image_settings(args).items()
+                          if k not in sample_ddp.LEGACY_SETTINGS}
+    settings_path.write_text(json.dumps(old_pixel_settings))
+    with pytest.raises(SamplingError, match=r"other settings \(clip_denoised: False, now True\)"):
+        sample_ddp.check_output(args, str(folder), str(tmp_path / "pixels.npz"), (N, 16, 16, 3))
