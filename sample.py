@@ -21,7 +21,7 @@ from helpers.sampling import (DIT_DEFAULT_LABELS, IndexNoise, SamplingError, add
                               add_sampler_args, add_speed_args, atomic_replace, build_model,
                               check_common_args, generate, make_diffusion, make_model_fn,
                               parse_with_model_overrides, read_checkpoint, resolve_settings,
-                              run_cli)
+                              run_cli, setup_speed)
 
 
 def default_labels(num_classes, log=print):
@@ -41,10 +41,8 @@ def main(args):
         raise SamplingError(f"{args.out} already exists: pass --overwrite to replace it, or another --out")
     if args.nrow < 1:
         raise SamplingError(f"--nrow must be >= 1, got {args.nrow}")
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32  # True: fast, may change the last bits
-    torch.backends.cudnn.allow_tf32 = args.tf32
-    torch.set_grad_enabled(False)
     device = setup_distributed().device
+    speed = setup_speed(args, device)  # --tf32, --precision, --channels-last, --compile
 
     # Load the model (EMA weights by default) and the VAE:
     checkpoint, state_dict = read_checkpoint(args.ckpt, args.weights)
@@ -59,7 +57,7 @@ def main(args):
     noise = IndexNoise(args.seed, range(len(labels)))
     noise.labels(args.num_classes)
     y = torch.tensor(labels, dtype=torch.long)
-    model_fn = make_model_fn(model, args.cfg_scale, args.guide_channels)
+    model_fn = make_model_fn(model, args.cfg_scale, args.guide_channels, **speed)
     samples = generate(model, vae, diffusion, model_fn, noise, y, args, device, progress=True)
 
     # Save and display images:

@@ -8,7 +8,9 @@ one .npz (arr_0: uint8 (N, H, W, 3)) for FID and the other metrics, like DiT's s
 Image i depends only on (--global-seed, i, the settings): its label, its initial noise and every
 per-step noise come from a generator seeded from (global seed, i), and every model call has the
 same batch shape (a rank's last batch is padded). So the .npz is byte-identical from 1 or 8
-processes at the same --per-proc-batch-size, and exactly --num-fid-samples images are made.
+processes at the same --per-proc-batch-size and fast-path flags (--precision, --channels-last,
+--compile, --tf32), and exactly --num-fid-samples images are made. --precision bf16 changes the
+samples slightly, so its folder name ends in -bf16.
 Another batch size gives the same samples up to the float rounding of batched kernels (BLAS and
 cuDNN choose kernels by shape), which rarely moves a pixel by one level.
 Rank r (global rank) makes images r, r + W, r + 2W, ... (W processes) and writes each PNG
@@ -20,19 +22,19 @@ import argparse
 import json
 import os
 
-import torch
 from PIL import Image
 from tqdm import tqdm
 
 from helpers.distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
 from helpers.sampling import (IndexNoise, SamplingError, add_model_args, add_sampler_args,
                               add_speed_args, atomic_replace, build_model, check_common_args,
-                              clips_denoised, draw_labels, generate, make_diffusion, make_model_fn,
-                              npz_shape, parse_with_model_overrides, png_name, read_checkpoint,
-                              resolve_settings, run_cli, to_uint8_rgb, write_npz_from_pngs)
+                              clips_denoised, describe_speed, draw_labels, generate, make_diffusion,
+                              make_model_fn, npz_shape, parse_with_model_overrides, png_name,
+                              read_checkpoint, resolve_settings, run_cli, setup_speed, to_uint8_rgb,
+                              write_npz_from_pngs)
 
 SETTINGS_FILE = "sampling_settings.json"
-LEGACY_SETTINGS = {"clip_denoised": False}  # what older settings files implied
+LEGACY_SETTINGS = {"precision": "fp32", "clip_denoised": False}  # what older settings files implied
 # Testing only: exit abruptly (as if killed) after this many batches on every rank.
 EXIT_AFTER_ENV = "SAMPLE_DDP_TEST_EXIT_AFTER_BATCHES"
 
@@ -51,6 +53,8 @@ def folder_name(args):
         name += f"-guide-{args.guide_channels}"
     if args.balanced_classes:
         name += "-balanced"
+    if args.precision != "fp32":
+        name += f"-{args.precision}"
     return name
 
 
@@ -62,7 +66,8 @@ def image_settings(args):
             "in_channels": args.in_channels, "cfg_scale": args.cfg_scale,
             "guide_channels": args.guide_channels, "num_sampling_steps": args.num_sampling_steps,
             "sampler": args.sampler, "global_seed": args.global_seed,
-            "balanced_classes": args.balanced_classes, "clip_denoised": clips_denoised(args.vae)}
+            "balanced_classes": args.balanced_classes, "precision": args.precision,
+            "clip_denoised": clips_denoised(args.vae)}
 
 
 def check_output(args, sample_folder, npz_path, expected_shape):
@@ -74,7 +79,7 @@ def check_output(args, sample_folder, npz_path, expected_shape):
     settings_path = os.path.join(sample_folder, SETTINGS_FILE)
     if os.path.exists(settings_path):
         settings = image_settings(args)
-        with open(settings_path) as f:  # folders from before this key existed: no clipping
+        with open(settings_path) as f:  # folders from before these keys existed: fp32, no clipping
             previous = {**LEGACY_SETTINGS, **json.load(f)}
         changed = [k for k in sorted(set(settings) | set(previous)) if settings.get(k) != previous.get(k)]
         if changed:
@@ -121,13 +126,11 @@ def main(args):
     check_common_args(args)
     if args.per_proc_batch_size < 1 or args.num_fid_samples < 1:
         raise SamplingError("--per-proc-batch-size and --num-fid-samples must be >= 1")
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32  # True: fast, may change the last bits
-    torch.backends.cudnn.allow_tf32 = args.tf32
-    torch.set_grad_enabled(False)
 
     # Setup DDP (one process without torchrun); the device comes from LOCAL_RANK:
     dist = setup_distributed()
     rank, world_size, device = dist.rank, dist.world_size, dist.device
+    speed = setup_speed(args, device)  # --tf32, --precision, --channels-last, --compile
     log = print if dist.is_main else (lambda *a, **k: None)
 
     checkpoint, state_dict = read_checkpoint(args.ckpt, args.weights)
@@ -147,7 +150,7 @@ def main(args):
     del state_dict
     on_rank0(dist, create_output, args, sample_folder)
     diffusion = make_diffusion(model, args.sampler, args.num_sampling_steps)
-    model_fn = make_model_fn(model, args.cfg_scale, args.guide_channels)
+    model_fn = make_model_fn(model, args.cfg_scale, args.guide_channels, **speed)
 
     # This rank's images, minus those an earlier (interrupted) run already wrote:
     done = set(os.listdir(sample_folder))
@@ -157,7 +160,7 @@ def main(args):
         if already:
             log(f"Resuming: {already} of {args.num_fid_samples} samples already in {sample_folder}")
         log(f"Sampling {args.num_fid_samples - already} images with {world_size} process(es), "
-            f"batch {args.per_proc_batch_size} per process, into {sample_folder}")
+            f"batch {args.per_proc_batch_size} per process ({describe_speed(speed)}), into {sample_folder}")
     batches = [mine[k:k + args.per_proc_batch_size] for k in range(0, len(mine), args.per_proc_batch_size)]
     exit_after = int(os.environ.get(EXIT_AFTER_ENV, "0"))
     for b, indices in enumerate(tqdm(batches, disable=not dist.is_main, desc="batches")):

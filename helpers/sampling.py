@@ -7,7 +7,9 @@ process. So the randomness of image i depends only on (seed, i), never on its ba
 size or the number of processes; the diffusion arithmetic itself is DiT's (p_mean_variance,
 p_sample's update, ddim_sample). Bit-exact pixels also need the same batch shape for every model
 call (see IndexNoise's pad_to): batched kernels round a row the same way at any position of a
-batch of one shape, but not necessarily at another batch size.
+batch of one shape, but not necessarily at another batch size. Each fast-path setting
+(--precision, --channels-last, --compile, --tf32) keeps this guarantee as long as every process
+uses the same setting; only --precision bf16 changes the numbers beyond float rounding.
 """
 import argparse
 import os
@@ -22,6 +24,8 @@ from tqdm import tqdm
 from diffusion import create_diffusion
 from helpers.checkpoint import (CheckpointError, extract_state_dict, load_checkpoint_file,
                                 load_model_weights)
+from helpers.fastpath import (autocast_forward, channels_last_input, configure_tf32, maybe_compile,
+                              to_channels_last, use_channels_last)
 from helpers.models import create_model, model_names, parse_model_overrides
 from helpers.vae import decode, downsample_factor, latent_channels, load_vae
 
@@ -29,6 +33,7 @@ from helpers.vae import decode, downsample_factor, latent_channels, load_vae
 DIT_DEFAULT_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 DEFAULTS = {"model": "DiC-XL", "image_size": 256, "num_classes": 1000, "vae": "ema"}
 GUIDE_CHANNELS = {"official": None, "all": "all"}  # --guide-channels -> forward_with_cfg's argument
+PRECISIONS = ("fp32", "bf16")                       # --precision of the model forward
 
 
 class SamplingError(ValueError):
@@ -73,9 +78,20 @@ def add_sampler_args(parser, cfg_scale, cfg_scale_source):
 
 
 def add_speed_args(parser):
-    """Speed switches."""
+    """The fast path. Flags that change the numbers (bf16, compile) are off by default."""
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="allow TF32 matmuls/convolutions on Ampere+ GPUs (default: on, as DiT)")
+    parser.add_argument("--precision", type=str, choices=PRECISIONS, default="fp32",
+                        help="fp32, or bf16: the model forward under bf16 autocast, its output cast "
+                             "back to fp32 (the diffusion arithmetic stays fp32); changes the samples "
+                             "slightly (default: fp32)")
+    parser.add_argument("--channels-last", type=str, choices=["auto", "on", "off"], default="auto",
+                        help="NHWC memory layout for the model: same math up to float rounding; "
+                             "auto = helpers/fastpath.py's default for the device, now off "
+                             "everywhere (slower for DiC on CPU, unmeasured on CUDA)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="torch.compile the model call (same math up to float rounding; the "
+                             "first steps pay the compile time; default: off)")
     return parser
 
 
@@ -99,6 +115,21 @@ def parse_with_model_overrides(parser, argv=None):
     except ValueError as e:
         parser.error(str(e))
     return args
+
+
+def setup_speed(args, device):
+    """Apply --tf32 and turn gradients off; returns make_model_fn's fast-path keyword arguments
+    (--channels-last auto resolved for `device` by fastpath.default_channels_last)."""
+    configure_tf32(args.tf32)  # True: fast on Ampere+, may change the last bits
+    torch.set_grad_enabled(False)
+    return dict(precision=args.precision, channels_last=use_channels_last(args.channels_last, device),
+                compile=bool(args.compile))
+
+
+def describe_speed(speed):
+    """'fp32, channels_last off, compile off' for the logs."""
+    return (f"{speed['precision']}, channels_last {'on' if speed['channels_last'] else 'off'}, "
+            f"compile {'on' if speed['compile'] else 'off'}")
 
 
 #################################################################################
@@ -295,29 +326,45 @@ def draw_labels(noise, num_classes, balanced=False):
 #                           Guidance and the reverse process                    #
 #################################################################################
 
-def make_model_fn(model, cfg_scale, guide_channels="official"):
-    """The callable the diffusion calls, model_fn(x, t, y) -> model output for x's rows.
+def make_model_fn(model, cfg_scale, guide_channels="official", precision="fp32", channels_last=False,
+                  compile=False):
+    """The callable the diffusion calls, model_fn(x, t, y) -> model output for x's rows, in fp32.
 
     cfg_scale > 1: DiT's classifier-free guidance via model.forward_with_cfg on [x; x] with labels
     [y; null] (null = num_classes), keeping the conditional half (the halves are identical).
     guide_channels "official" guides the first 3 latent channels as DiT/DiC do, "all" every one.
     cfg_scale == 1: the plain forward, as DiT's sample_ddp.py.
+
+    Fast path (helpers/fastpath.py): precision "bf16" runs the call (network and guidance) under
+    bf16 autocast and casts its output back to fp32; channels_last stores the model's weights NHWC
+    (in place) and feeds it NHWC input; compile wraps the whole call in torch.compile.
     """
     if guide_channels not in GUIDE_CHANNELS:
         raise SamplingError(f"--guide-channels must be one of {', '.join(GUIDE_CHANNELS)}, got {guide_channels!r}")
+    if precision not in PRECISIONS:
+        raise SamplingError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if cfg_scale <= 1.0:
-        return model.forward
-    null_label = model.num_classes
+        fn = model.forward
+    else:
+        null_label = model.num_classes
 
-    def guided(x, t, y):
-        n = x.shape[0]
-        x_in = torch.cat([x, x], dim=0)                                    # (2N, C, H, W)
-        y_in = torch.cat([y, torch.full_like(y, null_label)], dim=0)
-        out = model.forward_with_cfg(x_in, torch.cat([t, t], dim=0), y_in, cfg_scale,
-                                     guide_channels=GUIDE_CHANNELS[guide_channels])
-        return out[:n]                                                     # (N, out_channels, H, W)
+        def fn(x, t, y):
+            n = x.shape[0]
+            x_in = torch.cat([x, x], dim=0)                                # (2N, C, H, W)
+            y_in = torch.cat([y, torch.full_like(y, null_label)], dim=0)
+            out = model.forward_with_cfg(x_in, torch.cat([t, t], dim=0), y_in, cfg_scale,
+                                         guide_channels=GUIDE_CHANNELS[guide_channels])
+            return out[:n]                                                 # (N, out_channels, H, W)
 
-    return guided
+    if channels_last:
+        to_channels_last(model)
+        nchw_fn = fn
+
+        def fn(x, t, y):
+            return nchw_fn(channels_last_input(x), t, y)
+
+    device = next(model.parameters()).device
+    return maybe_compile(autocast_forward(fn, device, precision), compile)
 
 
 @torch.no_grad()

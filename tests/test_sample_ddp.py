@@ -165,13 +165,29 @@ def test_existing_outputs_of_other_settings_are_never_mixed_or_overwritten(laten
     assert open(reference, "rb").read() == before
 
 
-def test_a_folder_from_before_the_clip_key_is_still_recognised(latent_ckpt, reference, tmp_path, capsys):
+# ------------------------------------------------------------------ fast path
+
+def test_bf16_channels_last_npz_is_the_same_from_two_processes(latent_ckpt, tmp_path):
+    fast = ["--per-proc-batch-size", "3", "--precision", "bf16", "--channels-last", "on"]
+    one = run_in_process(latent_ckpt, tmp_path / "one", *fast)
+    assert os.path.basename(one) == f"{FOLDER}-bf16.npz"             # its own folder: other numbers
+    result = run_script(latent_ckpt, tmp_path / "two", *fast, nproc=2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "batch 3 per process (bf16, channels_last on, compile off)" in result.stdout
+    assert (tmp_path / "two" / f"{FOLDER}-bf16.npz").read_bytes() == open(one, "rb").read()
+    with open(os.path.join(one[:-len(".npz")], sample_ddp.SETTINGS_FILE)) as f:
+        settings = json.load(f)
+    assert settings["precision"] == "bf16" and settings["clip_denoised"] is False
+
+
+def test_a_folder_from_before_the_precision_and_clip_keys_is_still_recognised(latent_ckpt, reference,
+                                                                              tmp_path, capsys):
     folder = tmp_path / FOLDER
     shutil.copytree(reference[:-len(".npz")], folder)
     shutil.copy(reference, tmp_path / f"{FOLDER}.npz")
     settings_path = folder / sample_ddp.SETTINGS_FILE
     settings = json.loads(settings_path.read_text())
-    del settings["clip_denoised"]                                    # as the earlier version wrote it
+    del settings["precision"], settings["clip_denoised"]             # as the earlier version wrote it
     settings_path.write_text(json.dumps(settings))
     npz = run_in_process(latent_ckpt, tmp_path, "--per-proc-batch-size", "3")
     assert "already holds all" in capsys.readouterr().out
