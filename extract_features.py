@@ -192,6 +192,7 @@ def write_metadata(path, meta):
 #                                    Main                                       #
 #################################################################################
 
+@torch.no_grad()  # scoped, not torch.set_grad_enabled(False): main() is also called in-process
 def main(args):
     rank = int(os.environ.get("RANK", "0"))
 
@@ -217,7 +218,6 @@ def main(args):
              f"{factor}: choose a multiple of {factor}", rank)
 
     info = setup_distributed()
-    torch.set_grad_enabled(False)
     vae = vae.to(info.device)
     side = args.image_size // factor
     latent_shape = (latent_channels(vae), side, side)
