@@ -17,11 +17,11 @@ import torch
 from torchvision.utils import save_image
 
 from helpers.distributed import setup_distributed
+from helpers.files import atomic_write
 from helpers.sampling import (DIT_DEFAULT_LABELS, IndexNoise, SamplingError, add_model_args,
-                              add_sampler_args, add_speed_args, atomic_replace, build_model,
-                              check_common_args, generate, make_diffusion, make_model_fn,
-                              parse_with_model_overrides, read_checkpoint, resolve_settings,
-                              run_cli, setup_speed)
+                              add_sampler_args, add_speed_args, build_model, check_common_args,
+                              generate, make_diffusion, make_model_fn, parse_with_model_overrides,
+                              read_checkpoint, resolve_settings, run_cli, setup_speed)
 
 
 def default_labels(num_classes, log=print):
@@ -61,9 +61,8 @@ def main(args):
     samples = generate(model, vae, diffusion, model_fn, noise, y, args, device, progress=True)
 
     # Save and display images:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    atomic_replace(lambda tmp: save_image(samples, tmp, nrow=args.nrow, normalize=True,
-                                          value_range=(-1, 1)), args.out)
+    atomic_write(args.out, lambda tmp: save_image(samples, tmp, nrow=args.nrow, normalize=True,
+                                                  value_range=(-1, 1)), overwrite=args.overwrite)
     print(f"Saved a grid of {len(labels)} samples (labels {' '.join(map(str, labels))}) to {args.out}")
     return args.out
 

@@ -26,11 +26,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from helpers.distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
+from helpers.files import atomic_write, atomic_write_text
 from helpers.sampling import (IndexNoise, SamplingError, add_model_args, add_sampler_args,
-                              add_speed_args, atomic_replace, build_model, check_common_args,
-                              clips_denoised, describe_speed, draw_labels, generate, make_diffusion,
-                              make_model_fn, npz_shape, parse_with_model_overrides, png_name,
-                              read_checkpoint, resolve_settings, run_cli, setup_speed, to_uint8_rgb,
+                              add_speed_args, build_model, check_common_args, clips_denoised,
+                              describe_speed, draw_labels, generate, make_diffusion, make_model_fn,
+                              npz_shape, parse_with_model_overrides, png_name, read_checkpoint,
+                              resolve_settings, run_cli, setup_speed, to_uint8_rgb,
                               write_npz_from_pngs)
 
 SETTINGS_FILE = "sampling_settings.json"
@@ -100,7 +101,7 @@ def create_output(args, sample_folder):
     os.makedirs(sample_folder, exist_ok=True)
     settings_path = os.path.join(sample_folder, SETTINGS_FILE)
     if not os.path.exists(settings_path):
-        atomic_replace(lambda tmp: _write_json(image_settings(args), tmp), settings_path)
+        atomic_write_text(settings_path, json.dumps(image_settings(args), indent=2))
 
 
 def on_rank0(dist, fn, *fn_args):
@@ -115,11 +116,6 @@ def on_rank0(dist, fn, *fn_args):
     if status == "error":
         raise SamplingError(value)
     return value
-
-
-def _write_json(obj, path):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
 
 
 def main(args):
@@ -170,8 +166,8 @@ def main(args):
         images = generate(model, vae, diffusion, model_fn, noise, labels, args, device)
         images = to_uint8_rgb(images[:len(indices)])
         for index, image in zip(indices, images):
-            atomic_replace(lambda tmp: Image.fromarray(image).save(tmp, format="PNG"),
-                           os.path.join(sample_folder, png_name(index)))
+            atomic_write(os.path.join(sample_folder, png_name(index)),
+                         lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
         if exit_after and b + 1 >= exit_after:
             print(f"[rank {rank}] {EXIT_AFTER_ENV}={exit_after}: exiting now", flush=True)
             os._exit(3)

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from diffusion import create_diffusion
 from helpers.checkpoint import (CheckpointError, extract_state_dict, load_checkpoint_file,
                                 load_model_weights)
+from helpers.files import atomic_write
 from helpers.fastpath import (autocast_forward, channels_last_input, configure_tf32, maybe_compile,
                               to_channels_last, use_channels_last)
 from helpers.models import create_model, model_names, parse_model_overrides
@@ -425,19 +426,6 @@ def to_uint8_rgb(images):
     return images.numpy()
 
 
-def atomic_replace(write, path):
-    """Run write(tmp_path) for a temp file beside `path`, then rename it into place."""
-    folder, name = os.path.split(os.path.abspath(path))
-    root, ext = os.path.splitext(name)
-    tmp = os.path.join(folder, f".{root}.tmp-{os.getpid()}{ext}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 #################################################################################
 #                           Sample folders and .npz files                       #
 #################################################################################
@@ -463,7 +451,7 @@ def npz_shape(path):
 
 
 def write_npz_from_pngs(folder, num, path, image_shape, progress=False):
-    """Stream PNGs 000000..num-1 of `folder` into `path` (.npz, arr_0 uint8 (num, H, W, 3)), atomically.
+    """Stream PNGs 000000..num-1 of `folder` into a new `path` (.npz, arr_0 uint8 (num, H, W, 3)), atomically.
 
     Written image by image (no 50k-image array in memory) with a fixed zip timestamp, so the same
     images always give the same bytes. Reads back the header to verify the count.
@@ -492,7 +480,7 @@ def write_npz_from_pngs(folder, num, path, image_shape, progress=False):
                                         f"delete it (or the folder) and rerun")
                 f.write(np.ascontiguousarray(pixels).tobytes())
 
-    atomic_replace(write, path)
+    atomic_write(path, write)  # never replaces: called only when no .npz exists
     if npz_shape(path) != shape:
         raise SamplingError(f"{path} was written but does not hold {shape} uint8 samples")
     return path

@@ -20,19 +20,25 @@ from helpers.sampling import (IndexNoise, SamplingError, clips_denoised, draw_la
 from helpers.vae import decode, load_vae
 
 
-def make_checkpoint(path, model="DiC-Tiny", image_size=16, in_channels=1, num_classes=10, vae="none",
-                    with_ema=True, with_args=True, seed=0):
-    """Our checkpoint format for a tiny random model whose outputs are not all zero.
+def random_model(model="DiC-Tiny", seed=0, **kwargs):
+    """A model whose outputs are not all zero, in eval mode.
 
-    The official init zeroes the output head (eps = 0 everywhere); it is re-drawn here so labels,
-    CFG and the two weight sets change the samples. "ema" differs from "model".
+    The official init zeroes the output head (eps = 0 everywhere); the all-zero parameters are
+    re-drawn here so labels, CFG and the two weight sets change the samples.
     """
     torch.manual_seed(seed)
-    net = create_model(model, input_size=image_size // (1 if vae == "none" else 2),
-                       in_channels=in_channels, num_classes=num_classes)
+    net = create_model(model, **kwargs)
     for p in net.parameters():
         if p.abs().sum() == 0:
             p.data.normal_(0, 0.05)
+    return net.eval()
+
+
+def make_checkpoint(path, model="DiC-Tiny", image_size=16, in_channels=1, num_classes=10, vae="none",
+                    with_ema=True, with_args=True, seed=0):
+    """Our checkpoint format for a tiny random model (see random_model); "ema" differs from "model"."""
+    net = random_model(model, seed, input_size=image_size // (1 if vae == "none" else 2),
+                       in_channels=in_channels, num_classes=num_classes)
     state = net.state_dict()
     checkpoint = {"model": state, "opt": {}}
     if with_ema:
@@ -202,12 +208,8 @@ def test_bare_state_dict_needs_settings_on_the_command_line(tmp_path):
 # ------------------------------------------------------------------ helpers/sampling.py
 
 def tiny_latent_model(seed=0):
-    torch.manual_seed(seed)
-    model = create_model("DiC-Tiny", input_size=8, in_channels=4, num_classes=10)
-    for p in model.parameters():
-        if p.abs().sum() == 0:
-            p.data.normal_(0, 0.05)
-    return model.eval()
+    """DiC-Tiny on 4x8x8 latents, 10 classes."""
+    return random_model(seed=seed, input_size=8, in_channels=4, num_classes=10)
 
 
 @torch.no_grad()
@@ -356,20 +358,10 @@ def test_speed_flags_defaults_and_sample_py_end_to_end(tiny_ckpt, tmp_path):
 
 # ------------------------------------------------------------------ pixel space: clip x0 to [-1, 1]
 
-def tiny_pixel_model():
-    """A 1-channel 8 px pixel-space model whose x0 predictions leave [-1, 1] by far."""
-    torch.manual_seed(0)
-    model = create_model("DiC-Tiny", input_size=8, in_channels=1, num_classes=10)
-    for p in model.parameters():
-        if p.abs().sum() == 0:
-            p.data.normal_(0, 0.05)
-    return model.eval()
-
-
 @torch.no_grad()
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_pixel_space_samples_lie_in_minus_one_one(sampler):
-    model = tiny_pixel_model()
+    model = random_model(input_size=8, in_channels=1, num_classes=10)  # its x0 leaves [-1, 1] by far
     diffusion = create_diffusion("ddim5" if sampler == "ddim" else "5")
     args = argparse.Namespace(image_size=8, sampler=sampler)
     images = generate(model, None, diffusion, make_model_fn(model, 1.0), IndexNoise(0, range(4)),
