@@ -33,6 +33,7 @@ def default_labels(num_classes, log=print):
     return labels
 
 
+@torch.no_grad()  # scoped to the run: in-process callers keep autograd
 def main(args):
     check_common_args(args)
     if not os.path.splitext(args.out)[1]:

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 
+import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -118,6 +119,7 @@ def on_rank0(dist, fn, *fn_args):
     return value
 
 
+@torch.no_grad()  # scoped to the run: in-process callers keep autograd
 def main(args):
     check_common_args(args)
     if args.per_proc_batch_size < 1 or args.num_fid_samples < 1:

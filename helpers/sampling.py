@@ -119,10 +119,9 @@ def parse_with_model_overrides(parser, argv=None):
 
 
 def setup_speed(args, device):
-    """Apply --tf32 and turn gradients off; returns make_model_fn's fast-path keyword arguments
-    (--channels-last auto resolved for `device` by fastpath.default_channels_last)."""
+    """Apply --tf32; returns make_model_fn's fast-path keyword arguments (--channels-last auto
+    resolved for `device` by fastpath.default_channels_last)."""
     configure_tf32(args.tf32)  # True: fast on Ampere+, may change the last bits
-    torch.set_grad_enabled(False)
     return dict(precision=args.precision, channels_last=use_channels_last(args.channels_last, device),
                 compile=bool(args.compile))
 
@@ -141,8 +140,8 @@ def check_common_args(args):
     """Checks that need no checkpoint: fail before any work is done."""
     if args.cfg_scale < 1.0:
         raise SamplingError(f"--cfg-scale must be >= 1 (1 = no guidance), got {args.cfg_scale}")
-    if args.num_sampling_steps < 1:
-        raise SamplingError(f"--num-sampling-steps must be >= 1, got {args.num_sampling_steps}")
+    if args.num_sampling_steps < 2:  # DiT's respaced diffusion has no posterior variance for 1 step
+        raise SamplingError(f"--num-sampling-steps must be >= 2, got {args.num_sampling_steps}")
     if args.model is not None and args.model not in model_names():
         raise SamplingError(f"unknown model {args.model!r}: choose one of {', '.join(model_names())}")
     seed = getattr(args, "seed", getattr(args, "global_seed", 0))

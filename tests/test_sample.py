@@ -158,6 +158,7 @@ def test_ddim_50_calls_the_model_5x_less_than_ddpm_250(tmp_path, monkeypatch):
 @pytest.mark.parametrize("extra, message", [
     (["--model", "DiC-S"], "checkpoint holds DiC-Tiny weights but the model is DiC-S: pass --model DiC-Tiny"),
     (["--cfg-scale", "0.5"], "--cfg-scale must be >= 1 (1 = no guidance), got 0.5"),
+    (["--num-sampling-steps", "1"], "--num-sampling-steps must be >= 2, got 1"),
     (["--class-labels", "3", "10"], "class label 10 is out of range for a 10-class model (valid: 0..9)"),
     (["--model", "DiC-Huge"], "unknown model 'DiC-Huge': choose one of DiC-S, DiC-B, DiC-XL, DiC-H, DiC-Tiny"),
     (["--num-classes", "20"], "checkpoint does not fit DiC-Tiny (input_size=16, in_channels=1, num_classes=20)"),
@@ -392,3 +393,10 @@ def test_latent_space_sampling_is_not_clipped(tiny_vae_dir):
     assert not torch.equal(latents(False), latents(True))
     assert clips_denoised(None) and clips_denoised("none") and not clips_denoised(vae)
     assert not clips_denoised("ema") and not clips_denoised(tiny_vae_dir)
+
+
+def test_main_leaves_autograd_on_for_in_process_callers(tiny_ckpt, tmp_path):
+    assert torch.is_grad_enabled()
+    sample.main(sample.parse_args(["--ckpt", tiny_ckpt, "--class-labels", "1", "--num-sampling-steps", "2",
+                                   "--out", str(tmp_path / "g.png")]))
+    assert torch.is_grad_enabled()
