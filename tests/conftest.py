@@ -66,3 +66,12 @@ def make_image_folder(root, num_classes=2, per_class=4, size=(40, 36), seed=0):
 @pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(tmp_path / "images")
+
+
+@pytest.fixture(autouse=True)
+def _autograd_stays_on():
+    """Fail the test that leaves autograd off: scripts' main() run in-process must not leak it."""
+    yield
+    leaked = not torch.is_grad_enabled()
+    torch.set_grad_enabled(True)
+    assert not leaked, "this test left autograd disabled (torch.set_grad_enabled(False) leaked)"
