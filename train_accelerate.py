@@ -40,9 +40,8 @@ def main(args):
         # option, e.g. `accelerate launch --dynamo_backend inductor`, compiled it already).
         # Autocast is accelerate's (--precision bf16 set mixed_precision above).
         forward = training.training_forward(model, run, autocast=False)
-        mixed = accelerator.mixed_precision
         training.log_fast_path(run, compiled=args.compile or hasattr(model, "_orig_mod"),
-                               precision=args.precision if mixed in (None, "no") else f"{mixed} (accelerate)")
+                               accelerate_precision=accelerator.mixed_precision)
         diffusion, device = run.diffusion, dist_info.device
 
         def train_step(x, y):

@@ -382,14 +382,20 @@ def training_forward(model, run, autocast=True):
     return forward
 
 
-def log_fast_path(run, compiled, precision=None):
-    """One line naming the active fast-path options (and remember them for the checkpoints)."""
-    precision = precision or run.args.precision
+def log_fast_path(run, compiled, accelerate_precision=None):
+    """One line naming the active fast-path options (and remember them for the checkpoints).
+
+    accelerate_precision: accelerate's mixed precision ("bf16", "fp16"; None or "no": none), which
+    then is the precision the forward runs in.
+    """
+    accelerated = accelerate_precision not in (None, "no")
+    precision = accelerate_precision if accelerated else run.args.precision
     run.fast_path = dict(precision=precision, adamw=fastpath.optimizer_implementation(run.opt),
                          ema="foreach", channels_last=run.channels_last, compile=bool(compiled))
+    label = precision + (" (accelerate)" if accelerated else "")
     if precision == "tf32" and run.device.type != "cuda":
-        precision = f"tf32 (plain fp32 on {run.device.type})"
-    run.log.info(fastpath.describe(precision, run.fast_path["adamw"], run.channels_last, compiled, ema="foreach"))
+        label = f"tf32 (plain fp32 on {run.device.type})"
+    run.log.info(fastpath.describe(label, run.fast_path["adamw"], run.channels_last, compiled, ema="foreach"))
 
 
 def capture_rng_state(device):

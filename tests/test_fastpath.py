@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from helpers.fastpath import (adamw_implementation, autocast_context, autocast_forward,
-                              channels_last_input, check_precision, configure_tf32, ema_update,
-                              ema_update_reference, make_adamw, maybe_compile, to_channels_last,
-                              unwrap_compiled)
+                              channels_last_input, check_precision, configure_tf32, contiguous_optimizer_state,
+                              contiguous_state_dict, default_channels_last, describe, ema_update,
+                              ema_update_reference, fused_choice, load_optimizer_state, make_adamw,
+                              maybe_compile, optimizer_implementation, to_channels_last, unwrap_compiled,
+                              use_channels_last)
 from helpers.models import create_model
 
 
@@ -111,6 +113,28 @@ def test_channels_last_gradients_equal_eager():
     create_model("DiC-Tiny", num_classes=10).load_state_dict(fast.state_dict(), strict=True)
 
 
+def test_channels_last_choice_and_contiguous_state_dicts():
+    # auto = off on CPU (measured slower for DiC) and, until measured there, on CUDA
+    assert default_channels_last("cpu") is False and default_channels_last("cuda") is False
+    assert use_channels_last("auto", "cpu") is False and use_channels_last("on", "cpu") is True
+    assert use_channels_last("off", "cuda") is False
+    with pytest.raises(ValueError, match="'auto', 'on' or 'off', got 'yes'"):
+        use_channels_last("yes", "cpu")
+    model = to_channels_last(perturbed("DiC-Tiny", num_classes=10))
+    sd = model.state_dict()
+    assert not all(v.is_contiguous() for v in sd.values())
+    plain = contiguous_state_dict(sd)
+    assert list(plain) == list(sd) and all(v.is_contiguous() and torch.equal(v, sd[k]) for k, v in plain.items())
+    assert all(plain[k] is v for k, v in sd.items() if v.is_contiguous())   # no copy where none is needed
+    opt = make_adamw(model.parameters(), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    state = contiguous_optimizer_state(opt.state_dict())
+    assert state["param_groups"] == opt.state_dict()["param_groups"]
+    assert all(v.is_contiguous() for per in state["state"].values() for v in per.values())
+
+
 def test_channels_last_input_leaves_other_ranks():
     v = torch.randn(3, 5)
     assert channels_last_input(v) is v
@@ -173,6 +197,43 @@ def test_make_adamw_matches_plain_adamw():
 def test_make_adamw_errors():
     with pytest.raises(ValueError, match="fused must be"):
         make_adamw([torch.nn.Parameter(torch.zeros(2))], lr=1e-4, fused="yes")
+
+
+def test_fused_choice_and_describe():
+    assert (fused_choice("auto"), fused_choice("on"), fused_choice("off")) == ("auto", True, False)
+    with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
+        fused_choice(True)
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    assert optimizer_implementation(make_adamw(p, lr=1e-4)) == "fused"
+    assert optimizer_implementation(make_adamw(p, lr=1e-4, fused=False)) == "for-loop"
+    assert optimizer_implementation(torch.optim.AdamW(p, lr=1e-4, foreach=True)) == "foreach"
+    assert (describe("tf32", "fused", False, False)
+            == "fast path: precision tf32, AdamW fused, EMA foreach, channels_last off, compile off")
+
+
+def test_load_optimizer_state_keeps_the_kernel_and_layout():
+    """torch's load_state_dict takes the saved fused/foreach flags; load_optimizer_state keeps the
+    optimizer's own kernel and gives the buffers the parameters' layout; values copied exactly."""
+    base = perturbed("DiC-Tiny", num_classes=10)
+    _, saved_by = _run_adamw(lambda ps: torch.optim.AdamW(ps, lr=1e-3), base, steps=2)   # torch default: for-loop
+    saved = saved_by.state_dict()
+    assert saved["param_groups"][0]["fused"] is None
+
+    plain = torch.optim.AdamW(copy.deepcopy(base).parameters(), lr=1e-3, fused=True)
+    plain.load_state_dict(saved)
+    assert not plain.param_groups[0]["fused"]          # the problem: torch switched kernels
+
+    model = to_channels_last(copy.deepcopy(base))
+    opt = load_optimizer_state(make_adamw(model.parameters(), lr=1e-3), saved)
+    assert opt.param_groups[0]["fused"] is True and optimizer_implementation(opt) == "fused"
+    for i, p in enumerate(model.parameters()):
+        state, ref = opt.state[p], saved["state"][i]
+        assert state["step"].dtype == torch.float32 and state["step"].item() == 2
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[key], ref[key]) and state[key].stride() == p.stride()
+    loop = load_optimizer_state(make_adamw(copy.deepcopy(base).parameters(), lr=1e-3, fused=False),
+                                opt.state_dict())
+    assert optimizer_implementation(loop) == "for-loop" and not loop.param_groups[0]["fused"]
 
 
 # ----------------------------------------------------------------------- EMA ----

@@ -19,6 +19,7 @@ from helpers import training
 from helpers.images import ImageFolderDataset
 from helpers.latents import write_latent
 from helpers.log import read_losses
+from helpers.models import create_model
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 TINY = ["--model", "DiC-Tiny", "--num-workers", "0", "--no-progress"]
@@ -386,3 +387,124 @@ def test_unknown_flags_are_rejected(capsys):
     with pytest.raises(SystemExit) as e:
         training.parse_args(training.build_parser("test"), ["--dataset", "digits", "--modle", "DiC-S"])
     assert e.value.code == 2 and "unrecognised argument '--modle'" in capsys.readouterr().err
+
+
+#################################################################################
+#                                   Fast path                                   #
+#################################################################################
+
+FAST_DEFAULT = {"precision": "tf32", "adamw": "fused", "ema": "foreach", "channels_last": False, "compile": False}
+
+
+def weights_rel_err(a, b):
+    """||a - b|| / ||b|| over every tensor of two state_dicts together."""
+    assert a.keys() == b.keys()
+    diff = sum(((a[k].double() - b[k].double()) ** 2).sum() for k in a)
+    return (diff / sum((b[k].double() ** 2).sum() for k in b)).sqrt().item()
+
+
+def fit(latents, results, *extra, steps=4):
+    """train.main for `steps` steps (checkpoint every 2, loss every step): (last checkpoint, losses, run dir)."""
+    argv = latent_args(latents, results, "--max-steps", steps, "--ckpt-every", "2", "--log-every", "1", *extra)
+    assert call_main(argv) == 0
+    run = only_run(results)
+    return load(os.path.join(run, "checkpoints", f"{steps:07d}.pt")), read_losses(os.path.join(run, "losses.csv"))[1], run
+
+
+def test_fast_path_flags_keep_the_numbers(tmp_path, latents, capsys):
+    """--channels-last on and --fused-adamw off train the same model as the defaults, up to float
+    rounding: 4 steps, every loss and the final model/EMA weights."""
+    base, base_losses, _ = fit(latents, tmp_path / "base")
+    out = capsys.readouterr().out
+    assert ("fast path: precision tf32 (plain fp32 on cpu), AdamW fused, EMA foreach, channels_last off, "
+            "compile off") in out
+    assert base["fast_path"] == FAST_DEFAULT and base["opt"]["param_groups"][0]["fused"] is True
+
+    # channels_last: same math, other summation order. Measured 1e-8 relative on the weights; bound 1e-5.
+    cl, cl_losses, _ = fit(latents, tmp_path / "cl", "--channels-last", "on")
+    assert "AdamW fused, EMA foreach, channels_last on, compile off" in capsys.readouterr().out
+    assert cl["fast_path"] == {**FAST_DEFAULT, "channels_last": True}
+    assert weights_rel_err(cl["model"], base["model"]) < 1e-5
+    assert weights_rel_err(cl["ema"], base["ema"]) < 1e-5
+    np.testing.assert_allclose(cl_losses, base_losses, rtol=1e-5)
+    # ... and its checkpoint is a plain one: default layout, loads exactly into a default model.
+    assert all(v.is_contiguous() for v in cl["model"].values())
+    assert all(v.is_contiguous() for s in cl["opt"]["state"].values() for v in s.values() if torch.is_tensor(v))
+    plain = create_model("DiC-Tiny", **cl["model_kwargs"])
+    plain.load_state_dict(cl["ema"], strict=True)
+    assert all(torch.equal(v, cl["ema"][k]) for k, v in plain.state_dict().items())
+
+    # torch's for-loop AdamW instead of the fused kernel: float rounding only. Measured 6e-9
+    # relative (max |diff| 6e-8) on the weights; bound 1e-6.
+    loop, loop_losses, _ = fit(latents, tmp_path / "loop", "--fused-adamw", "off")
+    assert "AdamW for-loop" in capsys.readouterr().out
+    assert loop["fast_path"] == {**FAST_DEFAULT, "adamw": "for-loop"}
+    assert not loop["opt"]["param_groups"][0]["fused"]
+    assert weights_rel_err(loop["model"], base["model"]) < 1e-6
+    assert weights_rel_err(loop["ema"], base["ema"]) < 1e-6
+    np.testing.assert_allclose(loop_losses, base_losses, rtol=1e-6)
+
+
+def test_channels_last_resume_is_exact_and_old_checkpoints_resume_with_the_fused_kernel(tmp_path, latents, capsys):
+    # channels_last: 2 steps, then --resume auto to 4 (the flag comes from the checkpoint) == 4 in one go.
+    one_go, one_go_losses, _ = fit(latents, tmp_path / "a", "--channels-last", "on")
+    fit(latents, tmp_path / "b", "--channels-last", "on", steps=2)
+    capsys.readouterr()
+    resumed, resumed_losses, _ = fit(latents, tmp_path / "b", "--resume", "auto")
+    assert "channels_last on" in capsys.readouterr().out
+    assert_state_dicts_equal(one_go["model"], resumed["model"])
+    assert_state_dicts_equal(one_go["ema"], resumed["ema"])
+    assert_opt_equal(one_go["opt"], resumed["opt"])
+    assert one_go_losses == resumed_losses
+
+    # A checkpoint written before the fast path (no fast_path field, no fast-path args, optimizer
+    # groups saying fused=None as torch's default AdamW writes them) still resumes, and with the
+    # fused kernel: torch's load_state_dict alone would take the saved flags and run the for-loop
+    # AdamW, which differs from the fused one in the last bits.
+    base, base_losses, base_run = fit(latents, tmp_path / "base")
+    old_results = tmp_path / "old"
+    old_run = old_results / os.path.basename(base_run)
+    os.makedirs(old_run / "checkpoints")
+    old = load(os.path.join(base_run, "checkpoints", "0000002.pt"))
+    del old["fast_path"]
+    for key in ("fused_adamw", "channels_last", "compile"):
+        delattr(old["args"], key)
+    for group in old["opt"]["param_groups"]:
+        group["fused"], group["foreach"] = None, None
+    torch.save(old, old_run / "checkpoints" / "0000002.pt")
+    capsys.readouterr()
+    continued, _, _ = fit(latents, old_results, "--resume", "auto")
+    assert "AdamW fused" in capsys.readouterr().out
+    assert continued["opt"]["param_groups"][0]["fused"] is True
+    assert_state_dicts_equal(continued["model"], base["model"])   # bit for bit: the same kernel as before
+    assert_state_dicts_equal(continued["ema"], base["ema"])
+
+
+@pytest.mark.slow
+def test_compile_two_processes_trains_resumes_and_saves_plain_checkpoints(tmp_path, latents):
+    """--compile with DDP on 2 processes: 2 steps, then resume to 4 (--compile comes from the
+    checkpoint); checkpoint keys as eager (no `_orig_mod.`/`module.`), and the same training as
+    eager up to float rounding (random label dropout drawn from the eager generator; measured
+    ~1e-8 relative on the weights, bound 1e-5)."""
+    common = ["--log-every", "1", "--ckpt-every", "2"]
+    first = run_script(latent_args(latents, tmp_path / "c", *common, "--max-steps", "2", "--compile"), nproc=2)
+    assert first.returncode == 0, first.output
+    assert "AdamW fused, EMA foreach, channels_last off, compile on" in first.stdout
+    resumed = run_script(latent_args(latents, tmp_path / "c", *common, "--max-steps", "4", "--resume", "auto"),
+                         nproc=2)
+    assert resumed.returncode == 0, resumed.output
+    assert "compile on" in resumed.stdout and "Resuming from" in resumed.stdout
+    eager = run_script(latent_args(latents, tmp_path / "e", *common, "--max-steps", "4"), nproc=2)
+    assert eager.returncode == 0, eager.output
+    c = load(os.path.join(only_run(tmp_path / "c"), "checkpoints", "0000004.pt"))
+    e = load(os.path.join(only_run(tmp_path / "e"), "checkpoints", "0000004.pt"))
+    assert c["fast_path"] == {**FAST_DEFAULT, "compile": True}
+    for key in ("model", "ema"):
+        assert list(c[key]) == list(e[key])   # same names, same order
+        assert weights_rel_err(c[key], e[key]) < 1e-5
+    plain = create_model("DiC-Tiny", **c["model_kwargs"])
+    plain.load_state_dict(c["ema"], strict=True)
+    steps_c, losses_c = read_losses(os.path.join(only_run(tmp_path / "c"), "losses.csv"))
+    steps_e, losses_e = read_losses(os.path.join(only_run(tmp_path / "e"), "losses.csv"))
+    assert steps_c == steps_e == [1, 2, 3, 4]
+    np.testing.assert_allclose(losses_c, losses_e, rtol=1e-5)
