@@ -491,6 +491,26 @@ def train_rate(r, basis):
     return r.get("images_per_cpu_s" if basis == "cpu" else "images_per_s")
 
 
+# Dense bf16 tensor-core peaks in TFLOP/s (vendor datasheets), matched against the GPU's name in
+# order (PCIe before the SXM default); --peak-tflops overrides or supplies one for other devices.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0),
+                    ("L40S", 362.0), ("RTX 4090", 165.0))
+
+
+def peak_tflops(res):
+    """The device's dense bf16 peak for MFU, or None when unknown (CPUs unless given)."""
+    given = res["settings"].get("peak_tflops")
+    if given:
+        return given
+    gpu = res["machine"].get("gpu") or ""
+    return next((peak for name, peak in PEAK_BF16_TFLOPS if name in gpu), None)
+
+
+def train_tflops(gmacs, images_per_s):
+    """Achieved training TFLOP/s: forward + backward cost about 3 forwards, 2 FLOPs per MAC."""
+    return 6 * gmacs * images_per_s / 1e3
+
+
 def sample_latency(r, basis, sampler="DDPM-250"):
     s = r.get(sampler, {})
     return s.get("per_image_cpu_s" if basis == "cpu" else "per_image_s")
@@ -525,21 +545,27 @@ def markdown_report(res):
 
     lines += ["### Training throughput", "",
               "| model | params (M) | GMACs | GMACs (paper, 256px) | config | ms/step (wall) | img/s (wall) | "
-              "img/s (CPU time) | vs eager | peak MiB |",
-              "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+              "img/s (CPU time) | vs eager | TFLOP/s (wall) | MFU | peak MiB |",
+              "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    peak = peak_tflops(res)
     for name, r in res["models"].items():
         base = r["train"].get("eager fp32", {})
         for cfg, t in r["train"].items():
             if "error" in t:
-                lines.append(f"| {name} | | | | {cfg} | {t['error']} | | | | |")
+                lines.append(f"| {name} | | | | {cfg} | {t['error']} | | | | | | |")
                 continue
             label = cfg + (f" (first step {t['first_step_s']:.0f} s: compiling)" if t.get("compile") else "")
+            tflops = train_tflops(r["gmacs"], t["images_per_s"])
+            mfu = f"{100 * tflops / peak:.1f}%" if peak else "-"
             lines.append(
                 f"| {name} | {r['params'] / 1e6:.1f} | {r['gmacs']:.2f} | {fmt(r['gmacs_paper'])} | {label} | "
                 f"{t['step_s'] * 1000:.0f} | {t['images_per_s']:.2f} | {fmt(t['images_per_cpu_s'])} | "
-                f"{fmt(ratio(train_rate(t, basis), train_rate(base, basis)))}x | {fmt(t['peak_mib'], '.0f')} |")
+                f"{fmt(ratio(train_rate(t, basis), train_rate(base, basis)))}x | {tflops:.3g} | {mfu} | "
+                f"{fmt(t['peak_mib'], '.0f')} |")
     lines.append("")
-    lines.append(f"`vs eager` = img/s ratio to the same model's eager fp32 row ({by}).")
+    lines.append(f"`vs eager` = img/s ratio to the same model's eager fp32 row ({by}). TFLOP/s = "
+                 f"6 x GMACs x img/s (forward + backward ~ 3 forwards); MFU = TFLOP/s / the device's dense "
+                 f"bf16 peak ({fmt(peak, '.0f')} TFLOP/s; --peak-tflops sets it).")
     lines.append("")
 
     lines += ["### Sampling latency per image", "",
@@ -646,6 +672,8 @@ def parse_args(argv=None):
     p.add_argument("--tf32", choices=["on", "off"], default="on",
                    help="CUDA: TF32 for the fp32 rows (on = the official DiT/DiC training setting)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="dense bf16 peak of the device for the MFU column (default: known GPUs, e.g. H100 989)")
     p.add_argument("--json", default=None, help="also write all numbers to this .json (refuses to overwrite)")
     args = p.parse_args(argv)
 
@@ -743,7 +771,7 @@ def main(argv=None):
     print()
     print(report)
     if args.json:
-        atomic_write_text(args.json, json.dumps(res, indent=2, default=str), overwrite=True)
+        atomic_write_text(args.json, json.dumps(res, indent=2, default=str))
         print(f"\nwrote {args.json}")
 
 

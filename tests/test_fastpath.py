@@ -312,7 +312,8 @@ def test_bench_runs_end_to_end(tmp_path):
     try:
         bench.main(["--models", "DiC-Tiny", "--image-size", "64", "--batch-size", "2", "--warmup", "0",
                     "--iters", "1", "--sample-batch", "1", "--min-sample-steps", "1", "--no-ablation",
-                    "--data-samples", "40", "--data-batch", "16", "--json", str(out)])
+                    "--data-samples", "40", "--data-batch", "16", "--peak-tflops", "0.5",
+                    "--json", str(out)])
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
     res = json.loads(out.read_text())
@@ -324,6 +325,10 @@ def test_bench_runs_end_to_end(tmp_path):
     assert ddpm["extrapolated"] and ddpm["steps"] == 250 and ddpm["timed_steps"] == 3
     assert ddpm["batch_latency_s"] == pytest.approx(ddpm["step_s"] * 250)
     assert len(res["data"]["readers"]) == 4
+    # MFU column: 6 x GMACs x img/s (forward + backward) over the given 0.5 TFLOP/s peak
+    fast = tiny["train"]["fast"]
+    tflops = 6 * tiny["gmacs"] * fast["images_per_s"] / 1e3
+    assert f"| {tflops:.3g} | {100 * tflops / 0.5:.1f}% |" in res["markdown"]
     assert "extrapolated" in res["markdown"] and "### Latent loading" in res["markdown"]
     with pytest.raises(SystemExit):  # never overwrites a results file
         bench.main(["--models", "DiC-Tiny", "--json", str(out)])
