@@ -47,6 +47,18 @@ def _parse_value(text):
         return text
 
 
+def parse_args_with_overrides(parser, argv=None):
+    """`parser.parse_known_args` plus the official `--network_g__key=value` model overrides.
+
+    Returns (args, overrides); any other leftover argument is reported by `parser.error` (exit 2).
+    """
+    args, extra = parser.parse_known_args(argv)
+    try:
+        return args, parse_model_overrides(extra)
+    except ValueError as e:
+        parser.error(str(e))
+
+
 def parse_model_overrides(extra_args):
     """Turn leftover `--network_g__key=value` arguments into constructor keywords.
 

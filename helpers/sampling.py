@@ -27,7 +27,7 @@ from helpers.checkpoint import (CheckpointError, extract_state_dict, load_checkp
 from helpers.files import atomic_write
 from helpers.fastpath import (autocast_forward, channels_last_input, configure_tf32, maybe_compile,
                               to_channels_last, use_channels_last)
-from helpers.models import create_model, model_names, parse_model_overrides
+from helpers.models import create_model, model_names, parse_args_with_overrides
 from helpers.vae import decode, downsample_factor, latent_channels, load_vae
 
 # The labels DiT's sample.py conditions on (ImageNet ids).
@@ -110,11 +110,8 @@ def run_cli(main, parse_args):
 
 def parse_with_model_overrides(parser, argv=None):
     """Parse flags; leftover official --network_g__key=value overrides become args.model_kwargs."""
-    args, extra = parser.parse_known_args(argv)
-    try:
-        args.model_kwargs = parse_model_overrides(extra)
-    except ValueError as e:
-        parser.error(str(e))
+    args, overrides = parse_args_with_overrides(parser, argv)
+    args.model_kwargs = overrides
     return args
 
 

@@ -40,7 +40,7 @@ from helpers.distributed import barrier, broadcast_object, is_distributed, seed_
 from helpers.images import BUILTIN_DATASETS, ImageFolderDataset, builtin_dataset, collate_skip_none
 from helpers.latents import LatentFeatureDataset
 from helpers.log import LossFile, RunLogger, ThroughputMeter
-from helpers.models import create_model, is_dit, model_names, parse_model_overrides
+from helpers.models import create_model, is_dit, model_names, parse_args_with_overrides
 from helpers.vae import encode, latent_channels, load_vae
 
 CHECKPOINT_FORMAT = "dic-train-1"
@@ -133,15 +133,12 @@ _UNSET = object()
 
 def parse_args(parser, argv=None):
     """Parse known flags plus `--network_g__key=value` overrides; remember which flags were given."""
-    args, extra = parser.parse_known_args(argv)
-    try:
-        args.model_overrides = parse_model_overrides(extra)
-    except ValueError as e:
-        parser.error(str(e))
+    args, overrides = parse_args_with_overrides(parser, argv)
+    args.model_overrides = overrides
     probe = argparse.Namespace(**{a.dest: _UNSET for a in parser._actions if a.dest != "help"})
     probe, _ = parser.parse_known_args(argv, namespace=probe)
     args.explicit = sorted(k for k, v in vars(probe).items() if v is not _UNSET)
-    if extra:
+    if args.model_overrides:
         args.explicit.append("model_overrides")
     return args
 

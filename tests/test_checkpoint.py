@@ -132,3 +132,16 @@ def test_atomic_write_keeps_the_extension_and_leaves_nothing_on_failure(tmp_path
     assert (tmp_path / "c.txt").read_text(encoding="utf-8") == "héllo\n"
     with pytest.raises(FileExistsError, match="c.txt already exists"):
         atomic_write_text(tmp_path / "c.txt", "other")
+
+
+def test_scripts_parse_official_overrides_and_reject_other_leftovers(capsys):
+    import argparse
+    from helpers.models import parse_args_with_overrides
+    parser = argparse.ArgumentParser(prog="train.py")
+    parser.add_argument("--model", default="DiC-S")
+    args, overrides = parse_args_with_overrides(parser, ["--model", "DiC-B", "--network_g__skip_stride=2"])
+    assert args.model == "DiC-B" and overrides == {"skip_stride": 2}
+    with pytest.raises(SystemExit) as info:
+        parse_args_with_overrides(parser, ["--modle", "DiC-B"])
+    assert info.value.code == 2
+    assert "unrecognised argument '--modle'" in capsys.readouterr().err
