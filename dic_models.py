@@ -418,30 +418,40 @@ class DiC(nn.Module):
         return x
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels=None):
-        """
-        Forward with classifier-free guidance. The batch is [conditional half; same latents with
-        the null label]. guide_channels: None = official (first min(3, in_channels) channels, as
-        DiT/DiC do "for exact reproducibility"); an int or "all" = that many / every latent channel.
-        """
-        if guide_channels is None:
-            guide_channels = min(3, self.in_channels)
-        elif guide_channels == "all":
-            guide_channels = self.in_channels
-        elif isinstance(guide_channels, bool) or not isinstance(guide_channels, int) \
-                or not 1 <= guide_channels <= self.in_channels:
-            raise ValueError(
-                f"guide_channels must be None, 'all' or an int in 1..{self.in_channels}, got {guide_channels!r}"
-            )
-        if x.shape[0] % 2:
-            raise ValueError(f"forward_with_cfg needs an even batch [cond; uncond], got {x.shape[0]} rows")
-        half = x[: len(x) // 2]
-        combined = torch.cat([half, half], dim=0)
-        model_out = self.forward(combined, t, y)                  # (N, out_channels, H, W)
-        eps, rest = model_out[:, :guide_channels], model_out[:, guide_channels:]
-        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        eps = torch.cat([half_eps, half_eps], dim=0)
-        return torch.cat([eps, rest], dim=1)
+        """Forward with classifier-free guidance; see `guided_forward`."""
+        return guided_forward(self, x, t, y, cfg_scale, guide_channels)
+
+
+def guided_forward(model, x, t, y, cfg_scale, guide_channels=None):
+    """
+    Classifier-free guidance as DiT/DiC's forward_with_cfg (shared by dit_models). The batch is
+    [conditional half; same latents with the null label]; only the first half of x is used.
+    guide_channels: None = official (first min(3, in_channels) channels, as DiT/DiC do "for exact
+    reproducibility"); an int or "all" = that many / every latent channel. Channels that are not
+    guided (and the variance channels) pass through from the model output.
+    """
+    in_channels = model.in_channels
+    if model.class_dropout_prob <= 0:
+        raise ValueError("classifier-free guidance needs a null-label row: build the model with "
+                         "class_dropout_prob > 0")
+    if guide_channels is None:
+        guide_channels = min(3, in_channels)
+    elif guide_channels == "all":
+        guide_channels = in_channels
+    elif isinstance(guide_channels, bool) or not isinstance(guide_channels, int) \
+            or not 1 <= guide_channels <= in_channels:
+        raise ValueError(f"guide_channels must be None, 'all' or an int in 1..{in_channels}, "
+                         f"got {guide_channels!r}")
+    if x.shape[0] % 2:
+        raise ValueError(f"forward_with_cfg needs an even batch [cond; uncond], got {x.shape[0]} rows")
+    half = x[: len(x) // 2]
+    combined = torch.cat([half, half], dim=0)
+    model_out = model.forward(combined, t, y)                # (N, out_channels, H, W)
+    eps, rest = model_out[:, :guide_channels], model_out[:, guide_channels:]
+    cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+    half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+    eps = torch.cat([half_eps, half_eps], dim=0)
+    return torch.cat([eps, rest], dim=1)
 
 
 #################################################################################

@@ -151,6 +151,7 @@ class DiT(nn.Module):
         self.learn_sigma = learn_sigma
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.num_classes = num_classes
+        self.class_dropout_prob = class_dropout_prob
         self.num_heads = num_heads
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
@@ -227,32 +228,9 @@ class DiT(nn.Module):
         return self.unpatchify(x)                 # (N, out_channels, H, W)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels=None):
-        """Batched conditional + unconditional pass with classifier-free guidance on the eps channels.
-
-        The batch is [conditional half; the same latents with the null label]; only the first half of x is
-        used. guide_channels=None is DiT's default, min(3, in_channels) channels guided (for exact
-        reproducibility of its samples); an int g guides channels [0, g); "all" guides all in_channels.
-        Output channels that are not guided pass through from the model output.
-        """
-        if self.y_embedder.embedding_table.num_embeddings <= self.num_classes:
-            raise ValueError("classifier-free guidance needs a null-label row: build with class_dropout_prob > 0")
-        if guide_channels is None:
-            guide_channels = min(3, self.in_channels)
-        elif guide_channels == "all":
-            guide_channels = self.in_channels
-        elif isinstance(guide_channels, bool) or not isinstance(guide_channels, int) \
-                or not 1 <= guide_channels <= self.in_channels:
-            raise ValueError(
-                f"guide_channels must be None, 'all' or an int in [1, {self.in_channels}], got {guide_channels!r}"
-            )
-        half = x[: len(x) // 2]
-        combined = torch.cat([half, half], dim=0)
-        model_out = self.forward(combined, t, y)                                 # (N, out_channels, H, W)
-        eps, rest = model_out[:, :guide_channels], model_out[:, guide_channels:]
-        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        eps = torch.cat([half_eps, half_eps], dim=0)
-        return torch.cat([eps, rest], dim=1)                                     # (N, out_channels, H, W)
+        """Forward with classifier-free guidance, DiT's official 3-channel form by default;
+        see dic_models.guided_forward (one implementation for both families)."""
+        return dic_models.guided_forward(self, x, t, y, cfg_scale, guide_channels)
 
 
 #################################################################################
