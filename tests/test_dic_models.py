@@ -546,3 +546,11 @@ def test_dic_tiny_cpu_step_time():
         opt.step()
         times.append(time.perf_counter() - t0)
     assert min(times[1:]) < 0.2
+
+
+def test_guidance_without_a_null_label_row_is_refused():
+    model = DiC_Tiny(num_classes=10, class_dropout_prob=0.0)
+    assert model.y_embedder_ls[0].embedding_table.num_embeddings == 10   # no null row to guide with
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.raises(ValueError, match="null-label row: build the model with class_dropout_prob > 0"):
+        model.forward_with_cfg(x, torch.tensor([1, 1]), torch.tensor([3, 10]), 4.0)
