@@ -254,17 +254,22 @@ def main(args):
     barrier()
 
     # Blocks of --batch-size consecutive indices; rank r takes blocks r, r+W, r+2W, ...
-    # A block is encoded whole if any of its wanted files is missing.
+    # A block is encoded whole if any of its wanted files is missing; `missing` (column 0 plain,
+    # 1 flipped) records which, so the files are checked once here and only those are written.
     blocks = BlockDataset(images, args.batch_size)
     names = [plain_name] + ([flip_name] if args.flip else [])
+    missing = np.zeros((num_images, len(names)), dtype=bool)
     todo_blocks, todo_images, present = [], 0, 0
     for block in range(info.rank, len(blocks), info.world_size):
         start = block * args.batch_size
         wanted = range(start, min(start + args.batch_size, num_images))
-        missing = sum(not all(pair_is_complete(args.features_path, name(i), latent_shape, prefix)
-                              for name in names) for i in wanted)
-        present += len(wanted) - missing
-        if missing:
+        for i in wanted:
+            for variant, name in enumerate(names):
+                missing[i, variant] = not pair_is_complete(args.features_path, name(i),
+                                                           latent_shape, prefix)
+        incomplete = int(missing[wanted.start:wanted.stop].any(axis=1).sum())
+        present += len(wanted) - incomplete
+        if incomplete:
             todo_blocks.append(block)
             todo_images += len(wanted)
 
@@ -286,16 +291,16 @@ def main(args):
             gens = [image_generator(args.global_seed, i, flipped) for i in indices]
             latents = encode(vae, batch, generator=gens).float().cpu()   # (n, C, H/f, W/f)
             for index, latent, label in zip(indices, latents, labels):
-                name = flip_name(index) if flipped else str(index)
-                if index >= num_images or pair_is_complete(args.features_path, name,
-                                                           latent_shape, prefix):
+                if index >= num_images or not missing[index, int(flipped)]:
                     continue
-                write_latent(args.features_path, name, latent, label, prefix=prefix)
+                write_latent(args.features_path, names[int(flipped)](index), latent, label,
+                             prefix=prefix)
                 counts["flipped" if flipped else "encoded"] += 1
     progress.close()
 
+    # On the job's device: NCCL (GPU jobs) reduces CUDA tensors only.
     totals = torch.tensor([counts["encoded"], counts["flipped"], present, counts["corrupt"]],
-                          dtype=torch.int64)
+                          dtype=torch.int64, device=info.device)
     if is_distributed():
         dist.all_reduce(totals, op=dist.ReduceOp.SUM)
     encoded, flipped, present, corrupt = totals.tolist()
