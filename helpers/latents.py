@@ -71,7 +71,13 @@ def _list_npy(folder):
 #################################################################################
 
 def _atomic_npy(array, path):
-    """np.save to a hidden temp file beside `path`, then rename: readers never see half a file."""
+    """np.save to a hidden temp file beside `path`, then rename: readers never see half a file.
+
+    Not helpers.files.atomic_write, on purpose: no fsync per file (an extraction writes two
+    small files per image, millions for ImageNet; a file a crash left short fails
+    pair_is_complete's size check and is rewritten on resume), and the temp name starts with
+    TMP_PREFIX, which remove_partial_files clears after a killed run.
+    """
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, f"{TMP_PREFIX}{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
     try:
@@ -152,16 +158,18 @@ def remove_partial_files(root, prefix):
 #                                   Reading                                     #
 #################################################################################
 
-def _npy_shape(path):
-    """Shape stored in a .npy header, without reading the data."""
+def _npy_header(path, what, hint):
+    """(shape, Fortran order, dtype, data offset) of a .npy file, reading only its header; a
+    one-line ValueError "<what> file <path> cannot be read (...): <hint>" if it is not one."""
     try:
         with open(path, "rb") as f:
             major, _ = np.lib.format.read_magic(f)
             read_header = (np.lib.format.read_array_header_1_0 if major == 1
                            else np.lib.format.read_array_header_2_0)
-            return tuple(read_header(f)[0])
+            shape, fortran, dtype = read_header(f)
+            return tuple(shape), fortran, dtype, f.tell()
     except (OSError, ValueError) as e:
-        raise ValueError(f"latent file {path} cannot be read ({e}): is it a .npy file?") from e
+        raise ValueError(f"{what} file {path} cannot be read ({e}): {hint}") from e
 
 
 def _load_npy(path):
@@ -199,22 +207,6 @@ def find_packed_prefixes(root):
                   if e.is_dir() and e.name.endswith(PACKED_SUFFIX) and not e.name.startswith("."))
 
 
-def _npy_header(path):
-    """(shape, dtype, data offset) of a .npy file, reading only its header."""
-    try:
-        with open(path, "rb") as f:
-            major, _ = np.lib.format.read_magic(f)
-            read_header = (np.lib.format.read_array_header_1_0 if major == 1
-                           else np.lib.format.read_array_header_2_0)
-            shape, fortran, dtype = read_header(f)
-            if fortran:
-                raise ValueError("Fortran order")
-            return tuple(shape), dtype, f.tell()
-    except (OSError, ValueError) as e:
-        raise ValueError(f"packed file {path} cannot be read ({e}): re-run convert_features.py "
-                         f"into another folder") from e
-
-
 def read_packed_info(folder):
     """Check a packed set folder (files present, headers and sizes as info.json says) without
     reading the data; returns its info dict. One-line ValueError for anything wrong."""
@@ -239,7 +231,11 @@ def read_packed_info(folder):
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             raise ValueError(f"packed latent folder {folder} lacks {name}: delete it and convert again")
-        got_shape, dtype, offset = _npy_header(path)
+        got_shape, fortran, dtype, offset = _npy_header(
+            path, "packed", "re-run convert_features.py into another folder")
+        if fortran:     # rows of a Fortran-order memory map are not the latents
+            raise ValueError(f"packed file {path} cannot be read (Fortran order): re-run "
+                             f"convert_features.py into another folder")
         if got_shape != want_shape or dtype != want_dtype:
             raise ValueError(f"packed file {path} holds {dtype} {got_shape}, but {PACKED_INFO} says "
                              f"{want_dtype} {want_shape}: delete {folder} and convert again")
@@ -345,7 +341,7 @@ class LatentFeatureDataset(Dataset):
                              f"files pair by name, so re-run the extraction or remove the strays")
         self._names = sorted(features, key=_natural_key)
         first = os.path.join(self.features_dir, self._names[0])
-        shape = _npy_shape(first)
+        shape = _npy_header(first, "latent", "is it a .npy file?")[0]
         if len(shape) not in (3, 4) or (len(shape) == 4 and shape[0] != 1):
             raise ValueError(f"latent file {first} has shape {shape}: expected "
                              f"(1, C, H, W) or (C, H, W)")
