@@ -684,7 +684,7 @@ def prepare(args, dist_info, log=None):
                    sampler=sampler, loader=loader, local_batch=local_batch,
                    steps_per_epoch=len(dataset) // args.global_batch_size,
                    step=0, epoch=0, batch_in_epoch=0, loss_sum=0.0, loss_steps=0, skipped=0,
-                   resume_path=resume_path, resume_state=None, last_saved=None, last_good=None, start_sample=0,
+                   resume_path=resume_path, resume_state=None, last_saved=None, start_sample=0,
                    loss_file=LossFile(os.path.join(run_dir, "losses.csv")) if dist_info.is_main else None)
     _describe(run)
     if checkpoint is not None:
@@ -755,11 +755,15 @@ def _position(run):
     return run.epoch, run.batch_in_epoch
 
 
+def _checkpoint_path(run, step):
+    return os.path.join(run.checkpoint_dir, f"{step:07d}.pt")
+
+
 def save_checkpoint(run, scaler=None):
     """Gather every process's RNG state; rank 0 writes `<run>/checkpoints/<step:07d>.pt` atomically
     (never over an existing file); everyone waits at a barrier. Returns the path."""
     states = gather_objects(capture_rng_state(run.device), run.dist.world_size)
-    path = os.path.join(run.checkpoint_dir, f"{run.step:07d}.pt")
+    path = _checkpoint_path(run, run.step)
     if run.dist.is_main:
         epoch, batch_in_epoch = _position(run)
         checkpoint = {
@@ -786,7 +790,6 @@ def save_checkpoint(run, scaler=None):
         atomic_save(checkpoint, path)
         run.log.info(f"Saved checkpoint to {path}")
     run.last_saved = run.step
-    run.last_good = path
     barrier()
     return path
 
@@ -836,8 +839,6 @@ def train(run, train_step, scaler=None):
             seed_everything(derive_seed(args.global_seed, run.step, run.dist.rank))
     else:
         fastpath.ema_update(run.ema, run.model, decay=0)   # EMA starts as the (now synced) initial weights
-        run.start_sample = 0
-    run.last_good = os.path.join(run.checkpoint_dir, f"{run.step:07d}.pt") if run.last_saved is not None else None
     run.model.train()
     run.ema.eval()
 
@@ -851,7 +852,7 @@ def train(run, train_step, scaler=None):
     bar = _progress_bar(run)
     log.set_progress(bar)
     meter = ThroughputMeter(device)
-    stats = torch.zeros(3, device=device)
+    stats = torch.zeros(2, device=device)
     try:
         while run.step < target:
             run.sampler.set_epoch(run.epoch, start=run.start_sample)
@@ -874,19 +875,24 @@ def train(run, train_step, scaler=None):
 
                 run.step += 1
                 run.batch_in_epoch += 1
-                # Loss averaged over processes, images and corrupt skips summed: one all_reduce per step.
+                # Loss summed over processes, corrupt skips counted: one 2-float all_reduce and one
+                # host sync per step, kept on purpose. The NaN stop needs this step's loss on every
+                # process at once: a rank that stopped alone would leave the others hanging in
+                # DDP's next all_reduce, and a stop found only at log time could save NaN weights
+                # first. It is small next to a training step.
                 stats[0] = loss.detach().float()
-                stats[1] = x.shape[0]
-                stats[2] = run.local_batch - x.shape[0]
+                stats[1] = run.local_batch - x.shape[0]
                 if is_distributed():
                     dist.all_reduce(stats)
-                loss_value = stats[0].item() / world_size
+                loss_sum, skipped = stats.tolist()
+                loss_value = loss_sum / world_size
                 if not math.isfinite(loss_value):
-                    last = (f"last good checkpoint: {run.last_good}" if run.last_good
-                            else "no checkpoint was saved yet")
+                    last = (f"last good checkpoint: {_checkpoint_path(run, run.last_saved)}"
+                            if run.last_saved is not None else "no checkpoint was saved yet")
                     raise NonFiniteLoss(f"loss became {loss_value} at step {run.step}; {last} (resume it "
                                         f"with --resume, e.g. with a lower --lr or --grad-clip)")
-                images, skipped = int(stats[1].item()), int(stats[2].item())
+                skipped = int(skipped)
+                images = args.global_batch_size - skipped
                 run.loss_sum += loss_value
                 run.loss_steps += 1
                 run.skipped += skipped
