@@ -182,11 +182,18 @@ def time_calls(fn, device, warmup, iters):
 #                                   Configs                                     #
 #################################################################################
 
-def _fast_with_other_layout(fast):
-    """Ablation row name and settings: the fast path with the other memory format."""
-    if fast["channels_last"]:
-        return "fast without channels_last", {**fast, "channels_last": False}
-    return "fast + channels_last", {**fast, "channels_last": True}
+def _add_fast_rows(configs, fast, args):
+    """The rows training and sampling share, after their eager ones: (ablation) the fast path
+    with the other memory format, then fast, then (--compile) fast + compile."""
+    if args.ablation:
+        if fast["channels_last"]:
+            configs["fast without channels_last"] = {**fast, "channels_last": False}
+        else:
+            configs["fast + channels_last"] = {**fast, "channels_last": True}
+    configs["fast"] = fast
+    if args.compile:
+        configs["fast + compile"] = {**fast, "compile": True}
+    return configs
 
 
 def train_configs(args):
@@ -200,25 +207,14 @@ def train_configs(args):
         configs["+channels_last"] = {**eager, "channels_last": True}
         configs["+bf16"] = {**eager, "precision": "bf16"}
         configs["+fused AdamW, foreach EMA"] = {**eager, "fused_adamw": True, "foreach_ema": True}
-        label, other = _fast_with_other_layout(fast)
-        configs[label] = other
-    configs["fast"] = fast
-    if args.compile:
-        configs["fast + compile"] = {**fast, "compile": True}
-    return configs
+    return _add_fast_rows(configs, fast, args)
 
 
 def sample_configs(args):
     """eager fp32 vs fast (bf16 autocast, channels_last per --channels-last) [+ compile]."""
     fast = dict(precision="bf16", channels_last=args.fast_channels_last, compile=False)
     configs = {"eager fp32": dict(precision="fp32", channels_last=False, compile=False)}
-    if args.ablation:
-        label, other = _fast_with_other_layout(fast)
-        configs[label] = other
-    configs["fast"] = fast
-    if args.compile:
-        configs["fast + compile"] = {**fast, "compile": True}
-    return configs
+    return _add_fast_rows(configs, fast, args)
 
 
 #################################################################################
