@@ -28,7 +28,7 @@ from helpers.files import atomic_write
 from helpers.fastpath import (autocast_forward, channels_last_input, configure_tf32, maybe_compile,
                               to_channels_last, use_channels_last)
 from helpers.models import create_model, model_names, parse_args_with_overrides
-from helpers.vae import decode, downsample_factor, latent_channels, load_vae
+from helpers.vae import decode, downsample_factor, latent_channels, load_vae, to_uint8
 
 # The labels DiT's sample.py conditions on (ImageNet ids).
 DIT_DEFAULT_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
@@ -415,8 +415,9 @@ def generate(model, vae, diffusion, model_fn, noise, labels, args, device, progr
 
 
 def to_uint8_rgb(images):
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, 3) uint8 numpy with DiT's rounding; grey repeated to RGB."""
-    images = torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8)
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, 3) uint8 numpy with DiT's rounding (helpers.vae.to_uint8);
+    grey repeated to RGB, as the .npz batches of the metrics are RGB."""
+    images = to_uint8(images)
     if images.shape[-1] == 1:
         images = images.repeat(1, 1, 1, 3)
     return images.numpy()
