@@ -27,6 +27,7 @@ from helpers.checkpoint import (CheckpointError, extract_state_dict, load_checkp
 from helpers.files import atomic_write
 from helpers.fastpath import (autocast_forward, channels_last_input, configure_tf32, maybe_compile,
                               to_channels_last, use_channels_last)
+from helpers.images import BUILTIN_DATASETS
 from helpers.models import create_model, model_names, parse_args_with_overrides
 from helpers.vae import decode, downsample_factor, latent_channels, load_vae, to_uint8
 
@@ -139,8 +140,8 @@ def check_common_args(args):
         raise SamplingError(f"--cfg-scale must be >= 1 (1 = no guidance), got {args.cfg_scale}")
     if args.num_sampling_steps < 2:  # DiT's respaced diffusion has no posterior variance for 1 step
         raise SamplingError(f"--num-sampling-steps must be >= 2, got {args.num_sampling_steps}")
-    if args.model is not None and args.model not in model_names():
-        raise SamplingError(f"unknown model {args.model!r}: choose one of {', '.join(model_names())}")
+    if args.model is not None:
+        check_model_name(args.model)
     seed = getattr(args, "seed", getattr(args, "global_seed", 0))
     if seed < 0:
         raise SamplingError(f"the seed must be >= 0, got {seed}")
@@ -175,17 +176,8 @@ def _saved_in_channels(saved):
         if isinstance(saved.get(key), int):
             return saved[key]
     dataset = saved.get("dataset")
-    if isinstance(dataset, str):
-        try:
-            from helpers.images import BUILTIN_DATASETS
-        except ImportError:
-            return None
-        info = BUILTIN_DATASETS.get(dataset)
-        if isinstance(info, dict):
-            return info.get("channels")
-        if isinstance(info, (tuple, list)) and info:
-            return info[0]
-    return None
+    info = BUILTIN_DATASETS.get(dataset) if isinstance(dataset, str) else None  # (channels, side, classes)
+    return info[0] if info else None
 
 
 def _saved_model_kwargs(saved):
@@ -225,13 +217,17 @@ def resolve_settings(args, checkpoint, state_dict, log=print):
                 weight = state_dict.get("x_embedder.proj.weight")
                 args.in_channels = int(weight.shape[1]) if weight is not None and weight.ndim == 4 else 3
     args.model_kwargs = {**_saved_model_kwargs(saved), **getattr(args, "model_kwargs", {})}
-    if args.model not in model_names():
-        raise SamplingError(f"unknown model {args.model!r}: choose one of {', '.join(model_names())}")
+    check_model_name(args.model)
     for label in getattr(args, "class_labels", None) or []:
         check_label(label, args.num_classes)
     if taken and log is not None:
         log(f"Using the checkpoint's training settings: {' '.join(taken)} (pass them to override)")
     return args
+
+
+def check_model_name(name):
+    if name not in model_names():
+        raise SamplingError(f"unknown model {name!r}: choose one of {', '.join(model_names())}")
 
 
 def check_label(label, num_classes):
