@@ -184,10 +184,6 @@ def finish_packed(args, prefix):
     print(f"packed into {final}", flush=True)
 
 
-def write_metadata(path, meta):
-    atomic_write_text(path, json.dumps(meta, indent=1), overwrite=True)
-
-
 #################################################################################
 #                                    Main                                       #
 #################################################################################
@@ -241,7 +237,7 @@ def main(args):
             error = check_packed(args.features_path, prefix, args.packed)
         if error is None:
             os.makedirs(args.features_path, exist_ok=True)
-            write_metadata(meta_path, meta)
+            atomic_write_text(meta_path, json.dumps(meta, indent=1), overwrite=True)
             for folder in layout_dirs(args.features_path, prefix):
                 os.makedirs(folder, exist_ok=True)
             removed = remove_partial_files(args.features_path, prefix)
