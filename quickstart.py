@@ -52,8 +52,8 @@ def train_model(args):
 @torch.no_grad()
 def sample_every_class(checkpoint_path, args):
     """(images (N, C, H, W) in [-1, 1], labels (N,)): --samples-per-class of each class, class-major."""
-    from helpers.sampling import (IndexNoise, build_model, make_diffusion, make_model_fn,
-                                  read_checkpoint, resolve_settings, generate)
+    from helpers.sampling import (build_model, generate, grid_noise, make_diffusion, make_model_fn,
+                                  read_checkpoint, resolve_settings)
     settings = argparse.Namespace(
         ckpt=checkpoint_path, weights="ema", model=None, image_size=None, num_classes=None, vae=None,
         in_channels=None, model_kwargs={}, cfg_scale=args.cfg_scale, sampler=args.sampler,
@@ -63,8 +63,7 @@ def sample_every_class(checkpoint_path, args):
     model, vae = build_model(settings, state_dict, torch.device("cpu"))
     diffusion = make_diffusion(model, settings.sampler, settings.num_sampling_steps)
     labels = torch.arange(settings.num_classes).repeat_interleave(args.samples_per_class)
-    noise = IndexNoise(args.seed, range(len(labels)))
-    noise.labels(settings.num_classes)  # keep sample.py's per-index noise stream
+    noise = grid_noise(args.seed, len(labels), settings.num_classes)  # sample.py's per-index noise
     model_fn = make_model_fn(model, settings.cfg_scale, settings.guide_channels)
     images = generate(model, vae, diffusion, model_fn, noise, labels, settings, torch.device("cpu"),
                       progress=sys.stdout.isatty())

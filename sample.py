@@ -18,9 +18,9 @@ from torchvision.utils import save_image
 
 from helpers.distributed import setup_distributed
 from helpers.files import atomic_write
-from helpers.sampling import (DIT_DEFAULT_LABELS, IndexNoise, SamplingError, add_model_args,
-                              add_sampler_args, add_speed_args, build_model, check_common_args,
-                              generate, make_diffusion, make_model_fn, parse_with_model_overrides,
+from helpers.sampling import (DIT_DEFAULT_LABELS, SamplingError, add_model_args, add_sampler_args,
+                              add_speed_args, build_model, check_common_args, generate, grid_noise,
+                              make_diffusion, make_model_fn, parse_with_model_overrides,
                               read_checkpoint, resolve_settings, run_cli, setup_speed)
 
 
@@ -53,10 +53,8 @@ def main(args):
     model, vae = build_model(args, state_dict, device)
     diffusion = make_diffusion(model, args.sampler, args.num_sampling_steps)
 
-    # Per-sample noise: sample j draws from a generator seeded by (seed, j). Its random label is
-    # drawn and discarded so the noise stream is the same as in sample_ddp.py.
-    noise = IndexNoise(args.seed, range(len(labels)))
-    noise.labels(args.num_classes)
+    # Per-sample noise: sample j draws from a generator seeded by (seed, j), as in sample_ddp.py.
+    noise = grid_noise(args.seed, len(labels), args.num_classes)
     y = torch.tensor(labels, dtype=torch.long)
     model_fn = make_model_fn(model, args.cfg_scale, args.guide_channels, **speed)
     samples = generate(model, vae, diffusion, model_fn, noise, y, args, device, progress=True)

@@ -306,6 +306,14 @@ class IndexNoise:
         return self._pad([torch.randn(shape, generator=g) for g in self.generators]).to(device)
 
 
+def grid_noise(seed, count, num_classes):
+    """IndexNoise for images 0..count-1 whose labels the caller chooses: each index's random label
+    is drawn and discarded, so image j gets the same noise stream as image j of sample_ddp.py."""
+    noise = IndexNoise(seed, range(count))
+    noise.labels(num_classes)
+    return noise
+
+
 def draw_labels(noise, num_classes, balanced=False):
     """Labels for noise's rows. The random draw happens even when `balanced`, so switching
     --balanced-classes changes labels only, never the noise of an index."""
