@@ -42,7 +42,9 @@ def main(args):
         raise SamplingError(f"{args.out} already exists: pass --overwrite to replace it, or another --out")
     if args.nrow < 1:
         raise SamplingError(f"--nrow must be >= 1, got {args.nrow}")
-    device = setup_distributed().device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would write the same --out
+        raise SamplingError("sample.py runs as one process: use sample_ddp.py under torchrun")
+    device = setup_distributed().device  # this node's GPU (LOCAL_RANK) under a 1-process torchrun
     speed = setup_speed(args, device)  # --tf32, --precision, --channels-last, --compile
 
     # Load the model (EMA weights by default) and the VAE:

@@ -400,3 +400,12 @@ def test_main_leaves_autograd_on_for_in_process_callers(tiny_ckpt, tmp_path):
     sample.main(sample.parse_args(["--ckpt", tiny_ckpt, "--class-labels", "1", "--num-sampling-steps", "2",
                                    "--out", str(tmp_path / "g.png")]))
     assert torch.is_grad_enabled()
+
+
+def test_several_processes_are_refused_before_any_work(tiny_ckpt, tmp_path, monkeypatch):
+    """Under a many-process torchrun every rank would write the same --out: sample_ddp.py's job."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "g.png"
+    with pytest.raises(SamplingError, match="sample.py runs as one process: use sample_ddp.py"):
+        sample.main(sample.parse_args(["--ckpt", tiny_ckpt, "--out", str(out)]))
+    assert not out.exists()
