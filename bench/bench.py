@@ -401,6 +401,7 @@ def bench_data(args):
             np.save(os.path.join(feat_dir, file_name), latents[i])   # (1, 4, L, L) float32
             np.save(os.path.join(label_dir, file_name), labels[i])   # (1,) int64
         write_files_s = time.perf_counter() - t0
+        bytes_per_file = os.path.getsize(os.path.join(feat_dir, names[0]))   # header + 4*L*L float32
         # Packed: plain numpy (helpers/latents.py owns the repo's real packed format, if any)
         t0 = time.perf_counter()
         np.save(os.path.join(root, "latents.npy"), latents.reshape(num, 4, L, L))
@@ -459,7 +460,7 @@ def bench_data(args):
             print(f"  data  {label}: {num / seconds:,.0f} samples/s", flush=True)
     return dict(samples=num, batch=batch, write_per_file_s=write_files_s, write_packed_s=write_packed_s,
                 pack_latents_s=write_repo_packed_s,
-                bytes_per_file=16384 + 128, readers=results,
+                bytes_per_file=bytes_per_file, readers=results,
                 note="warm page cache (files just written), one reader thread; cold disk reads of "
                      "many small files are slower")
 
