@@ -74,6 +74,16 @@ def broadcast_object(obj, src=0):
     return box[0]
 
 
+def gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every process (over the network: right on many nodes);
+    [obj] in a single-process job."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def cleanup_distributed():
     """Tear the process group down in the order that keeps gloo from crashing at exit.
 

@@ -36,7 +36,7 @@ from torch.utils.data.distributed import DistributedSampler
 from diffusion import create_diffusion
 from helpers import fastpath
 from helpers.checkpoint import atomic_save, extract_state_dict, load_checkpoint_file, load_model_weights
-from helpers.distributed import barrier, broadcast_object, is_distributed, seed_everything
+from helpers.distributed import barrier, broadcast_object, gather_objects, is_distributed, seed_everything
 from helpers.images import BUILTIN_DATASETS, ImageFolderDataset, builtin_dataset, collate_skip_none
 from helpers.latents import LatentFeatureDataset
 from helpers.log import LossFile, RunLogger, ThroughputMeter
@@ -54,8 +54,14 @@ class TrainingError(Exception):
     """A problem the user must fix; printed as one line (no traceback), exit code `code`."""
 
     def __init__(self, message, code=2):
-        super().__init__(str(message).strip().splitlines()[0] if str(message).strip() else "error")
+        super().__init__(_one_line(message, default="error"))
         self.code = code
+
+
+def _one_line(message, default=None):
+    """The first line of a message or exception (`default`, else the exception's type, if empty)."""
+    text = str(message).strip()
+    return text.splitlines()[0] if text else (default or type(message).__name__)
 
 
 #################################################################################
@@ -372,10 +378,9 @@ def training_forward(model, run, autocast=True):
         model = fastpath.autocast_forward(model, run.device, run.args.precision)
     if not run.channels_last:
         return model
-    net = model
 
     def forward(x, *args, **kwargs):
-        return net(fastpath.channels_last_input(x), *args, **kwargs)
+        return model(fastpath.channels_last_input(x), *args, **kwargs)
     return forward
 
 
@@ -409,15 +414,6 @@ def restore_rng_state(state, device):
     random.setstate(state["python"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def gather_objects(obj, world_size):
-    """[obj of rank 0, obj of rank 1, ...] on every process (over the network: right on many nodes)."""
-    if not is_distributed():
-        return [obj]
-    out = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
 
 
 #################################################################################
@@ -524,9 +520,14 @@ _EXACTNESS = ("data_path", "feature_path", "dataset", "image_size", "vae", "glob
               "fused_adamw", "channels_last", "compile")
 
 
+def _args_dict(saved):
+    """A checkpoint's saved "args" (argparse.Namespace, dict or None) as a dict."""
+    return vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved or {})
+
+
 def inherit_args(args, saved):
     """Options not given on the command line come from the resumed run's saved args."""
-    saved = vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved or {})
+    saved = _args_dict(saved)
     for key, value in saved.items():
         if key in vars(args) and key not in args.explicit and key not in _NOT_INHERITED:
             setattr(args, key, value)
@@ -559,15 +560,11 @@ def _collective(fn, dist_info, on_main_only=False):
         if on_main_only:
             result, error = broadcast_object((result, error))
         else:
-            errors = gather_objects(error, dist_info.world_size)
+            errors = gather_objects(error)
             error = next((e for e in errors if e is not None), None)
     if error is not None:
         raise TrainingError(error[0], error[1])
     return result
-
-
-def _one_line(e):
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def prepare(args, dist_info, log=None):
@@ -680,7 +677,7 @@ def prepare(args, dist_info, log=None):
                    checkpoint_dir=os.path.join(run_dir, "checkpoints"), diffusion=diffusion,
                    vae=built["vae"], model=built["model"], ema=built["ema"], opt=built["opt"],
                    model_kwargs=built["model_kwargs"], channels_last=built["channels_last"], fast_path=None,
-                   raw_dataset=built["dataset"], dataset=dataset,
+                   dataset=dataset,
                    sampler=sampler, loader=loader, local_batch=local_batch,
                    steps_per_epoch=len(dataset) // args.global_batch_size,
                    step=0, epoch=0, batch_in_epoch=0, loss_sum=0.0, loss_steps=0, skipped=0,
@@ -715,8 +712,7 @@ def _describe(run):
 def _load_position(run, checkpoint):
     """Step, data position, loss window and per-process RNG states of a resumed run."""
     args, log = run.args, run.log
-    saved = checkpoint.get("args")
-    saved = vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved or {})
+    saved = _args_dict(checkpoint.get("args"))
     for key in _EXACTNESS:
         if key in saved and saved[key] != getattr(args, key, None):
             log.warning(f"resuming with {key}={getattr(args, key, None)!r} where the run used "
@@ -762,7 +758,7 @@ def _checkpoint_path(run, step):
 def save_checkpoint(run, scaler=None):
     """Gather every process's RNG state; rank 0 writes `<run>/checkpoints/<step:07d>.pt` atomically
     (never over an existing file); everyone waits at a barrier. Returns the path."""
-    states = gather_objects(capture_rng_state(run.device), run.dist.world_size)
+    states = gather_objects(capture_rng_state(run.device))
     path = _checkpoint_path(run, run.step)
     if run.dist.is_main:
         epoch, batch_in_epoch = _position(run)
