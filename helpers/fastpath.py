@@ -33,6 +33,8 @@ from contextlib import nullcontext
 
 import torch
 
+from helpers.checkpoint import _strip_prefixes
+
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
@@ -269,17 +271,11 @@ def load_optimizer_state(opt, state_dict):
 #                                       EMA                                     #
 #################################################################################
 
-def _strip_wrappers(name):
-    for prefix in ("module.", "_orig_mod."):
-        while name.startswith(prefix):
-            name = name[len(prefix):]
-    return name
-
-
 def ema_pairs(ema_model, model):
     """(ema tensors, model tensors) paired by parameter name; one clear error if the names differ."""
-    ema_params = {_strip_wrappers(n): p for n, p in ema_model.named_parameters()}
-    model_params = {_strip_wrappers(n): p for n, p in model.named_parameters()}
+    # Names without DDP's `module.` / torch.compile's `_orig_mod.`, as checkpoint loading strips them.
+    ema_params = _strip_prefixes(dict(ema_model.named_parameters()))
+    model_params = _strip_prefixes(dict(model.named_parameters()))
     if ema_params.keys() != model_params.keys():
         missing = sorted(model_params.keys() - ema_params.keys())[:3]
         extra = sorted(ema_params.keys() - model_params.keys())[:3]
