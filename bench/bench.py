@@ -402,7 +402,7 @@ def bench_data(args):
             np.save(os.path.join(label_dir, file_name), labels[i])   # (1,) int64
         write_files_s = time.perf_counter() - t0
         bytes_per_file = os.path.getsize(os.path.join(feat_dir, names[0]))   # header + 4*L*L float32
-        # Packed: plain numpy (helpers/latents.py owns the repo's real packed format, if any)
+        # Packed: plain numpy (the repo's own packed format is timed below, via helpers.latents)
         t0 = time.perf_counter()
         np.save(os.path.join(root, "latents.npy"), latents.reshape(num, 4, L, L))
         np.save(os.path.join(root, "labels.npy"), labels.reshape(num))
@@ -427,26 +427,22 @@ def bench_data(args):
                    "packed .npy (plain numpy), np.load(mmap_mode='r'), fancy-indexed batch": packed}
         # The repo's own readers: helpers.latents.LatentFeatureDataset on both layouts, items
         # collated into a batch as a DataLoader does (layout written by helpers.latents.pack_latents).
-        try:
-            from torch.utils.data import default_collate
+        from torch.utils.data import default_collate
 
-            from helpers.latents import LatentFeatureDataset, pack_latents
-            files_ds = LatentFeatureDataset(root, layout="files")
-            files_ds.labels  # noqa: B018  (read the label files once, as training would)
-            t0 = time.perf_counter()
-            pack_latents(root, progress=False, log=lambda *a, **k: None)
-            write_repo_packed_s = time.perf_counter() - t0
-            packed_ds = LatentFeatureDataset(root, layout="packed")
+        from helpers.latents import LatentFeatureDataset, pack_latents
+        files_ds = LatentFeatureDataset(root, layout="files")
+        files_ds.labels  # noqa: B018  (read the label files once, as training would)
+        t0 = time.perf_counter()
+        pack_latents(root, progress=False, log=lambda *a, **k: None)
+        write_repo_packed_s = time.perf_counter() - t0
+        packed_ds = LatentFeatureDataset(root, layout="packed")
 
-            def collate_from(dataset):
-                return lambda idx: default_collate([dataset[int(i)] for i in idx])
-            readers["per-file via helpers.latents.LatentFeatureDataset (layout=files), per item + collate"] = \
-                collate_from(files_ds)
-            readers["packed via helpers.latents.LatentFeatureDataset (layout=packed), per item + collate"] = \
-                collate_from(packed_ds)
-        except Exception as e:  # noqa: BLE001 - optional readers; say why they are missing
-            write_repo_packed_s = None
-            print(f"  data: helpers.latents readers not timed ({type(e).__name__}: {e})", flush=True)
+        def collate_from(dataset):
+            return lambda idx: default_collate([dataset[int(i)] for i in idx])
+        readers["per-file via helpers.latents.LatentFeatureDataset (layout=files), per item + collate"] = \
+            collate_from(files_ds)
+        readers["packed via helpers.latents.LatentFeatureDataset (layout=packed), per item + collate"] = \
+            collate_from(packed_ds)
 
         for label, read in readers.items():
             order = rng.permutation(num)
