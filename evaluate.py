@@ -32,12 +32,15 @@ import sys
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
 
 from helpers.evaluation import (IS_SPLIT_SIZE, PR_BATCH_SIZE, PR_NEIGHBOURS, EvaluationError,
                                 InceptionV3Features, NpzImages, RunningStatistics,
                                 compute_activations, compute_statistics, frechet_distance,
                                 inception_score, precision_recall, read_npz_statistics,
                                 save_json_atomic, save_npz_atomic)
+from helpers.images import IMG_EXTENSIONS, center_crop_arr, load_image
 
 METRIC_NAMES = ("Inception Score", "FID", "sFID", "Precision", "Recall")  # ADM's printed names
 MIN_IMAGES = PR_NEIGHBOURS + 1   # a k=3 manifold needs 4 points; covariances need 2
@@ -118,8 +121,8 @@ def evaluate(args, extractor):
 #################################################################################
 
 def list_images(root):
-    """Image files under `root` (recursively, sorted; flat folders and class folders alike)."""
-    from helpers.images import IMG_EXTENSIONS
+    """Image files under `root` (recursively, sorted; flat folders and class folders alike, unlike
+    helpers.images.find_images, which needs class folders)."""
     files = []
     for folder, dirs, names in os.walk(root, followlinks=True):
         dirs.sort()
@@ -137,7 +140,6 @@ class _FolderImages(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index):
-        from helpers.images import center_crop_arr, load_image
         image = load_image(self.paths[index])                  # warns and gives None if corrupt
         return None if image is None else (index, np.asarray(center_crop_arr(image, self.image_size)))
 
@@ -151,8 +153,6 @@ def _collate_images(items):
 
 def _npz_image_batches(reader, batch_size, image_size):
     """(indices, images) from an .npz, ADM-center-cropped to image_size where the size differs."""
-    from PIL import Image
-    from helpers.images import center_crop_arr
     start = 0
     for batch in reader.batches(batch_size):
         if batch.shape[1:3] != (image_size, image_size):
@@ -190,7 +190,6 @@ def make_reference(args, extractor):
     if extractor is None:
         extractor = InceptionV3Features(args.inception_weights, args.device)
 
-    from tqdm.auto import tqdm
     pool_stats, spatial_stats = RunningStatistics(), RunningStatistics()
     kept, seen = [], 0
     for indices, images in tqdm(loader, total=-(-total // args.batch_size), desc="reference",
