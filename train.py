@@ -39,11 +39,10 @@ def main(args):
         # the EMA follows and the checkpoints save.
         forward = training.training_forward(model, run)
         training.log_fast_path(run, compiled=args.compile)
-        diffusion, opt, ema = run.diffusion, run.opt, run.ema
+        opt, ema = run.opt, run.ema
 
         def train_step(x, y):
-            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
-            loss = diffusion.training_losses(forward, x, t, dict(y=y))["loss"].mean()
+            loss = training.diffusion_loss(run, forward, x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if args.grad_clip:

@@ -15,7 +15,6 @@ saved in the checkpoints and restored on resume. The fast-path flags (--fused-ad
 """
 import sys
 
-import torch
 from accelerate import Accelerator
 
 from helpers import fastpath, training
@@ -42,11 +41,9 @@ def main(args):
         forward = training.training_forward(model, run, autocast=False)
         training.log_fast_path(run, compiled=args.compile or hasattr(model, "_orig_mod"),
                                accelerate_precision=accelerator.mixed_precision)
-        diffusion, device = run.diffusion, dist_info.device
 
         def train_step(x, y):
-            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
-            loss = diffusion.training_losses(forward, x, t, dict(y=y))["loss"].mean()
+            loss = training.diffusion_loss(run, forward, x, y)
             opt.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             if args.grad_clip:

@@ -384,6 +384,13 @@ def training_forward(model, run, autocast=True):
     return forward
 
 
+def diffusion_loss(run, forward, x, y):
+    """DiT's training loss of one batch: timesteps drawn uniformly per sample, the diffusion's loss
+    (MSE + VLB with learned sigma) of `forward` averaged over the batch."""
+    t = torch.randint(0, run.diffusion.num_timesteps, (x.shape[0],), device=run.device)
+    return run.diffusion.training_losses(forward, x, t, dict(y=y))["loss"].mean()
+
+
 def log_fast_path(run, compiled, accelerate_precision=None):
     """One line naming the active fast-path options (and remember them for the checkpoints).
 
@@ -954,5 +961,5 @@ def run_guarded(body, dist_info, log=None):
 
 
 __all__ = ["TrainingError", "NonFiniteLoss", "build_parser", "parse_args", "resolve_args", "prepare", "train",
-           "training_forward", "log_fast_path", "save_checkpoint", "run_guarded",
+           "training_forward", "diffusion_loss", "log_fast_path", "save_checkpoint", "run_guarded",
            "ResumableDistributedSampler", "SeededSamples", "derive_seed"]
