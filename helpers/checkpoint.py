@@ -37,7 +37,7 @@ def load_checkpoint_file(path):
                               f"is it a complete torch checkpoint?") from e
 
 
-def _strip_prefixes(state_dict):
+def strip_wrapper_prefixes(state_dict):
     """Drop wrappers' key prefixes (DDP's `module.`, torch.compile's `_orig_mod.`)."""
     out = {}
     for key, value in state_dict.items():
@@ -59,11 +59,11 @@ def extract_state_dict(checkpoint, which="ema"):
     has no "ema" is an error rather than a silent fall-back to the raw weights.
     """
     if _is_state_dict(checkpoint):
-        return _strip_prefixes(checkpoint)
+        return strip_wrapper_prefixes(checkpoint)
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"checkpoint holds a {type(checkpoint).__name__}, not model weights")
     if which in checkpoint and _is_state_dict(checkpoint[which]):
-        return _strip_prefixes(checkpoint[which])
+        return strip_wrapper_prefixes(checkpoint[which])
     present = ", ".join(k for k in checkpoint if _is_state_dict(checkpoint[k])) or "none"
     raise CheckpointError(f"checkpoint has no {which!r} weights (weight sets present: {present}); "
                           f"choose one of those")
@@ -113,7 +113,7 @@ def load_model_weights(model, state_dict, model_name):
     The usual mistake is a checkpoint of another variant (DiC-B weights for --model DiC-S):
     say which variant the file holds, so the fix is obvious.
     """
-    state_dict = _strip_prefixes(state_dict)
+    state_dict = strip_wrapper_prefixes(state_dict)
     expected = _shapes(model.state_dict())
     got = _shapes(state_dict)
     if expected == got:

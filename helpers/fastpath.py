@@ -33,7 +33,7 @@ from contextlib import nullcontext
 
 import torch
 
-from helpers.checkpoint import _strip_prefixes
+from helpers.checkpoint import strip_wrapper_prefixes
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 
@@ -274,8 +274,8 @@ def load_optimizer_state(opt, state_dict):
 def ema_pairs(ema_model, model):
     """(ema tensors, model tensors) paired by parameter name; one clear error if the names differ."""
     # Names without DDP's `module.` / torch.compile's `_orig_mod.`, as checkpoint loading strips them.
-    ema_params = _strip_prefixes(dict(ema_model.named_parameters()))
-    model_params = _strip_prefixes(dict(model.named_parameters()))
+    ema_params = strip_wrapper_prefixes(dict(ema_model.named_parameters()))
+    model_params = strip_wrapper_prefixes(dict(model.named_parameters()))
     if ema_params.keys() != model_params.keys():
         missing = sorted(model_params.keys() - ema_params.keys())[:3]
         extra = sorted(ema_params.keys() - model_params.keys())[:3]
