@@ -109,7 +109,6 @@ def judge(images, labels, args):
 
 def main(args):
     start = time.time()
-    torch.manual_seed(args.seed)
     run_dir = train_model(args)
     checkpoint_path = os.path.join(run_dir, "checkpoints", f"{args.steps:07d}.pt")
     trained = time.time()
