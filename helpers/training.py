@@ -41,13 +41,12 @@ from helpers.images import BUILTIN_DATASETS, ImageFolderDataset, builtin_dataset
 from helpers.latents import LatentFeatureDataset
 from helpers.log import LossFile, RunLogger, ThroughputMeter
 from helpers.models import create_model, is_dit, model_names, parse_args_with_overrides
-from helpers.vae import encode, latent_channels, load_vae
+from helpers.vae import downsample_factor_of_spec, encode, latent_channels, load_vae
 
 CHECKPOINT_FORMAT = "dic-train-1"
 RESUME_KEYS = ("model", "ema", "opt", "args", "step", "epoch", "batch_in_epoch", "rng")
 CKPT_NAME = re.compile(r"^(\d{7,})\.pt$")
 RUN_NAME = re.compile(r"^(\d+)-(.+)$")
-VAE_FACTORS = {"ema": 8, "mse": 8, "none": 1}   # sd-vae-ft-*: 8 pixels per latent cell
 
 
 class TrainingError(Exception):
@@ -147,18 +146,6 @@ def parse_args(parser, argv=None):
     if args.model_overrides:
         args.explicit.append("model_overrides")
     return args
-
-
-def _vae_factor(spec):
-    """Pixels per latent cell for a --vae spec, without loading the VAE (reads a folder's config)."""
-    if spec in VAE_FACTORS:
-        return VAE_FACTORS[spec]
-    config = os.path.join(spec, "config.json")
-    if not os.path.isfile(config):
-        raise TrainingError(f"--vae {spec!r} is neither 'ema', 'mse', 'none' nor a folder with a "
-                            f"config.json: pass one of those (a folder saved with AutoencoderKL.save_pretrained)")
-    with open(config, encoding="utf-8") as f:
-        return 2 ** (len(json.load(f)["block_out_channels"]) - 1)
 
 
 def resolve_args(args, world_size):
@@ -599,7 +586,10 @@ def prepare(args, dist_info, log=None):
         resolve_args(args, world_size)
         seed_everything(args.global_seed * world_size + dist_info.rank)   # DiT's per-process seed
         fastpath.configure_tf32(args.precision in ("tf32", "bf16"))   # as official DiT/DiC; off for fp32
-        vae_factor = _vae_factor(args.vae)
+        try:
+            vae_factor = downsample_factor_of_spec(args.vae)
+        except ValueError as e:
+            raise TrainingError(str(e)) from e
         dataset, channels, side = build_dataset(args, vae_factor)
         if len(dataset) < args.global_batch_size:
             raise TrainingError(f"the dataset has {len(dataset)} samples, fewer than --global-batch-size "

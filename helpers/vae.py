@@ -3,11 +3,13 @@
 The latent scale and the downsampling factor are read from the VAE's config, never hard-coded,
 so any AutoencoderKL works (sd-vae-ft-ema/-mse: factor 8, scale 0.18215).
 """
+import json
 import os
 
 import torch
 
 VAE_HUB_NAMES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+HUB_FACTOR = 8  # sd-vae-ft-ema/-mse: 8 pixels per latent cell
 DEFAULT_SCALE = 0.18215  # sd-vae's latent scale, for configs that do not carry one
 
 
@@ -29,11 +31,31 @@ def load_vae(spec, device="cpu"):
     return vae.to(device).eval()
 
 
+def _factor(block_out_channels):
+    """An AutoencoderKL halves the resolution once between consecutive blocks."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 def downsample_factor(vae):
     """Pixels per latent cell along one side (1 in pixel space)."""
     if vae is None:
         return 1
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    return _factor(vae.config.block_out_channels)
+
+
+def downsample_factor_of_spec(spec):
+    """The same factor for a --vae spec without loading weights (a folder's config.json is read),
+    so runs on precomputed latents can validate sizes offline and before any work."""
+    if spec is None or str(spec).lower() == "none":
+        return 1
+    if spec in VAE_HUB_NAMES:
+        return HUB_FACTOR
+    config = os.path.join(spec, "config.json")
+    if not os.path.isfile(config):
+        raise ValueError(f"--vae {spec!r} is neither 'ema', 'mse', 'none' nor a folder with a "
+                         f"config.json: pass one of those (a folder saved with AutoencoderKL.save_pretrained)")
+    with open(config, encoding="utf-8") as f:
+        return _factor(json.load(f)["block_out_channels"])
 
 
 def latent_channels(vae, image_channels=3):
