@@ -1,0 +1,81 @@
+"""The one error type of every script, how it ends a job (one line, an exit code), and how the
+processes of a job agree on an outcome so that none is left waiting for another.
+
+    def main(args):
+        ...
+        raise JobError("--image-size 30 is not divisible by 8: use a multiple of 8")
+
+    if __name__ == "__main__":
+        sys.exit(run_main(main, parse_args()))
+"""
+import os
+import sys
+
+import torch.distributed as dist
+
+EXIT_BAD_INPUT = 2    # the user must change a flag or a file (argparse uses 2 too)
+EXIT_RUN_FAILED = 1   # the job itself failed (e.g. a NaN loss); the input was fine
+
+
+def one_line(message, default=None):
+    """The first line of a message or exception (`default`, else the exception's type, if empty)."""
+    text = str(message).strip()
+    return text.splitlines()[0] if text else (default or type(message).__name__)
+
+
+class JobError(ValueError):
+    """A problem the user must fix, said in one line (what, which file, the fix); ends the job with
+    exit code `code`. A ValueError, so library code that raises it reads naturally to callers."""
+
+    def __init__(self, message, code=EXIT_BAD_INPUT):
+        super().__init__(one_line(message, default="error"))
+        self.code = code
+
+
+def global_rank():
+    """This process's rank in the whole job (0 without a process group or torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def agree(fn, on_main_only=False):
+    """Run `fn()` (on global rank 0 only, or on every rank) and share the outcome.
+
+    When any process fails with a JobError (or a one-line ValueError/OSError from a helper), every
+    process raises the same JobError, so no process hangs in a collective that another has left.
+    With on_main_only, rank 0's result is returned on every rank.
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    result, error = None, None
+    if global_rank() == 0 or not on_main_only:
+        try:
+            result = fn()
+        except JobError as e:
+            error = (str(e), e.code)
+        except (ValueError, OSError) as e:
+            error = (one_line(e), EXIT_BAD_INPUT)
+    if distributed:
+        if on_main_only:
+            box = [(result, error)]
+            dist.broadcast_object_list(box, src=0)
+            result, error = box[0]
+        else:
+            errors = [None] * dist.get_world_size()
+            dist.all_gather_object(errors, error)
+            error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise JobError(error[0], error[1])
+    return result
+
+
+def run_main(main, args):
+    """Call `main(args)`; a JobError becomes `error: <one line>` on stderr (rank 0 only) and its
+    exit code. Returns the exit code for sys.exit."""
+    try:
+        main(args)
+        return 0
+    except JobError as e:
+        if global_rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return e.code
