@@ -119,6 +119,7 @@ class ode:
             t = th.ones(ref.size(0)).to(ref) * t
             return self.drift(x, t, model, **model_kwargs)
 
-        atol = [self.atol] * len(x) if is_tuple else self.atol
-        rtol = [self.rtol] * len(x) if is_tuple else self.rtol
+        # tolerances as lists, as SiT: plain floats change dopri5's float32 results (~1e-7)
+        atol = [self.atol] * (len(x) if is_tuple else 1)
+        rtol = [self.rtol] * (len(x) if is_tuple else 1)
         return odeint(_fn, x, self.t.to(ref.device), method=self.sampler_type, atol=atol, rtol=rtol)
