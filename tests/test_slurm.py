@@ -1,0 +1,47 @@
+"""scripts/slurm_train.sh: valid bash, and the srun/torchrun command it builds, run against stub
+srun and scontrol commands (no SLURM needed)."""
+import os
+import subprocess
+
+from conftest import REPO_ROOT
+
+SCRIPT = os.path.join(REPO_ROOT, "scripts", "slurm_train.sh")
+
+
+def stub(folder, name, body):
+    path = folder / name
+    path.write_text("#!/bin/bash\n" + body + "\n")
+    path.chmod(0o755)
+
+
+def run_script(tmp_path, *args, **env):
+    stub(tmp_path, "srun", f'printf "%s\\n" "$@" > {tmp_path / "srun_args"}')
+    stub(tmp_path, "scontrol", 'printf "gpu-node-07\\ngpu-node-08\\n"')
+    full_env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "SLURM_NNODES": "2", "SLURM_JOB_ID": "4242",
+                "SLURM_JOB_NODELIST": "gpu-node-[07-08]", **env}
+    return subprocess.run(["bash", SCRIPT, *args], env=full_env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_script_is_valid_bash():
+    result = subprocess.run(["bash", "-n", SCRIPT], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    text = open(SCRIPT).read()
+    assert "#SBATCH --gpus-per-node=8" in text and '--nnodes "$SLURM_NNODES"' in text
+
+
+def test_builds_the_multi_node_torchrun_command(tmp_path):
+    result = run_script(tmp_path, "--max-steps", "100", FEATURE_PATH="/data/features")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "srun_args").read_text().splitlines() == [
+        "--kill-on-bad-exit=1", "torchrun", "--nnodes", "2", "--nproc_per_node", "8",
+        "--rdzv_id", "4242", "--rdzv_backend", "c10d", "--rdzv_endpoint", "gpu-node-07:29500",
+        "train.py", "--model", "DiC-XL", "--feature-path", "/data/features", "--results-dir",
+        "results", "--resume", "auto", "--max-steps", "100"]
+
+
+def test_missing_feature_path_is_one_line(tmp_path):
+    result = run_script(tmp_path)
+    assert result.returncode != 0 and not (tmp_path / "srun_args").exists()
+    assert result.stderr.strip().endswith(
+        "FEATURE_PATH: set FEATURE_PATH to the folder written by extract_features.py")

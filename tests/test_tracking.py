@@ -1,0 +1,122 @@
+"""helpers/tracking.py: TensorBoard event files and W&B offline run folders read back, across a
+killed and resumed run."""
+import glob
+import io
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers.cli import JobError
+from helpers.tracking import STATE_FILE, Tracker
+
+
+def read_events(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(os.path.join(run_dir, "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    return acc
+
+
+def next_second():
+    """Event file names carry whole seconds; a resumed process starts in a later one."""
+    time.sleep(1.02 - time.time() % 1)
+
+
+def grid(seed):
+    return np.random.default_rng(seed).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+
+
+def test_tensorboard_resume_keeps_each_step_once(tmp_path):
+    run = str(tmp_path / "run")
+    tracker = Tracker(run, config={"model": "DiC-S", "lr": 1e-4})
+    for step in range(1, 7):
+        tracker.log_scalars(step, {"loss/mse": 10.0 + step, "lr": np.float32(0.5)})
+    tracker.log_image(3, "samples/live", grid(0))
+    tracker.close()                                        # killed after step 6, checkpoint at 4
+    next_second()
+    png = tmp_path / "grid.png"
+    Image.fromarray(grid(1)).save(png)
+    with Tracker(run, resume_step=4) as resumed:
+        for step in range(5, 9):
+            resumed.log_scalars(step, {"loss/mse": 100.0 + step})
+        resumed.log_image(8, "samples/live", png)
+
+    events = read_events(run)
+    assert {"loss/mse", "lr"} <= set(events.Tags()["scalars"])
+    assert "config/text_summary" in events.Tags()["tensors"]
+    loss = [(e.step, e.value) for e in events.Scalars("loss/mse")]
+    assert loss == [(1, 11.0), (2, 12.0), (3, 13.0), (4, 14.0),
+                    (5, 105.0), (6, 106.0), (7, 107.0), (8, 108.0)]
+    assert [e.step for e in events.Scalars("lr")] == [1, 2, 3, 4]   # 5, 6 purged, not re-logged
+    images = events.Images("samples/live")
+    assert [e.step for e in images] == [3, 8]
+    for event, seed in zip(images, (0, 1)):
+        decoded = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)))
+        np.testing.assert_array_equal(decoded, grid(seed))
+
+
+def test_disabled_tracker_writes_nothing(tmp_path):
+    tracker = Tracker(tmp_path / "run", wandb=True, enabled=False)
+    tracker.log_scalars(1, {"loss": 1.0})
+    tracker.log_image(1, "x", "not even a file")
+    tracker.close()
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_values_are_one_line_errors(tmp_path):
+    with Tracker(tmp_path / "run") as tracker:
+        with pytest.raises(JobError, match=r"^tracked value 'loss' is not a number: 'nan\?'$"):
+            tracker.log_scalars(1, {"loss": "nan?"})
+        with pytest.raises(JobError, match=r"^an image to log must be uint8 \(H, W, 3\), got "
+                                           r"float64 \(4, 4, 3\): "):
+            tracker.log_image(1, "x", np.zeros((4, 4, 3)))
+        with pytest.raises(JobError, match=r"^cannot read image .*missing\.png: "):
+            tracker.log_image(1, "x", tmp_path / "missing.png")
+
+
+def test_missing_wandb_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)        # import wandb -> ImportError
+    with pytest.raises(JobError) as info:
+        Tracker(tmp_path / "run", tensorboard=False, wandb=True)
+    assert str(info.value) == ("--wandb needs the wandb package, which is not installed: pip "
+                               "install wandb (or leave out --wandb)")
+
+
+def test_wandb_offline_writes_its_run_folder_and_resumes_the_same_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is optional and not installed here")
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    run = tmp_path / "run"
+    tracker = Tracker(run, tensorboard=False, wandb=True, wandb_mode="offline",
+                      config={"model": "DiC-S"})
+    for step in range(1, 7):
+        tracker.log_scalars(step, {"loss": 1000.25 + step})
+    tracker.log_image(6, "samples/live", grid(2))
+    tracker.close()
+    state = json.loads((run / STATE_FILE).read_text())
+    run_id = state["wandb_run_id"]
+    assert state["wandb_last_step"] == 6
+    [first] = glob.glob(str(run / "wandb" / f"offline-run-*-{run_id}"))
+    [media] = glob.glob(os.path.join(first, "files", "media", "images", "**", "*.png"),
+                        recursive=True)
+    np.testing.assert_array_equal(np.asarray(Image.open(media)), grid(2))
+
+    next_second()                                          # run folders are named by second
+    with Tracker(run, tensorboard=False, wandb=True, wandb_mode="offline",
+                 resume_step=4) as resumed:
+        for step in range(5, 9):
+            resumed.log_scalars(step, {"loss": 2000.75 + step})
+    assert json.loads((run / STATE_FILE).read_text()) == {"wandb_run_id": run_id,
+                                                          "wandb_last_step": 8}
+    folders = sorted(glob.glob(str(run / "wandb" / f"offline-run-*-{run_id}")))
+    assert len(folders) == 2 and folders[0] == first
+    records = [open(os.path.join(f, f"run-{run_id}.wandb"), "rb").read() for f in folders]
+    assert b"1006.25" in records[0] and b"2007.75" in records[1] and b"2008.75" in records[1]
+    assert b"2005.75" not in records[1] and b"2006.75" not in records[1]   # steps 5, 6 kept once
