@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def train_model(args):
     """Run train.py exactly as a user would; returns the new run folder."""
-    from helpers.training import list_runs
+    from helpers.runs import list_runs
     before = set(list_runs(args.results_dir))
     command = [sys.executable, os.path.join(HERE, "train.py"), "--dataset", args.dataset,
                "--model", args.model, "--image-size", str(args.image_size),

@@ -6,57 +6,197 @@ class folders (VAE-encoded on the fly), precomputed latents, or a built-in pixel
     torchrun --nnodes=1 --nproc_per_node=8 train.py --model DiC-XL --data-path /path/to/imagenet/train
     torchrun --nproc_per_node=8 train.py --model DiC-XL --feature-path /path/to/features
     python train.py --model DiC-Tiny --dataset digits --global-batch-size 64 --max-steps 2000
-    torchrun --nproc_per_node=8 train.py --model DiC-XL --data-path ... --resume auto
-    torchrun --nproc_per_node=8 train.py --model DiC-XL --feature-path ... --precision bf16 --compile
+    torchrun --nproc_per_node=8 train.py --model DiC-XL --feature-path ... --resume auto
 
-Fast path (helpers/fastpath.py): fused AdamW and a foreach EMA update are on (same numbers up to
-float rounding); --precision bf16, --compile and --channels-last on are opt-in.
-
-Runs never get lost: see helpers/training.py (atomic checkpoints, exact resume, NaN stop).
+A run never gets lost: checkpoints are written atomically and never overwritten; --resume continues
+bit-for-bit (model, EMA, optimizer, data position, every process's RNG); a NaN loss stops every
+process at once and names the last good checkpoint. train_accelerate.py runs this same loop
+through Hugging Face accelerate.
 """
+import math
 import sys
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
-from helpers import fastpath, training
+from helpers import training
+from helpers.cli import EXIT_RUN_FAILED, JobError, run_main
 from helpers.distributed import cleanup_distributed, is_distributed, setup_distributed
-from helpers.log import RunLogger
+from helpers.fastpath import ema_update
+from helpers.log import RunLogger, ThroughputMeter
+from helpers.runs import checkpoint_path, restore_rng_state, save_checkpoint
+from helpers.seeds import derive_seed, seed_everything
+from helpers.vae import encode
 
 
-def main(args):
-    """Train a model; returns the process exit code (0, or non-zero after a one-line error)."""
-    dist_info = setup_distributed()
-    log = RunLogger(dist_info.is_main)
+class DDPEngine:
+    """What train.py's loop needs from its launcher: processes (torchrun), the model wrapper (DDP),
+    backward, gradient clipping and autocast. train_accelerate.py supplies accelerate's instead."""
 
-    def body():
-        run = training.prepare(args, dist_info, log)   # validates everything before writing anything
-        device = dist_info.device
-        model = run.model   # `python train.py`: one process, no process group, no DDP needed
+    scaler = None          # a GradScaler whose state is checkpointed (accelerate's fp16); none here
+    mixed_precision = None
+
+    def __init__(self):
+        self.dist = setup_distributed()   # device from LOCAL_RANK, data and seeds from the global rank
+
+    def prepare(self, model, opt):
+        """DDP over the processes (`python train.py` is one process: no process group, no DDP)."""
         if is_distributed():
-            model = DDP(run.model, device_ids=[device.index] if device.type == "cuda" else None)
-        # torch.compile (--compile) wraps only this forward; run.model stays the plain module that
-        # the EMA follows and the checkpoints save.
-        forward = training.training_forward(model, run)
-        training.log_fast_path(run, compiled=args.compile)
-        opt, ema = run.opt, run.ema
+            device = self.dist.device
+            model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return model, opt
 
-        def train_step(x, y):
-            loss = training.diffusion_loss(run, forward, x, y)
+    def describe(self):
+        return f"DDP: {self.dist.world_size} process(es) on {self.dist.device}"
+
+    def forward(self, model, run):
+        return training.training_forward(model, run, autocast=True)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def clip_grad_norm_(self, parameters, max_norm):
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+    def close(self):
+        cleanup_distributed()
+
+
+def main(args, engine=None):
+    """Train a model; a bad input or a failed run raises JobError (one line, an exit code)."""
+    engine = engine or DDPEngine()
+    args.mixed_precision = engine.mixed_precision   # accelerate's (saved with the run's flags); None here
+    log = RunLogger(engine.dist.is_main)
+    try:
+        train(args, engine, log)
+    except JobError as e:
+        log.info(f"error: {e}")   # into log.txt as well, once the run folder exists
+        raise
+    finally:
+        log.close()
+        engine.close()   # train() has returned: its DDP model is unreferenced, so gloo tears down cleanly
+
+
+def train(args, engine, log):
+    # Set-up: every input is checked on every process before anything is written; then the run folder.
+    run, progress = training.setup_run(args, engine.dist, log)
+    device, world_size = run.device, run.world_size
+
+    # Model and optimizer as the launcher runs them (DDP or accelerate), the forward as the objective
+    # calls it (compile, autocast, channels_last); run.model stays the plain module the EMA follows.
+    model, opt = engine.prepare(run.model, run.opt)
+    log.info(engine.describe())
+    forward = engine.forward(model, run)
+    training.log_fast_path(run, compiled=args.compile or hasattr(model, "_orig_mod"),
+                           accelerate_precision=engine.mixed_precision)
+
+    # Resume: every process's RNG (and the GradScaler) exactly where the checkpoint left them.
+    if progress.step > 0:
+        if engine.scaler is not None and run.resume_scaler is not None:
+            engine.scaler.load_state_dict(run.resume_scaler)
+        if run.resume_rng is not None:
+            restore_rng_state(run.resume_rng, device)
+        else:
+            seed_everything(derive_seed(args.global_seed, progress.step, run.rank))
+    else:
+        ema_update(run.ema, run.model, decay=0)   # the EMA starts as the (synced) initial weights
+    run.model.train()   # important! This enables embedding dropout for classifier-free guidance
+    run.ema.eval()      # EMA model should always be in eval mode
+
+    steps_per_epoch = run.data.steps_per_epoch
+    target = args.epochs * steps_per_epoch
+    target = min(target, args.max_steps) if args.max_steps else target
+    if progress.step >= target:
+        log.info(f"Nothing to do: the run is at step {progress.step}, the target is {target} "
+                 f"(raise --max-steps or --epochs to train further)")
+        return
+    log.info(f"Training for {args.epochs} epochs, up to step {target} ...")
+    bar = tqdm(total=target, initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not (run.is_main and not args.no_progress and sys.stdout.isatty()))
+    log.set_progress(None if bar.disable else bar)
+    meter = ThroughputMeter(device)
+    stats = torch.zeros(2, device=device)
+    local_batch = args.global_batch_size // world_size
+
+    while progress.step < target:
+        for batch in run.data.epoch(progress.epoch, start_sample=progress.start_sample):
+            if batch is None:
+                raise JobError(f"every image of a batch on process {run.rank} was unreadable (see the warnings "
+                               f"above): remove the corrupt files")
+            x, y, _ = batch
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if run.vae is not None:
+                x = encode(run.vae, x)   # images -> latents (x 0.18215), as DiT's train.py
+
+            # One training step: the objective's loss, backward, clip, AdamW, EMA.
+            loss = run.objective.training_losses(forward, x, dict(y=y))["loss"].mean()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            engine.backward(loss)
+            if args.max_grad_norm:
+                engine.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             opt.step()
-            fastpath.ema_update(ema, run.model, args.ema_decay)
-            return loss
+            ema_update(run.ema, run.model, args.ema_decay)
+            progress.step += 1
+            progress.batch_in_epoch += 1
 
-        training.train(run, train_step)
+            # Loss summed over processes, skipped images counted: one small all_reduce and one host
+            # sync per step, on purpose: every process must see a NaN at the same step and stop
+            # together (one stopping alone would leave the others hanging in DDP's next all_reduce).
+            stats[0], stats[1] = loss.detach().float(), local_batch - x.shape[0]
+            if is_distributed():
+                dist.all_reduce(stats)
+            loss_sum, skipped = stats.tolist()
+            loss_value = loss_sum / world_size
+            if not math.isfinite(loss_value):
+                last = (f"last good checkpoint: {checkpoint_path(run.run_dir, progress.last_saved)}"
+                        if progress.last_saved is not None else "no checkpoint was saved yet")
+                raise JobError(f"loss became {loss_value} at step {progress.step}; {last} (resume it with "
+                               f"--resume, e.g. with a lower --lr or a --max-grad-norm)", code=EXIT_RUN_FAILED)
+            progress.loss_sum += loss_value
+            progress.loss_steps += 1
+            progress.skipped += int(skipped)
+            meter.update(1, args.global_batch_size - int(skipped))
+            bar.update(1)
 
-    code = training.run_guarded(body, dist_info, log)
-    cleanup_distributed()   # after body() returned: the DDP model is already unreferenced
-    return code
+            # Log loss values and save checkpoints.
+            if progress.step % args.log_every == 0:
+                log_window(run, progress, meter)
+            if progress.step % args.ckpt_every == 0 or progress.step >= target:
+                save_checkpoint(run, progress, steps_per_epoch, engine.scaler)
+            if progress.step >= target:
+                break
+        else:   # the epoch's data ran out
+            progress.epoch += 1
+            progress.batch_in_epoch = progress.start_sample = 0
+            continue
+        break
+    if progress.last_saved != progress.step:
+        save_checkpoint(run, progress, steps_per_epoch, engine.scaler)
+    bar.close()
+    log.set_progress(None)
+    log.info(f"Done: step {progress.step}, run folder {run.run_dir}")
+
+
+def log_window(run, progress, meter):
+    """DiT's log line (loss averaged over processes and the window's steps) and a losses.csv row."""
+    avg_loss = progress.loss_sum / progress.loss_steps
+    steps_per_sec, images_per_sec = meter.rates()
+    line = (f"(step={progress.step:07d}) Train Loss: {avg_loss:.4f}, Train Steps/Sec: {steps_per_sec:.2f}, "
+            f"Images/Sec: {images_per_sec:.1f}")
+    if progress.skipped:
+        line += f", Skipped Corrupt Images: {progress.skipped}"
+    run.log.info(line)
+    if run.loss_file is not None:
+        run.loss_file.append(progress.step, avg_loss, steps_per_sec, images_per_sec, progress.epoch)
+    progress.loss_sum, progress.loss_steps = 0.0, 0
+    meter.reset()
+
+
+def parse_args(argv=None, description="Train DiC/DiT with PyTorch DDP."):
+    return training.parse_args(training.build_parser(description), argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main(training.parse_args(training.build_parser("Train DiC/DiT with PyTorch DDP."))))
+    sys.exit(run_main(main, parse_args()))

@@ -1,6 +1,6 @@
 """
-Train DiC (or DiT) through Hugging Face accelerate: the same recipe, data, checkpoints and exact
-resume as train.py (everything but the accelerate calls lives in helpers/training.py).
+Train DiC (or DiT) through Hugging Face accelerate: train.py's loop, data, checkpoints and exact
+resume, with accelerate supplying the processes, the model wrapper, backward and mixed precision.
 
     accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 train_accelerate.py \
         --model DiC-XL --feature-path /path/to/features
@@ -10,55 +10,60 @@ resume as train.py (everything but the accelerate calls lives in helpers/trainin
 
 Mixed precision comes from `accelerate launch --mixed_precision` (or ACCELERATE_MIXED_PRECISION);
 `--precision bf16` asks for bf16 directly. The EMA stays in fp32; a fp16 GradScaler's state is
-saved in the checkpoints and restored on resume. The fast-path flags (--fused-adamw,
---channels-last, --compile) are train.py's; --compile compiles the prepared model.
+saved in the checkpoints and restored on resume.
 """
 import sys
 
 from accelerate import Accelerator
 
-from helpers import fastpath, training
+import train
+from helpers import training
+from helpers.cli import run_main
 from helpers.distributed import DistInfo, cleanup_distributed
-from helpers.log import RunLogger
+
+
+class AccelerateEngine:
+    """train.py's engine interface (see train.DDPEngine) on top of an accelerate.Accelerator."""
+
+    def __init__(self, precision):
+        self.accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else None)
+        a = self.accelerator
+        self.dist = DistInfo(rank=a.process_index, local_rank=a.local_process_index,
+                             world_size=a.num_processes, device=a.device)
+        self.mixed_precision = a.mixed_precision
+
+    @property
+    def scaler(self):
+        return self.accelerator.scaler   # fp16's GradScaler (None otherwise): checkpointed with the run
+
+    def prepare(self, model, opt):
+        """DDP and autocast (outputs in fp32) by accelerate."""
+        return self.accelerator.prepare(model, opt)
+
+    def describe(self):
+        a = self.accelerator
+        return f"accelerate: {a.num_processes} processes on {a.device}, mixed precision {a.mixed_precision}"
+
+    def forward(self, model, run):
+        # Autocast is accelerate's; --compile compiles the prepared model unless accelerate's own
+        # dynamo option (e.g. `accelerate launch --dynamo_backend inductor`) compiled it already.
+        return training.training_forward(model, run, autocast=False)
+
+    def backward(self, loss):
+        self.accelerator.backward(loss)
+
+    def clip_grad_norm_(self, parameters, max_norm):
+        return self.accelerator.clip_grad_norm_(parameters, max_norm)
+
+    def close(self):
+        self.accelerator.free_memory()
+        cleanup_distributed()
 
 
 def main(args):
-    """Train a model; returns the process exit code (0, or non-zero after a one-line error)."""
-    accelerator = Accelerator(mixed_precision="bf16" if args.precision == "bf16" else None)
-    dist_info = DistInfo(rank=accelerator.process_index, local_rank=accelerator.local_process_index,
-                         world_size=accelerator.num_processes, device=accelerator.device)
-    log = RunLogger(dist_info.is_main)
-    args.mixed_precision = accelerator.mixed_precision
-
-    def body():
-        run = training.prepare(args, dist_info, log)   # validates everything before writing anything
-        model, opt = accelerator.prepare(run.model, run.opt)   # DDP + autocast (outputs in fp32)
-        log.info(f"accelerate: {accelerator.num_processes} processes on {accelerator.device}, "
-                 f"mixed precision {accelerator.mixed_precision}")
-        # --compile: torch.compile of the prepared model (not twice where accelerate's own dynamo
-        # option, e.g. `accelerate launch --dynamo_backend inductor`, compiled it already).
-        # Autocast is accelerate's (--precision bf16 set mixed_precision above).
-        forward = training.training_forward(model, run, autocast=False)
-        training.log_fast_path(run, compiled=args.compile or hasattr(model, "_orig_mod"),
-                               accelerate_precision=accelerator.mixed_precision)
-
-        def train_step(x, y):
-            loss = training.diffusion_loss(run, forward, x, y)
-            opt.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            if args.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            opt.step()
-            fastpath.ema_update(run.ema, run.model, args.ema_decay)   # run.model: the unwrapped fp32 module
-            return loss
-
-        training.train(run, train_step, scaler=accelerator.scaler)
-
-    code = training.run_guarded(body, dist_info, log)
-    accelerator.free_memory()
-    cleanup_distributed()
-    return code
+    """train.py's main with accelerate's engine."""
+    train.main(args, AccelerateEngine(args.precision))
 
 
 if __name__ == "__main__":
-    sys.exit(main(training.parse_args(training.build_parser("Train DiC/DiT with accelerate."))))
+    sys.exit(run_main(main, train.parse_args(description="Train DiC/DiT with accelerate.")))

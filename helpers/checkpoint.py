@@ -1,19 +1,30 @@
-"""Checkpoint I/O: atomic writes that never overwrite, and loading of ours, official or bare files.
+"""Reading weights files safely: ours, official DiT/DiC files, bare state_dicts and exported
+.safetensors; picking a weight set out of them; loading it into a model with a clear error.
 
-Our checkpoints keep DiT's top-level keys ("model", "ema", "opt", "args") so DiT/DiC tools
-read them; resume state lives beside them under its own keys.
+Every .pt file is read with torch.load(weights_only=True): a file can hold tensors and plain Python
+values only, so a checkpoint from anywhere runs no code when read. Checkpoints written by earlier
+versions of this project (argparse.Namespace args, NumPy RNG states) are read with exactly those
+types allow-listed, nothing more.
 """
+import argparse
+import json
 import os
+import pickle
+import re
 from functools import lru_cache
 
+import numpy as np
 import torch
 
+from helpers.cli import JobError, one_line
 from helpers.files import atomic_write
 from helpers.models import all_models
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as asked; the message says why and what to do."""
+SAFETENSORS_EXT = ".safetensors"
+# What checkpoints of this project written before the safe format hold besides tensors.
+_LEGACY_GLOBALS = [argparse.Namespace, np.ndarray, np.dtype,
+                   (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct,
+                   *(getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType"))]
 
 
 def atomic_save(obj, path, overwrite=False):
@@ -24,17 +35,56 @@ def atomic_save(obj, path, overwrite=False):
     return atomic_write(path, lambda tmp: torch.save(obj, tmp), overwrite)
 
 
-def load_checkpoint_file(path):
-    """Read a checkpoint onto the CPU with a one-line error for a missing or unreadable file."""
+def refusal(path, reason):
+    """The one line for a file that is not a plain weights file."""
+    return (f"checkpoint {path} was refused: it is not a plain weights file ({reason}); if you trust "
+            f"its source, convert it once with: python export.py --trust-pickle --ckpt {path} --out "
+            f"{os.path.splitext(path)[0]}-safe.pt")
+
+
+def load_checkpoint_file(path, mmap=False):
+    """A checkpoint's contents on the CPU, read without running code: .safetensors gives
+    {"ema": tensors, "metadata": {...}}; a .pt file is read with weights_only=True."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist: pass the path of a .pt file")
+        raise JobError(f"checkpoint {path} does not exist: pass the path of a .pt or .safetensors file")
+    if path.endswith(SAFETENSORS_EXT):
+        return read_safetensors(path)
     try:
-        # Our files hold argparse.Namespace args and RNG states, so full unpickling is needed;
-        # only load checkpoints you trust, as with any torch.load.
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
-                              f"is it a complete torch checkpoint?") from e
+        with torch.serialization.safe_globals(_LEGACY_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - every unreadable file gets a clear one-line message
+        refused = _unsafe_global(e) if isinstance(e, pickle.UnpicklingError) else None
+        if refused:
+            raise JobError(refusal(path, f"it holds {refused}, which loading would call")) from e
+        if mmap:   # not a zip checkpoint (e.g. torch's legacy format): read it without mmap
+            return load_checkpoint_file(path)
+        raise JobError(f"checkpoint {path} cannot be read ({type(e).__name__}): is it a complete torch "
+                       f"checkpoint?") from e
+
+
+def _unsafe_global(error):
+    """The global a weights-only load refused (e.g. "io.open"), or None for another failure."""
+    found = re.search(r"Unsupported global:\s*GLOBAL\s+([\w.<>]+)", str(error))
+    return found.group(1) if found else None
+
+
+def read_safetensors(path):
+    """An exported .safetensors file as {"ema": state_dict, "metadata": {key: JSON-decoded value}}."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            weights = {key: f.get_tensor(key) for key in f.keys()}
+            raw = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001
+        raise JobError(f"{path} is not a readable .safetensors file ({one_line(e)}): export it again "
+                       f"with export.py") from e
+    metadata = {}
+    for key, value in raw.items():
+        try:
+            metadata[key] = json.loads(value)
+        except ValueError:
+            metadata[key] = value
+    return {"ema": weights, "metadata": metadata}
 
 
 def strip_wrapper_prefixes(state_dict):
@@ -61,11 +111,11 @@ def extract_state_dict(checkpoint, which="ema"):
     if _is_state_dict(checkpoint):
         return strip_wrapper_prefixes(checkpoint)
     if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"checkpoint holds a {type(checkpoint).__name__}, not model weights")
+        raise JobError(f"checkpoint holds a {type(checkpoint).__name__}, not model weights")
     if which in checkpoint and _is_state_dict(checkpoint[which]):
         return strip_wrapper_prefixes(checkpoint[which])
     present = ", ".join(k for k in checkpoint if _is_state_dict(checkpoint[k])) or "none"
-    raise CheckpointError(f"checkpoint has no {which!r} weights (weight sets present: {present}); "
+    raise JobError(f"checkpoint has no {which!r} weights (weight sets present: {present}); "
                           f"choose one of those")
 
 
@@ -122,7 +172,7 @@ def load_model_weights(model, state_dict, model_name):
     in_channels, num_classes = _infer_config(state_dict, model)
     found = identify_variant(state_dict, model.input_size, in_channels, num_classes, model.learn_sigma)
     if found is not None and found != model_name:
-        raise CheckpointError(f"checkpoint holds {found} weights but the model is {model_name}: "
+        raise JobError(f"checkpoint holds {found} weights but the model is {model_name}: "
                               f"pass --model {found} or a {model_name} checkpoint")
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
@@ -136,7 +186,7 @@ def load_model_weights(model, state_dict, model_name):
         k = mismatched[0]
         details.append(f"{len(mismatched)} shape mismatches (e.g. {k}: checkpoint "
                        f"{tuple(got[k])} vs model {tuple(expected[k])})")
-    raise CheckpointError(f"checkpoint does not fit {model_name} "
+    raise JobError(f"checkpoint does not fit {model_name} "
                           f"(input_size={model.input_size}, in_channels={model.in_channels}, "
                           f"num_classes={model.num_classes}): {'; '.join(details)}; check --model, "
                           f"--image-size, --num-classes and --vae")

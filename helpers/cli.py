@@ -13,6 +13,8 @@ import sys
 
 import torch.distributed as dist
 
+from helpers.distributed import broadcast_object, gather_objects, is_distributed
+
 EXIT_BAD_INPUT = 2    # the user must change a flag or a file (argparse uses 2 too)
 EXIT_RUN_FAILED = 1   # the job itself failed (e.g. a NaN loss); the input was fine
 
@@ -34,7 +36,7 @@ class JobError(ValueError):
 
 def global_rank():
     """This process's rank in the whole job (0 without a process group or torchrun)."""
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         return dist.get_rank()
     return int(os.environ.get("RANK", "0"))
 
@@ -46,7 +48,6 @@ def agree(fn, on_main_only=False):
     process raises the same JobError, so no process hangs in a collective that another has left.
     With on_main_only, rank 0's result is returned on every rank.
     """
-    distributed = dist.is_available() and dist.is_initialized()
     result, error = None, None
     if global_rank() == 0 or not on_main_only:
         try:
@@ -55,15 +56,10 @@ def agree(fn, on_main_only=False):
             error = (str(e), e.code)
         except (ValueError, OSError) as e:
             error = (one_line(e), EXIT_BAD_INPUT)
-    if distributed:
-        if on_main_only:
-            box = [(result, error)]
-            dist.broadcast_object_list(box, src=0)
-            result, error = box[0]
-        else:
-            errors = [None] * dist.get_world_size()
-            dist.all_gather_object(errors, error)
-            error = next((e for e in errors if e is not None), None)
+    if on_main_only:
+        result, error = broadcast_object((result, error))
+    else:
+        error = next((e for e in gather_objects(error) if e is not None), None)
     if error is not None:
         raise JobError(error[0], error[1])
     return result

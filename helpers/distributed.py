@@ -5,10 +5,8 @@ from the global RANK; the official scripts mixed the two up on multi-node runs.
 """
 import gc
 import os
-import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -57,14 +55,6 @@ def barrier():
         dist.barrier()
 
 
-def all_reduce_mean(tensor):
-    """Average a tensor over all processes (in place); unchanged in a single-process job."""
-    if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor /= dist.get_world_size()
-    return tensor
-
-
 def broadcast_object(obj, src=0):
     """Send a picklable object from rank `src` to every process."""
     if not is_distributed():
@@ -96,9 +86,3 @@ def cleanup_distributed():
         gc.collect()
         dist.destroy_process_group()
 
-
-def seed_everything(seed):
-    """Seed Python, NumPy and torch (all devices) from one integer."""
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)

@@ -17,7 +17,7 @@ bench/bench.py):
       for DiC on CPU (bench: +2-4% in fp32, -10% with bf16: GroupNorm's NHWC CPU kernels are slow,
       backward ~13x the NCHW one); on CUDA unmeasured here, and CUDA GroupNorm has returned NCHW
       for NHWC input (pytorch#111824), i.e. layout conversions around every DiC block. So: off
-      unless `bench/bench.py --device cuda` shows a gain (`default_channels_last`). Checkpoints
+      unless `bench/bench.py --device cuda` shows a gain (`--channels-last` is opt-in). Checkpoints
       stay plain: save `contiguous_state_dict(model.state_dict())`.
 - Change numbers, opt-in:
     * `autocast_context(device, "bf16")`: bf16 autocast (convolutions and matmuls in bf16, norms and
@@ -96,26 +96,6 @@ def to_channels_last(model):
     Parameters keep their shapes and names, so state_dicts save and load as before.
     """
     return model.to(memory_format=torch.channels_last)
-
-
-def default_channels_last(device):
-    """What `--channels-last auto` means on `device`: currently off everywhere.
-
-    CPU (measured, bench/README.md): a DiC-S training step gains 2-4% in fp32 and loses ~10% with
-    bf16, because GroupNorm's NHWC CPU kernels are slow (backward ~13x the NCHW one). CUDA: not
-    measured here, and CUDA GroupNorm has returned NCHW for NHWC input (pytorch#111824), i.e.
-    layout conversions around every DiC block. Turn it on (`--channels-last on`) where
-    `bench/bench.py --device cuda --channels-last on` shows a gain.
-    """
-    torch.device(device)   # validates the device string
-    return False
-
-
-def use_channels_last(choice, device):
-    """Resolve a --channels-last {auto,on,off} choice to a bool for `device`."""
-    if choice not in ("auto", "on", "off"):
-        raise ValueError(f"channels_last must be 'auto', 'on' or 'off', got {choice!r}")
-    return default_channels_last(device) if choice == "auto" else choice == "on"
 
 
 def contiguous_state_dict(state_dict):

@@ -4,8 +4,9 @@ import os
 import pytest
 import torch
 
-from helpers.checkpoint import (CheckpointError, atomic_save, extract_state_dict,
+from helpers.checkpoint import (atomic_save, extract_state_dict,
                                 identify_variant, load_checkpoint_file, load_model_weights)
+from helpers.cli import JobError
 from helpers.models import create_model, model_names, parse_model_overrides
 
 
@@ -50,11 +51,11 @@ def test_atomic_save_never_overwrites_and_leaves_no_temp_files(tmp_path):
 
 
 def test_unreadable_or_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(JobError, match="does not exist"):
         load_checkpoint_file(str(tmp_path / "nope.pt"))
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot be read"):
+    with pytest.raises(JobError, match="cannot be read"):
         load_checkpoint_file(str(bad))
 
 
@@ -66,7 +67,7 @@ def test_extract_state_dict_reads_ours_dit_style_and_bare_files():
     assert torch.equal(extract_state_dict(ours, "model")["w"], weights["w"])
     assert torch.equal(extract_state_dict({"module.w": torch.ones(2)})["w"], torch.ones(2))  # bare, DDP
     assert list(extract_state_dict({"_orig_mod.w": torch.ones(1)})) == ["w"]      # compiled
-    with pytest.raises(CheckpointError, match=r"no 'ema' weights \(weight sets present: model\)"):
+    with pytest.raises(JobError, match=r"no 'ema' weights \(weight sets present: model\)"):
         extract_state_dict({"model": weights, "args": None})
 
 
@@ -94,7 +95,7 @@ def test_wrong_variant_checkpoint_names_both_variants_in_one_line():
     state_dict = official_state_dict("DiC-B")
     assert identify_variant(state_dict, 32, 4, 1000) == "DiC-B"
     model = create_model("DiC-S")
-    with pytest.raises(CheckpointError) as info:
+    with pytest.raises(JobError) as info:
         load_model_weights(model, state_dict, "DiC-S")
     message = str(info.value)
     assert "\n" not in message
@@ -105,11 +106,11 @@ def test_wrong_variant_checkpoint_names_both_variants_in_one_line():
 def test_checkpoint_of_another_size_or_family_is_described():
     dit = official_state_dict("DiT-S-2")
     model = create_model("DiC-S")
-    with pytest.raises(CheckpointError, match="checkpoint holds DiT-S/2 weights but the model is DiC-S"):
+    with pytest.raises(JobError, match="checkpoint holds DiT-S/2 weights but the model is DiC-S"):
         load_model_weights(model, dit, "DiC-S")
     tiny = create_model("DiC-Tiny", num_classes=10).state_dict()
     tiny["x_embedder.proj.weight"] = torch.zeros(32, 3, 3, 3)        # a 3-channel checkpoint
-    with pytest.raises(CheckpointError, match=r"does not fit DiC-Tiny .*1 shape mismatches "
+    with pytest.raises(JobError, match=r"does not fit DiC-Tiny .*1 shape mismatches "
                                               r"\(e\.g\. x_embedder\.proj\.weight: checkpoint "
                                               r"\(32, 3, 3, 3\) vs model \(32, 4, 3, 3\)\)"):
         load_model_weights(create_model("DiC-Tiny", num_classes=10), tiny, "DiC-Tiny")

@@ -13,10 +13,9 @@ import torch
 
 from helpers.fastpath import (adamw_implementation, autocast_context, autocast_forward,
                               channels_last_input, check_precision, configure_tf32, contiguous_optimizer_state,
-                              contiguous_state_dict, default_channels_last, describe, ema_update,
+                              contiguous_state_dict, describe, ema_update,
                               ema_update_reference, fused_choice, load_optimizer_state, make_adamw,
-                              maybe_compile, optimizer_implementation, to_channels_last, unwrap_compiled,
-                              use_channels_last)
+                              maybe_compile, optimizer_implementation, to_channels_last, unwrap_compiled)
 from helpers.models import create_model
 
 
@@ -113,13 +112,7 @@ def test_channels_last_gradients_equal_eager():
     create_model("DiC-Tiny", num_classes=10).load_state_dict(fast.state_dict(), strict=True)
 
 
-def test_channels_last_choice_and_contiguous_state_dicts():
-    # auto = off on CPU (measured slower for DiC) and, until measured there, on CUDA
-    assert default_channels_last("cpu") is False and default_channels_last("cuda") is False
-    assert use_channels_last("auto", "cpu") is False and use_channels_last("on", "cpu") is True
-    assert use_channels_last("off", "cuda") is False
-    with pytest.raises(ValueError, match="'auto', 'on' or 'off', got 'yes'"):
-        use_channels_last("yes", "cpu")
+def test_contiguous_state_dicts_of_a_channels_last_model():
     model = to_channels_last(perturbed("DiC-Tiny", num_classes=10))
     sd = model.state_dict()
     assert not all(v.is_contiguous() for v in sd.values())

@@ -15,7 +15,8 @@ import torch
 from conftest import REPO_ROOT, make_image_folder, subprocess_env
 
 import train
-from helpers import training
+from helpers import data_order, runs, training
+from helpers.cli import run_main
 from helpers.images import ImageFolderDataset
 from helpers.latents import write_latent
 from helpers.log import read_losses
@@ -45,17 +46,20 @@ def latent_args(latents, results, *extra):
             "--global-batch-size", "8", "--results-dir", str(results), *map(str, extra)]
 
 
-def run_script(argv, nproc=1, script="train.py", env=None, timeout=300):
-    cmd = (TORCHRUN if nproc > 1 else [sys.executable]) + [os.path.join(REPO_ROOT, script)] + list(argv)
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env(**(env or {})), capture_output=True,
+def run_script(argv, nproc=1, script="train.py", env=None, timeout=300, hooks=None):
+    """Run a script (under torchrun for nproc > 1); `hooks`: tests/hooked.py's test-only variables."""
+    launch = [os.path.join(REPO_ROOT, "tests", "hooked.py"), script] if hooks else [os.path.join(REPO_ROOT, script)]
+    cmd = (TORCHRUN if nproc > 1 else [sys.executable]) + launch + list(argv)
+    env = {**(env or {}), **(hooks or {})}
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env(**env), capture_output=True,
                           text=True, timeout=timeout)
     proc.output = proc.stdout + proc.stderr
     return proc
 
 
 def call_main(argv):
-    """train.main in this process; returns the exit code."""
-    return train.main(training.parse_args(training.build_parser("test"), [str(a) for a in argv]))
+    """train.main in this process, as `python train.py` runs it; returns the exit code."""
+    return run_main(train.main, train.parse_args([str(a) for a in argv]))
 
 
 def only_run(results):
@@ -65,7 +69,7 @@ def only_run(results):
 
 
 def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu")   # torch's default weights_only=True reads our checkpoints
 
 
 def assert_state_dicts_equal(a, b):
@@ -82,7 +86,7 @@ def assert_opt_equal(a, b):
             assert torch.equal(v, b["state"][i][k]), (i, k)
 
 
-def read_sample_log(run_dir):
+def read_sample_log(run_dir):   # written by tests/hooked.py's DIC_TEST_LOG_SAMPLES
     """{step: set(indices)} over all ranks, plus {(rank, step): [indices]}."""
     per_step, per_rank = {}, {}
     for name in os.listdir(run_dir):
@@ -106,13 +110,15 @@ def logged_losses(text):
 
 def test_resume_is_bit_identical_with_two_processes(tmp_path, latents):
     """6 steps in one go == 3 steps, then --resume auto to 6: model, EMA, optimizer and losses."""
-    common = ["--log-every", "1", "--ckpt-every", "2", "--debug-log-samples"]
-    one_go = run_script(latent_args(latents, tmp_path / "a", *common, "--max-steps", "6"), nproc=2)
+    common = ["--log-every", "1", "--ckpt-every", "2"]
+    log_a, log_b = {"DIC_TEST_LOG_SAMPLES": tmp_path / "log_a"}, {"DIC_TEST_LOG_SAMPLES": tmp_path / "log_b"}
+    os.makedirs(tmp_path / "log_a"), os.makedirs(tmp_path / "log_b")
+    one_go = run_script(latent_args(latents, tmp_path / "a", *common, "--max-steps", "6"), nproc=2, hooks=log_a)
     assert one_go.returncode == 0, one_go.output
-    first = run_script(latent_args(latents, tmp_path / "b", *common, "--max-steps", "3"), nproc=2)
+    first = run_script(latent_args(latents, tmp_path / "b", *common, "--max-steps", "3"), nproc=2, hooks=log_b)
     assert first.returncode == 0, first.output
     resumed = run_script(latent_args(latents, tmp_path / "b", *common, "--max-steps", "6", "--resume", "auto"),
-                         nproc=2)
+                         nproc=2, hooks=log_b)
     assert resumed.returncode == 0, resumed.output
 
     run_a, run_b = only_run(tmp_path / "a"), only_run(tmp_path / "b")   # resume stays in the same folder
@@ -135,7 +141,9 @@ def test_resume_is_bit_identical_with_two_processes(tmp_path, latents):
     assert a["world_size"] == 2 and len(a["rng"]) == 2
     assert set(a["rng"][0]) >= {"torch", "numpy", "python"}
     assert not torch.equal(a["rng"][0]["torch"], a["rng"][1]["torch"])   # per-process streams differ
-    assert a["args"].model == "DiC-Tiny" and a["args"].in_channels == 4 and a["scaler"] is None
+    assert a["args"]["model"] == "DiC-Tiny" and a["args"]["in_channels"] == 4 and a["scaler"] is None
+    assert a["objective"] == {"name": "ddpm", "learn_sigma": True, "noise_schedule": "linear",
+                              "diffusion_steps": 1000} and a["format"] == "dic-train-2"
 
     # Identical logged losses (stdout and losses.csv), every step.
     assert logged_losses(one_go.stdout) == logged_losses(first.stdout) + logged_losses(resumed.stdout)
@@ -146,8 +154,8 @@ def test_resume_is_bit_identical_with_two_processes(tmp_path, latents):
     assert "Resuming from" in open(os.path.join(run_b, "log.txt")).read()
 
     # Same samples on the same ranks at every step; each sample exactly once in epoch 0 (steps 1-4).
-    per_step_a, per_rank_a = read_sample_log(run_a)
-    per_step_b, per_rank_b = read_sample_log(run_b)
+    per_step_a, per_rank_a = read_sample_log(tmp_path / "log_a")
+    per_step_b, per_rank_b = read_sample_log(tmp_path / "log_b")
     assert per_rank_a == per_rank_b
     assert all(len(per_rank_a[(r, s)]) == 4 for r in (0, 1) for s in range(1, 7))
     epoch0 = sorted(i for s in range(1, 5) for i in per_step_a[s])
@@ -159,12 +167,12 @@ def test_resume_is_bit_identical_with_two_processes(tmp_path, latents):
 def test_one_process_sees_each_sample_once_and_same_batches_as_two(tmp_path, latents):
     """One process over one epoch: every sample exactly once, and each step's global batch is the
     one two processes share between them (same seed, same order)."""
-    assert call_main(latent_args(latents, tmp_path, "--max-steps", "4", "--log-every", "2",
-                                 "--ckpt-every", "2", "--debug-log-samples")) == 0
-    run = only_run(tmp_path)
-    per_step, per_rank = read_sample_log(run)
+    proc = run_script(latent_args(latents, tmp_path / "r", "--max-steps", "4", "--log-every", "2",
+                                  "--ckpt-every", "2"), hooks={"DIC_TEST_LOG_SAMPLES": tmp_path})
+    assert proc.returncode == 0, proc.output
+    per_step, per_rank = read_sample_log(tmp_path)
     assert sorted(i for s in per_step for i in per_step[s]) == list(range(N_LATENTS))
-    sampler = training.ResumableDistributedSampler(list(range(N_LATENTS)), 2, 0, 8, seed=0)
+    sampler = data_order.ResumableDistributedSampler(list(range(N_LATENTS)), 2, 0, 8, seed=0)
     order = sampler.epoch_order()
     for s in range(1, 5):
         assert per_rank[(0, s)] == order[(s - 1) * 8: s * 8]   # one process walks the global order
@@ -178,7 +186,7 @@ def test_one_process_sees_each_sample_once_and_same_batches_as_two(tmp_path, lat
 def test_sampler_partitions_every_epoch_and_resumes_by_offset(n):
     gb = 8
     for world in (1, 2, 4):
-        samplers = [training.ResumableDistributedSampler(list(range(n)), world, r, gb, seed=3) for r in range(world)]
+        samplers = [data_order.ResumableDistributedSampler(list(range(n)), world, r, gb, seed=3) for r in range(world)]
         for epoch in (0, 1):
             shards = []
             for s in samplers:
@@ -191,7 +199,7 @@ def test_sampler_partitions_every_epoch_and_resumes_by_offset(n):
             for s, shard in zip(samplers, shards):
                 s.set_epoch(epoch, start=2 * gb)
                 assert list(s) == shard[2 * gb // world:]
-    a = training.ResumableDistributedSampler(list(range(n)), 1, 0, gb, seed=3)
+    a = data_order.ResumableDistributedSampler(list(range(n)), 1, 0, gb, seed=3)
     a.set_epoch(0)
     first = list(a)
     a.set_epoch(1)
@@ -200,7 +208,7 @@ def test_sampler_partitions_every_epoch_and_resumes_by_offset(n):
 
 def test_random_flips_depend_only_on_seed_epoch_and_index(tmp_path):
     folder = make_image_folder(tmp_path / "img", num_classes=1, per_class=6, size=(20, 20))
-    data = training.SeededSamples(ImageFolderDataset(folder, 16), seed=5)
+    data = data_order.SeededSamples(ImageFolderDataset(folder, 16), seed=5)
     torch.manual_seed(0)
     before = torch.get_rng_state()
     forward = [data[i][0] for i in range(6)]
@@ -236,7 +244,7 @@ def test_vae_image_folder_with_workers_and_corrupt_image_resumes_exactly(tmp_pat
     assert_state_dicts_equal(a["model"], b["model"])
     assert_state_dicts_equal(a["ema"], b["ema"])
     assert_opt_equal(a["opt"], b["opt"])
-    assert a["args"].in_channels == 4 and a["model_kwargs"]["input_size"] == 8   # tiny VAE: factor 2
+    assert a["args"]["in_channels"] == 4 and a["model_kwargs"]["input_size"] == 8   # tiny VAE: factor 2
     assert logged_losses(out_a) == logged_losses(out_b) and len(logged_losses(out_a)) == 2
     # 8 files, one epoch of 4 steps (resumed mid-epoch): the corrupt one is met once.
     assert "Skipped Corrupt Images: 1" in out_a and a["skipped_images"] == 1
@@ -347,7 +355,7 @@ def test_batch_not_divisible_by_processes_two_processes(tmp_path, latents):
 
 def test_nan_loss_stops_all_processes_and_keeps_last_good_checkpoint(tmp_path, latents):
     proc = run_script(latent_args(latents, tmp_path / "r", "--max-steps", "6", "--ckpt-every", "2",
-                                  "--log-every", "1", "--debug-nan-at-step", "3"), nproc=2)
+                                  "--log-every", "1"), nproc=2, hooks={"DIC_TEST_NAN_AT_STEP": 3})
     run = only_run(tmp_path / "r")
     good = os.path.join(run, "checkpoints", "0000002.pt")
     assert proc.returncode != 0
@@ -372,9 +380,9 @@ def test_new_runs_never_reuse_a_folder(tmp_path, capsys):
     assert os.listdir(results / "004-DiC-Tiny" / "checkpoints") == ["0000001.pt"]
     ckpt = load(results / "004-DiC-Tiny" / "checkpoints" / "0000001.pt")   # the override reached the model
     assert ckpt["model_kwargs"] == {"input_size": 16, "in_channels": 1, "num_classes": 10, "skip_stride": 1}
-    assert ckpt["args"].model_overrides == {"skip_stride": 1} and ckpt["args"].dataset == "digits"
+    assert ckpt["args"]["model_overrides"] == {"skip_stride": 1} and ckpt["args"]["dataset"] == "digits"
     # DiT's number (count of entries), moved past every number in use.
-    assert os.path.basename(training.create_run_dir(str(results), "DiT-XL/2")) == "005-DiT-XL-2"
+    assert os.path.basename(runs.create_run_dir(str(results), "DiT-XL/2")) == "005-DiT-XL-2"
 
 
 def test_script_runs_as_plain_python_and_exits_nonzero_on_error(tmp_path):
@@ -385,7 +393,7 @@ def test_script_runs_as_plain_python_and_exits_nonzero_on_error(tmp_path):
 
 def test_unknown_flags_are_rejected(capsys):
     with pytest.raises(SystemExit) as e:
-        training.parse_args(training.build_parser("test"), ["--dataset", "digits", "--modle", "DiC-S"])
+        train.parse_args(["--dataset", "digits", "--modle", "DiC-S"])
     assert e.value.code == 2 and "unrecognised argument '--modle'" in capsys.readouterr().err
 
 
@@ -421,7 +429,7 @@ def test_fast_path_flags_keep_the_numbers(tmp_path, latents, capsys):
     assert base["fast_path"] == FAST_DEFAULT and base["opt"]["param_groups"][0]["fused"] is True
 
     # channels_last: same math, other summation order. Measured 1e-8 relative on the weights; bound 1e-5.
-    cl, cl_losses, _ = fit(latents, tmp_path / "cl", "--channels-last", "on")
+    cl, cl_losses, _ = fit(latents, tmp_path / "cl", "--channels-last")
     assert "AdamW fused, EMA foreach, channels_last on, compile off" in capsys.readouterr().out
     assert cl["fast_path"] == {**FAST_DEFAULT, "channels_last": True}
     assert weights_rel_err(cl["model"], base["model"]) < 1e-5
@@ -447,8 +455,8 @@ def test_fast_path_flags_keep_the_numbers(tmp_path, latents, capsys):
 
 def test_channels_last_resume_is_exact_and_old_checkpoints_resume_with_the_fused_kernel(tmp_path, latents, capsys):
     # channels_last: 2 steps, then --resume auto to 4 (the flag comes from the checkpoint) == 4 in one go.
-    one_go, one_go_losses, _ = fit(latents, tmp_path / "a", "--channels-last", "on")
-    fit(latents, tmp_path / "b", "--channels-last", "on", steps=2)
+    one_go, one_go_losses, _ = fit(latents, tmp_path / "a", "--channels-last")
+    fit(latents, tmp_path / "b", "--channels-last", steps=2)
     capsys.readouterr()
     resumed, resumed_losses, _ = fit(latents, tmp_path / "b", "--resume", "auto")
     assert "channels_last on" in capsys.readouterr().out
@@ -457,27 +465,50 @@ def test_channels_last_resume_is_exact_and_old_checkpoints_resume_with_the_fused
     assert_opt_equal(one_go["opt"], resumed["opt"])
     assert one_go_losses == resumed_losses
 
-    # A checkpoint written before the fast path (no fast_path field, no fast-path args, optimizer
-    # groups saying fused=None as torch's default AdamW writes them) still resumes, and with the
-    # fused kernel: torch's load_state_dict alone would take the saved flags and run the for-loop
-    # AdamW, which differs from the fused one in the last bits.
+    # A checkpoint in the format earlier versions wrote (format 1: argparse.Namespace args without the
+    # fast-path flags, NumPy/Python RNG states as tuples, no objective, optimizer groups saying
+    # fused=None as torch's default AdamW writes them) still resumes exactly, read with
+    # weights_only=True (those exact types allow-listed), and with the fused kernel: torch's
+    # load_state_dict alone would take the saved flags and run the for-loop AdamW.
     base, base_losses, base_run = fit(latents, tmp_path / "base")
     old_results = tmp_path / "old"
     old_run = old_results / os.path.basename(base_run)
     os.makedirs(old_run / "checkpoints")
-    old = load(os.path.join(base_run, "checkpoints", "0000002.pt"))
-    del old["fast_path"]
-    for key in ("fused_adamw", "channels_last", "compile"):
-        delattr(old["args"], key)
-    for group in old["opt"]["param_groups"]:
-        group["fused"], group["foreach"] = None, None
-    torch.save(old, old_run / "checkpoints" / "0000002.pt")
+    old = write_format_1_checkpoint(os.path.join(base_run, "checkpoints", "0000002.pt"),
+                                    old_run / "checkpoints" / "0000002.pt")
+    with pytest.raises(Exception, match="Unsupported global"):   # really not a weights-only file
+        torch.load(old, weights_only=True)
     capsys.readouterr()
-    continued, _, _ = fit(latents, old_results, "--resume", "auto")
+    continued, continued_losses, _ = fit(latents, old_results, "--resume", "auto")
     assert "AdamW fused" in capsys.readouterr().out
     assert continued["opt"]["param_groups"][0]["fused"] is True
     assert_state_dicts_equal(continued["model"], base["model"])   # bit for bit: the same kernel as before
     assert_state_dicts_equal(continued["ema"], base["ema"])
+    assert continued_losses == base_losses[2:]   # the copied run folder had no losses.csv: steps 3-4
+
+
+def write_format_1_checkpoint(source, path):
+    """A checkpoint as this project wrote it before the safe format, made from a current one."""
+    import argparse
+    import random as _random
+    old = load(source)
+    old["args"] = argparse.Namespace(**{k: v for k, v in old["args"].items()
+                                        if k not in ("fused_adamw", "channels_last", "compile", "objective")},
+                                     grad_clip=False, debug_nan_at_step=None, debug_log_samples=False)
+    for state in old["rng"]:
+        n = state["numpy"]
+        state["numpy"] = ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                          n["cached_gaussian"])
+        p = state["python"]
+        state["python"] = (p["version"], tuple(p["state"].tolist()), p["gauss"])
+        _random.Random().setstate(state["python"])   # a valid Python RNG state
+    for key in ("fast_path", "objective"):
+        del old[key]
+    old["format"] = "dic-train-1"
+    for group in old["opt"]["param_groups"]:
+        group["fused"], group["foreach"] = None, None
+    torch.save(old, path)
+    return str(path)
 
 
 @pytest.mark.slow

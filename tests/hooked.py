@@ -1,0 +1,80 @@
+"""Run a script of the repo with test-only fault and tracing hooks patched in from outside, so the
+scripts themselves carry no test flags. Used by the tests as `python tests/hooked.py SCRIPT ARGS...`
+(also under torchrun). The hooks, each switched on by a test-only environment variable:
+
+    DIC_TEST_NAN_AT_STEP=K          global rank 0's loss becomes NaN at training step K
+    DIC_TEST_LOG_SAMPLES=FOLDER     each process appends "step epoch index..." for every batch it
+                                    trains on to FOLDER/debug_samples_rank<r>.txt
+    DIC_TEST_EXIT_AFTER_BATCHES=N   sampling exits abruptly (os._exit(3), as if killed) before
+                                    generating its batch N + 1
+"""
+import os
+import runpy
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from helpers import data_order, objectives, runs, sampling  # noqa: E402
+
+
+def rank():
+    return int(os.environ.get("RANK", "0"))
+
+
+def nan_at_step(step):
+    original = objectives.DDPM.training_losses
+    calls = {"n": 0}
+
+    def training_losses(self, model, x, model_kwargs=None, draws=None):
+        calls["n"] += 1
+        losses = original(self, model, x, model_kwargs, draws)
+        if calls["n"] == step and rank() == 0:
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+    objectives.DDPM.training_losses = training_losses
+
+
+def log_samples(folder):
+    state = {"step": 0}
+    original_resume, original_epoch = runs.resume_progress, data_order.EpochBatches.epoch
+
+    def resume_progress(*args, **kwargs):
+        progress = original_resume(*args, **kwargs)
+        state["step"] = progress.step
+        return progress
+
+    def epoch(self, epoch, start_sample=0):
+        path = os.path.join(folder, f"debug_samples_rank{rank()}.txt")
+        for batch in original_epoch(self, epoch, start_sample):
+            state["step"] += 1
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(f"{state['step']} {epoch} {' '.join(str(int(i)) for i in batch[2])}\n")
+            yield batch
+    runs.resume_progress = resume_progress
+    data_order.EpochBatches.epoch = epoch
+
+
+def exit_after_batches(n):
+    original = sampling.generate
+    calls = {"n": 0}
+
+    def generate(*args, **kwargs):
+        if calls["n"] >= n:
+            print(f"[rank {rank()}] DIC_TEST_EXIT_AFTER_BATCHES={n}: exiting now", flush=True)
+            os._exit(3)
+        calls["n"] += 1
+        return original(*args, **kwargs)
+    sampling.generate = generate
+
+
+if __name__ == "__main__":
+    if os.environ.get("DIC_TEST_NAN_AT_STEP"):
+        nan_at_step(int(os.environ["DIC_TEST_NAN_AT_STEP"]))
+    if os.environ.get("DIC_TEST_LOG_SAMPLES"):
+        log_samples(os.environ["DIC_TEST_LOG_SAMPLES"])
+    if os.environ.get("DIC_TEST_EXIT_AFTER_BATCHES"):
+        exit_after_batches(int(os.environ["DIC_TEST_EXIT_AFTER_BATCHES"]))
+    script = os.path.join(REPO_ROOT, sys.argv[1])
+    sys.argv = [script] + sys.argv[2:]
+    runpy.run_path(script, run_name="__main__")
