@@ -12,16 +12,18 @@ its noise.
 """
 import argparse
 import os
+import sys
 
 import torch
 from torchvision.utils import save_image
 
+from helpers.cli import JobError, run_main
 from helpers.distributed import setup_distributed
 from helpers.files import atomic_write
-from helpers.sampling import (DIT_DEFAULT_LABELS, SamplingError, add_model_args, add_sampler_args,
-                              add_speed_args, build_model, check_common_args, generate, grid_noise,
-                              make_diffusion, make_model_fn, parse_with_model_overrides,
-                              read_checkpoint, resolve_settings, run_cli, setup_speed)
+from helpers.sampling import (DIT_DEFAULT_LABELS, add_model_args, add_sampler_args, add_speed_args,
+                              build_model, check_common_args, generate, grid_noise, make_diffusion,
+                              make_model_fn, parse_with_model_overrides, read_checkpoint,
+                              resolve_settings, setup_speed)
 
 
 def default_labels(num_classes, log=print):
@@ -37,15 +39,15 @@ def default_labels(num_classes, log=print):
 def main(args):
     check_common_args(args)
     if not os.path.splitext(args.out)[1]:
-        raise SamplingError(f"--out {args.out!r} needs an image extension such as .png")
+        raise JobError(f"--out {args.out!r} needs an image extension such as .png")
     if os.path.exists(args.out) and not args.overwrite:
-        raise SamplingError(f"{args.out} already exists: pass --overwrite to replace it, or another --out")
+        raise JobError(f"{args.out} already exists: pass --overwrite to replace it, or another --out")
     if args.nrow < 1:
-        raise SamplingError(f"--nrow must be >= 1, got {args.nrow}")
+        raise JobError(f"--nrow must be >= 1, got {args.nrow}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would write the same --out
-        raise SamplingError("sample.py runs as one process: use sample_ddp.py under torchrun")
+        raise JobError("sample.py runs as one process: use sample_ddp.py under torchrun")
     device = setup_distributed().device  # this node's GPU (LOCAL_RANK) under a 1-process torchrun
-    speed = setup_speed(args, device)  # --tf32, --precision, --channels-last, --compile
+    speed = setup_speed(args)  # --precision, --channels-last, --compile
 
     # Load the model (EMA weights by default) and the VAE:
     checkpoint, state_dict = read_checkpoint(args.ckpt, args.weights)
@@ -88,4 +90,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args)
+    sys.exit(run_main(main, parse_args()))

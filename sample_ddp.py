@@ -9,7 +9,7 @@ Image i depends only on (--global-seed, i, the settings): its label, its initial
 per-step noise come from a generator seeded from (global seed, i), and every model call has the
 same batch shape (a rank's last batch is padded). So the .npz is byte-identical from 1 or 8
 processes at the same --per-proc-batch-size and fast-path flags (--precision, --channels-last,
---compile, --tf32), and exactly --num-fid-samples images are made. --precision bf16 changes the
+--compile), and exactly --num-fid-samples images are made. --precision bf16 changes the
 samples slightly, so its folder name ends in -bf16.
 Another batch size gives the same samples up to the float rounding of batched kernels (BLAS and
 cuDNN choose kernels by shape), which rarely moves a pixel by one level.
@@ -21,24 +21,25 @@ several nodes --sample-dir must be on a shared file system (as in DiT).
 import argparse
 import json
 import os
+import sys
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from helpers.distributed import barrier, broadcast_object, cleanup_distributed, setup_distributed
+from helpers.cli import JobError, agree, run_main
+from helpers.distributed import barrier, cleanup_distributed, setup_distributed
 from helpers.files import atomic_write, atomic_write_text
-from helpers.sampling import (IndexNoise, SamplingError, add_model_args, add_sampler_args,
-                              add_speed_args, build_model, check_common_args, clips_denoised,
-                              describe_speed, draw_labels, generate, make_diffusion, make_model_fn,
-                              npz_shape, parse_with_model_overrides, png_name, read_checkpoint,
-                              resolve_settings, run_cli, setup_speed, to_uint8_rgb,
-                              write_npz_from_pngs)
+from helpers.sample_files import npz_shape, png_name, write_npz_from_pngs
+from helpers.sampling import (IndexNoise, add_model_args, add_sampler_args, add_speed_args, build_model,
+                              check_common_args, clips_denoised, describe_speed, draw_labels, generate,
+                              make_diffusion, make_model_fn, parse_with_model_overrides, read_checkpoint,
+                              resolve_settings, setup_speed, to_uint8_rgb)
 
 SETTINGS_FILE = "sampling_settings.json"
-LEGACY_SETTINGS = {"precision": "fp32", "clip_denoised": False}  # what older settings files implied
-# Testing only: exit abruptly (as if killed) after this many batches on every rank.
-EXIT_AFTER_ENV = "SAMPLE_DDP_TEST_EXIT_AFTER_BATCHES"
+# What older settings files implied for keys they lack (their noise came from another seed rule).
+LEGACY_SETTINGS = {"precision": "tf32", "clip_denoised": False, "seed_rule": "seedsequence"}
+SEED_RULE = "derive_seed"   # helpers.seeds: image i's generator is generator(global seed, i)
 
 
 def folder_name(args):
@@ -55,7 +56,7 @@ def folder_name(args):
         name += f"-guide-{args.guide_channels}"
     if args.balanced_classes:
         name += "-balanced"
-    if args.precision != "fp32":
+    if args.precision != "tf32":   # the default (as DiT: TF32 allowed)
         name += f"-{args.precision}"
     return name
 
@@ -69,7 +70,7 @@ def image_settings(args):
             "guide_channels": args.guide_channels, "num_sampling_steps": args.num_sampling_steps,
             "sampler": args.sampler, "global_seed": args.global_seed,
             "balanced_classes": args.balanced_classes, "precision": args.precision,
-            "clip_denoised": clips_denoised(args.vae)}
+            "clip_denoised": clips_denoised(args.vae), "seed_rule": SEED_RULE}
 
 
 def check_output(args, sample_folder, npz_path, expected_shape):
@@ -81,18 +82,18 @@ def check_output(args, sample_folder, npz_path, expected_shape):
     settings_path = os.path.join(sample_folder, SETTINGS_FILE)
     if os.path.exists(settings_path):
         settings = image_settings(args)
-        with open(settings_path) as f:  # folders from before these keys existed: fp32, no clipping
+        with open(settings_path) as f:  # folders from before these keys existed: see LEGACY_SETTINGS
             previous = {**LEGACY_SETTINGS, **json.load(f)}
         changed = [k for k in sorted(set(settings) | set(previous)) if settings.get(k) != previous.get(k)]
         if changed:
             k = changed[0]
-            raise SamplingError(f"{sample_folder} holds samples made with other settings ({k}: "
+            raise JobError(f"{sample_folder} holds samples made with other settings ({k}: "
                                 f"{previous.get(k)!r}, now {settings.get(k)!r}): use another --sample-dir")
     if os.path.exists(npz_path):
         shape = npz_shape(npz_path)
         if shape == expected_shape:
             return "done"
-        raise SamplingError(f"{npz_path} exists but holds {shape if shape else 'no readable uint8 arr_0'}, "
+        raise JobError(f"{npz_path} exists but holds {shape if shape else 'no readable uint8 arr_0'}, "
                             f"not {expected_shape}: move it away to sample again")
     return "go"
 
@@ -105,30 +106,16 @@ def create_output(args, sample_folder):
         atomic_write_text(settings_path, json.dumps(image_settings(args), indent=2))
 
 
-def on_rank0(dist, fn, *fn_args):
-    """Run fn on rank 0 and hand its result (or its error) to every rank."""
-    result = None
-    if dist.is_main:
-        try:
-            result = ("ok", fn(*fn_args))
-        except (SamplingError, OSError, ValueError) as e:
-            result = ("error", str(e))
-    status, value = broadcast_object(result)
-    if status == "error":
-        raise SamplingError(value)
-    return value
-
-
 @torch.no_grad()  # scoped to the run: in-process callers keep autograd
 def main(args):
     check_common_args(args)
     if args.per_proc_batch_size < 1 or args.num_fid_samples < 1:
-        raise SamplingError("--per-proc-batch-size and --num-fid-samples must be >= 1")
+        raise JobError("--per-proc-batch-size and --num-fid-samples must be >= 1")
 
     # Setup DDP (one process without torchrun); the device comes from LOCAL_RANK:
     dist = setup_distributed()
     rank, world_size, device = dist.rank, dist.world_size, dist.device
-    speed = setup_speed(args, device)  # --tf32, --precision, --channels-last, --compile
+    speed = setup_speed(args)  # --precision, --channels-last, --compile
     log = print if dist.is_main else (lambda *a, **k: None)
 
     checkpoint, state_dict = read_checkpoint(args.ckpt, args.weights)
@@ -139,14 +126,14 @@ def main(args):
     expected_shape = (args.num_fid_samples, args.image_size, args.image_size, 3)
 
     # Rank 0 checks the output (read-only); every rank learns the outcome and fails alike:
-    if on_rank0(dist, check_output, args, sample_folder, npz_path, expected_shape) == "done":
+    if agree(lambda: check_output(args, sample_folder, npz_path, expected_shape), on_main_only=True) == "done":
         log(f"{npz_path} already holds all {args.num_fid_samples} samples: nothing to do")
         cleanup_distributed()
         return npz_path
 
     model, vae = build_model(args, state_dict, device)
     del state_dict
-    on_rank0(dist, create_output, args, sample_folder)
+    agree(lambda: create_output(args, sample_folder), on_main_only=True)
     diffusion = make_diffusion(model, args.sampler, args.num_sampling_steps)
     model_fn = make_model_fn(model, args.cfg_scale, args.guide_channels, **speed)
 
@@ -160,8 +147,7 @@ def main(args):
         log(f"Sampling {args.num_fid_samples - already} images with {world_size} process(es), "
             f"batch {args.per_proc_batch_size} per process ({describe_speed(speed)}), into {sample_folder}")
     batches = [mine[k:k + args.per_proc_batch_size] for k in range(0, len(mine), args.per_proc_batch_size)]
-    exit_after = int(os.environ.get(EXIT_AFTER_ENV, "0"))
-    for b, indices in enumerate(tqdm(batches, disable=not dist.is_main, desc="batches")):
+    for indices in tqdm(batches, disable=not dist.is_main, desc="batches"):
         # The last batch is padded to the full batch size: every model call has the same shape.
         noise = IndexNoise(args.global_seed, indices, pad_to=args.per_proc_batch_size)
         labels = draw_labels(noise, args.num_classes, args.balanced_classes)
@@ -170,9 +156,6 @@ def main(args):
         for index, image in zip(indices, images):
             atomic_write(os.path.join(sample_folder, png_name(index)),
                          lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
-        if exit_after and b + 1 >= exit_after:
-            print(f"[rank {rank}] {EXIT_AFTER_ENV}={exit_after}: exiting now", flush=True)
-            os._exit(3)
 
     # Make sure all processes have finished saving their samples before packing the .npz:
     barrier()
@@ -204,4 +187,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main, parse_args)
+    sys.exit(run_main(main, parse_args()))

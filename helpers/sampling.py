@@ -8,39 +8,30 @@ size or the number of processes; the diffusion arithmetic itself is DiT's (p_mea
 p_sample's update, ddim_sample). Bit-exact pixels also need the same batch shape for every model
 call (see IndexNoise's pad_to): batched kernels round a row the same way at any position of a
 batch of one shape, but not necessarily at another batch size. Each fast-path setting
-(--precision, --channels-last, --compile, --tf32) keeps this guarantee as long as every process
+(--precision, --channels-last, --compile) keeps this guarantee as long as every process
 uses the same setting; only --precision bf16 changes the numbers beyond float rounding.
 """
 import argparse
-import os
-import sys
-import zipfile
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from diffusion import create_diffusion
-from helpers.checkpoint import (CheckpointError, extract_state_dict, load_checkpoint_file,
-                                load_model_weights)
-from helpers.files import atomic_write
-from helpers.fastpath import (autocast_forward, channels_last_input, configure_tf32, maybe_compile,
-                              to_channels_last, use_channels_last)
+from helpers.checkpoint import extract_state_dict, load_checkpoint_file, load_model_weights
+from helpers.cli import JobError
+from helpers.fastpath import (PRECISIONS, autocast_forward, channels_last_input, configure_tf32,
+                              maybe_compile, to_channels_last)
 from helpers.images import BUILTIN_DATASETS
 from helpers.models import create_model, model_names, parse_args_with_overrides
+from helpers.objectives import objective_of_checkpoint
+from helpers.runs import saved_args
+from helpers.seeds import generator
 from helpers.vae import decode, downsample_factor, latent_channels, load_vae, to_uint8
 
 # The labels DiT's sample.py conditions on (ImageNet ids).
 DIT_DEFAULT_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 DEFAULTS = {"model": "DiC-XL", "image_size": 256, "num_classes": 1000, "vae": "ema"}
 GUIDE_CHANNELS = {"official": None, "all": "all"}  # --guide-channels -> forward_with_cfg's argument
-PRECISIONS = ("fp32", "bf16")                       # --precision of the model forward
-
-
-class SamplingError(ValueError):
-    """Bad sampling input; the message says what to change."""
-
 
 #################################################################################
 #                       Command-line flags both scripts take                    #
@@ -80,33 +71,14 @@ def add_sampler_args(parser, cfg_scale, cfg_scale_source):
 
 
 def add_speed_args(parser):
-    """The fast path. Flags that change the numbers (bf16, compile) are off by default."""
-    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                        help="allow TF32 matmuls/convolutions on Ampere+ GPUs (default: on, as DiT)")
-    parser.add_argument("--precision", type=str, choices=PRECISIONS, default="fp32",
-                        help="fp32, or bf16: the model forward under bf16 autocast, its output cast "
-                             "back to fp32 (the diffusion arithmetic stays fp32); changes the samples "
-                             "slightly (default: fp32)")
-    parser.add_argument("--channels-last", type=str, choices=["auto", "on", "off"], default="auto",
-                        help="NHWC memory layout for the model: same math up to float rounding; "
-                             "auto = helpers/fastpath.py's default for the device, now off "
-                             "everywhere (slower for DiC on CPU, unmeasured on CUDA)")
+    """The fast path, with the trainers' meanings. What changes the numbers (bf16, compile) is opt-in."""
+    parser.add_argument("--precision", type=str, choices=PRECISIONS, default="tf32",
+                        help="tf32 (TF32 matmuls on GPU, as DiT), fp32 (strict) or bf16 (autocast)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                        help="NHWC weights and activations (default off)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                        help="torch.compile the model call (same math up to float rounding; the "
-                             "first steps pay the compile time; default: off)")
+                        help="torch.compile the model call (default off)")
     return parser
-
-
-def run_cli(main, parse_args):
-    """A script's entry point: main(parse_args()); a bad input (ValueError, FileExistsError) is one
-    `error: ...` line on stderr (from global rank 0 only under torchrun) and exit status 1."""
-    arguments = parse_args()
-    try:
-        main(arguments)
-    except (ValueError, FileExistsError) as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 def parse_with_model_overrides(parser, argv=None):
@@ -116,12 +88,10 @@ def parse_with_model_overrides(parser, argv=None):
     return args
 
 
-def setup_speed(args, device):
-    """Apply --tf32; returns make_model_fn's fast-path keyword arguments (--channels-last auto
-    resolved for `device` by fastpath.default_channels_last)."""
-    configure_tf32(args.tf32)  # True: fast on Ampere+, may change the last bits
-    return dict(precision=args.precision, channels_last=use_channels_last(args.channels_last, device),
-                compile=bool(args.compile))
+def setup_speed(args):
+    """Apply TF32 for --precision tf32/bf16; returns make_model_fn's fast-path keyword arguments."""
+    configure_tf32(args.precision in ("tf32", "bf16"))
+    return dict(precision=args.precision, channels_last=bool(args.channels_last), compile=bool(args.compile))
 
 
 def describe_speed(speed):
@@ -137,16 +107,16 @@ def describe_speed(speed):
 def check_common_args(args):
     """Checks that need no checkpoint: fail before any work is done."""
     if args.cfg_scale < 1.0:
-        raise SamplingError(f"--cfg-scale must be >= 1 (1 = no guidance), got {args.cfg_scale}")
+        raise JobError(f"--cfg-scale must be >= 1 (1 = no guidance), got {args.cfg_scale}")
     if args.num_sampling_steps < 2:  # DiT's respaced diffusion has no posterior variance for 1 step
-        raise SamplingError(f"--num-sampling-steps must be >= 2, got {args.num_sampling_steps}")
+        raise JobError(f"--num-sampling-steps must be >= 2, got {args.num_sampling_steps}")
     if args.model is not None:
         check_model_name(args.model)
     seed = getattr(args, "seed", getattr(args, "global_seed", 0))
     if seed < 0:
-        raise SamplingError(f"the seed must be >= 0, got {seed}")
+        raise JobError(f"the seed must be >= 0, got {seed}")
     if args.in_channels is not None and args.in_channels < 1:
-        raise SamplingError(f"--in-channels must be >= 1, got {args.in_channels}")
+        raise JobError(f"--in-channels must be >= 1, got {args.in_channels}")
 
 
 def read_checkpoint(path, weights):
@@ -154,20 +124,12 @@ def read_checkpoint(path, weights):
     checkpoint = load_checkpoint_file(path)
     try:
         state_dict = extract_state_dict(checkpoint, which=weights)
-    except CheckpointError as e:
+    except JobError as e:
         if weights == "ema" and isinstance(checkpoint, dict) and "model" in checkpoint:
-            raise CheckpointError(f"checkpoint {path} has no 'ema' weights: use --weights model "
+            raise JobError(f"checkpoint {path} has no 'ema' weights: use --weights model "
                                   f"to sample with its raw training weights") from e
         raise
     return checkpoint, state_dict
-
-
-def _checkpoint_args(checkpoint):
-    """The training arguments saved in our (and DiT's) checkpoints, as a dict; {} if none."""
-    saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
-    if isinstance(saved, argparse.Namespace):
-        return vars(saved)
-    return dict(saved) if isinstance(saved, dict) else {}
 
 
 def _saved_in_channels(saved):
@@ -194,7 +156,7 @@ def resolve_settings(args, checkpoint, state_dict, log=print):
     Modifies `args` in place: model, image_size, num_classes, vae, in_channels (pixel space) and
     model_kwargs (constructor overrides: saved ones, then the command line's). Says what it took.
     """
-    saved = _checkpoint_args(checkpoint)
+    saved = saved_args(checkpoint)
     taken = []
     for name, default in DEFAULTS.items():
         if getattr(args, name) is not None:
@@ -217,6 +179,10 @@ def resolve_settings(args, checkpoint, state_dict, log=print):
                 weight = state_dict.get("x_embedder.proj.weight")
                 args.in_channels = int(weight.shape[1]) if weight is not None and weight.ndim == 4 else 3
     args.model_kwargs = {**_saved_model_kwargs(saved), **getattr(args, "model_kwargs", {})}
+    args.objective = objective_of_checkpoint(checkpoint)
+    if args.objective["name"] != "ddpm":
+        raise JobError(f"{args.ckpt} was trained with the {args.objective['name']!r} objective, which "
+                       f"this sampler does not know: update the code")
     check_model_name(args.model)
     for label in getattr(args, "class_labels", None) or []:
         check_label(label, args.num_classes)
@@ -227,12 +193,12 @@ def resolve_settings(args, checkpoint, state_dict, log=print):
 
 def check_model_name(name):
     if name not in model_names():
-        raise SamplingError(f"unknown model {name!r}: choose one of {', '.join(model_names())}")
+        raise JobError(f"unknown model {name!r}: choose one of {', '.join(model_names())}")
 
 
 def check_label(label, num_classes):
     if not 0 <= label < num_classes:
-        raise SamplingError(f"class label {label} is out of range for a {num_classes}-class model "
+        raise JobError(f"class label {label} is out of range for a {num_classes}-class model "
                             f"(valid: 0..{num_classes - 1})")
 
 
@@ -241,10 +207,10 @@ def build_model(args, state_dict, device):
     vae = load_vae(args.vae, device)
     factor = downsample_factor(vae)
     if args.image_size % factor:
-        raise SamplingError(f"--image-size {args.image_size} is not a multiple of the VAE's "
+        raise JobError(f"--image-size {args.image_size} is not a multiple of the VAE's "
                             f"downsampling factor {factor}")
     if vae is not None and args.in_channels is not None and args.in_channels != latent_channels(vae):
-        raise SamplingError(f"--in-channels {args.in_channels} does not match the VAE's "
+        raise JobError(f"--in-channels {args.in_channels} does not match the VAE's "
                             f"{latent_channels(vae)} latent channels (--in-channels is for --vae none)")
     in_channels = latent_channels(vae, args.in_channels or 3)
     kwargs = dict(input_size=args.image_size // factor, in_channels=in_channels,
@@ -252,11 +218,11 @@ def build_model(args, state_dict, device):
     try:
         model = create_model(args.model, **kwargs)
     except TypeError as e:  # an override the constructor does not take
-        raise SamplingError(f"cannot build {args.model} with {kwargs}: {e}") from e
+        raise JobError(f"cannot build {args.model} with {kwargs}: {e}") from e
     load_model_weights(model, state_dict, args.model)
     model.to(device).eval()
     if args.cfg_scale > 1.0 and getattr(model, "class_dropout_prob", 0.1) <= 0:
-        raise SamplingError(f"this {args.model} has no null label (trained without class dropout), "
+        raise JobError(f"this {args.model} has no null label (trained without class dropout), "
                             f"so it cannot use classifier-free guidance: pass --cfg-scale 1")
     return model, vae
 
@@ -271,14 +237,6 @@ def make_diffusion(model, sampler, num_steps):
 #                           Per-sample randomness                               #
 #################################################################################
 
-def index_seed(global_seed, index):
-    """A well-mixed 63-bit seed for sample `index` of a run seeded with `global_seed`."""
-    if global_seed < 0:
-        raise SamplingError(f"the seed must be >= 0, got {global_seed}")
-    state = np.random.SeedSequence([int(global_seed), int(index)]).generate_state(1, dtype=np.uint64)
-    return int(state[0] >> np.uint64(1))
-
-
 class IndexNoise:
     """One CPU generator per sample index; every draw is stacked over the batch in index order.
 
@@ -290,7 +248,7 @@ class IndexNoise:
 
     def __init__(self, global_seed, indices, pad_to=None):
         self.indices = list(indices)
-        self.generators = [torch.Generator().manual_seed(index_seed(global_seed, i)) for i in self.indices]
+        self.generators = [generator(global_seed, i) for i in self.indices]
         self.rows = max(len(self.indices), pad_to or 0)
 
     def _pad(self, rows):
@@ -341,9 +299,9 @@ def make_model_fn(model, cfg_scale, guide_channels="official", precision="fp32",
     (in place) and feeds it NHWC input; compile wraps the whole call in torch.compile.
     """
     if guide_channels not in GUIDE_CHANNELS:
-        raise SamplingError(f"--guide-channels must be one of {', '.join(GUIDE_CHANNELS)}, got {guide_channels!r}")
+        raise JobError(f"--guide-channels must be one of {', '.join(GUIDE_CHANNELS)}, got {guide_channels!r}")
     if precision not in PRECISIONS:
-        raise SamplingError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise JobError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if cfg_scale <= 1.0:
         fn = model.forward
     else:
@@ -381,7 +339,7 @@ def sample_latents(diffusion, model_fn, noise, labels, shape, device, sampler="d
     to [-1, 1] at every step (see generate).
     """
     if sampler not in ("ddpm", "ddim"):
-        raise SamplingError(f"--sampler must be ddpm or ddim, got {sampler!r}")
+        raise JobError(f"--sampler must be ddpm or ddim, got {sampler!r}")
     x = noise.randn(shape, device=device)                                 # x_T: (N, C, H, W)
     y = labels.to(device)
     model_kwargs = dict(y=y)
@@ -425,63 +383,3 @@ def to_uint8_rgb(images):
     if images.shape[-1] == 1:
         images = images.repeat(1, 1, 1, 3)
     return images.numpy()
-
-
-#################################################################################
-#                           Sample folders and .npz files                       #
-#################################################################################
-
-def png_name(index):
-    return f"{index:06d}.png"
-
-
-def npz_shape(path):
-    """Shape of arr_0 in an .npz, read from its header only (no data loaded); None if unreadable."""
-    try:
-        with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
-            shape, _, dtype = read_header(f)
-            expected_bytes = int(np.prod(shape)) * dtype.itemsize
-            if dtype != np.uint8 or zf.getinfo("arr_0.npy").file_size < expected_bytes:
-                return None
-            return tuple(shape)
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return None
-
-
-def write_npz_from_pngs(folder, num, path, image_shape, progress=False):
-    """Stream PNGs 000000..num-1 of `folder` into a new `path` (.npz, arr_0 uint8 (num, H, W, 3)), atomically.
-
-    Written image by image (no 50k-image array in memory) with a fixed zip timestamp, so the same
-    images always give the same bytes. Reads back the header to verify the count.
-    """
-    shape = (num, *image_shape)
-
-    def write(tmp):
-        entry = zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0))
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf, \
-                zf.open(entry, "w", force_zip64=True) as f:
-            np.lib.format.write_array_header_1_0(
-                f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
-                    "fortran_order": False, "shape": shape})
-            indices = range(num)
-            if progress:
-                indices = tqdm(indices, desc="Building .npz file from samples")
-            for i in indices:
-                png = os.path.join(folder, png_name(i))
-                try:
-                    with Image.open(png) as image:
-                        pixels = np.asarray(image, dtype=np.uint8)
-                except OSError as e:
-                    raise SamplingError(f"cannot read sample {png} ({e}): delete it and rerun") from e
-                if pixels.shape != tuple(image_shape):
-                    raise SamplingError(f"sample {png} is {pixels.shape}, expected {tuple(image_shape)}: "
-                                        f"delete it (or the folder) and rerun")
-                f.write(np.ascontiguousarray(pixels).tobytes())
-
-    atomic_write(path, write)  # never replaces: called only when no .npz exists
-    if npz_shape(path) != shape:
-        raise SamplingError(f"{path} was written but does not hold {shape} uint8 samples")
-    return path

@@ -13,10 +13,11 @@ from conftest import REPO_ROOT, subprocess_env
 import dic_models
 import sample
 from diffusion import create_diffusion
-from helpers.checkpoint import CheckpointError, atomic_save
+from helpers.checkpoint import atomic_save
+from helpers.cli import JobError
 from helpers.models import create_model
-from helpers.sampling import (IndexNoise, SamplingError, clips_denoised, draw_labels, generate,
-                              index_seed, make_model_fn, sample_latents)
+from helpers.sampling import IndexNoise, clips_denoised, draw_labels, generate, make_model_fn, sample_latents
+from helpers.seeds import derive_seed
 from helpers.vae import decode, load_vae
 
 
@@ -44,9 +45,8 @@ def make_checkpoint(path, model="DiC-Tiny", image_size=16, in_channels=1, num_cl
     if with_ema:
         checkpoint["ema"] = {k: v + 0.01 * torch.randn_like(v) for k, v in state.items()}
     if with_args:
-        checkpoint["args"] = argparse.Namespace(model=model, image_size=image_size, num_classes=num_classes,
-                                                vae=vae, in_channels=in_channels, model_overrides={},
-                                                global_seed=0)  # as train.py saves them
+        checkpoint["args"] = dict(model=model, image_size=image_size, num_classes=num_classes, vae=vae,
+                                  in_channels=in_channels, model_overrides={}, global_seed=0)  # as train.py saves them
     atomic_save(checkpoint, path)
     return str(path)
 
@@ -177,7 +177,7 @@ def test_checkpoint_without_ema_says_use_weights_model(tmp_path):
     ckpt = make_checkpoint(tmp_path / "noema.pt", with_ema=False)
     out = tmp_path / "x.png"
     result = run_sample("--ckpt", ckpt, "--num-sampling-steps", "2", "--out", str(out))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.strip() == (f"error: checkpoint {ckpt} has no 'ema' weights: use --weights model "
                                      f"to sample with its raw training weights")
     assert not out.exists()
@@ -189,12 +189,12 @@ def test_checkpoint_without_ema_says_use_weights_model(tmp_path):
 def test_bare_state_dict_needs_settings_on_the_command_line(tmp_path):
     ckpt = make_checkpoint(tmp_path / "full.pt")
     bare = tmp_path / "bare.pt"
-    torch.save(torch.load(ckpt, weights_only=False)["ema"], bare)
+    torch.save(torch.load(ckpt)["ema"], bare)
     out = tmp_path / "bare.png"
-    with pytest.raises(CheckpointError, match="checkpoint holds DiC-Tiny weights but the model is DiC-S"):
+    with pytest.raises(JobError, match="checkpoint holds DiC-Tiny weights but the model is DiC-S"):
         sample.main(sample.parse_args(["--ckpt", str(bare), "--model", "DiC-S", "--image-size", "16",
                                        "--num-classes", "10", "--vae", "none", "--out", str(out)]))
-    with pytest.raises(CheckpointError, match=r"checkpoint does not fit DiC-Tiny \(input_size=16, "
+    with pytest.raises(JobError, match=r"checkpoint does not fit DiC-Tiny \(input_size=16, "
                                               r"in_channels=1, num_classes=1000\)"):
         sample.main(sample.parse_args(["--ckpt", str(bare), "--model", "DiC-Tiny", "--image-size", "16",
                                        "--vae", "none", "--out", str(out)]))
@@ -230,7 +230,7 @@ def test_guide_channels_official_guides_3_of_4_and_all_guides_4():
     torch.testing.assert_close(every[:, 4:], cond[:, 4:], rtol=1e-5, atol=1e-5)
     assert (official[:, 3] - every[:, 3]).abs().max() > 1e-3
     assert make_model_fn(model, 1.0) == model.forward  # no guidance: DiT's plain forward
-    with pytest.raises(SamplingError, match="--guide-channels must be one of official, all"):
+    with pytest.raises(JobError, match="--guide-channels must be one of official, all"):
         make_model_fn(model, 2.0, "some")
 
 
@@ -270,7 +270,10 @@ def test_labels_random_or_balanced_and_noise_unchanged_by_balancing():
     padded = IndexNoise(7, [25, 21], pad_to=4)
     assert draw_labels(padded, 5, balanced=True).tolist() == [0, 1, 0, 0]
     assert padded.randn((2, 3))[2:].abs().sum() == 0
-    assert index_seed(0, 1) != index_seed(1, 0) and 0 <= index_seed(2**40, 10**9) < 2**63
+    # Index i's generator is seeded with derive_seed(seed, i): another index or seed, another stream.
+    assert torch.equal(IndexNoise(7, [25]).randn((3,))[0], torch.randn(3, generator=torch.Generator().manual_seed(
+        derive_seed(7, 25))))
+    assert derive_seed(0, 1) != derive_seed(1, 0) and 0 <= derive_seed(2**40, 10**9) < 2**63
 
 
 # ------------------------------------------------------------------ fast path
@@ -299,7 +302,7 @@ def test_bf16_model_call_returns_fp32_close_to_fp32():
         bf16 = make_model_fn(model, cfg_scale, precision="bf16")(x, t, y)
         assert fp32.dtype == bf16.dtype == torch.float32
         assert 1e-4 < relative_error(bf16, fp32) < bound
-    with pytest.raises(SamplingError, match="--precision must be one of fp32, bf16, got 'fp16'"):
+    with pytest.raises(JobError, match="--precision must be one of fp32, tf32, bf16, got 'fp16'"):
         make_model_fn(model, 4.0, precision="fp16")
 
 
@@ -348,10 +351,10 @@ def test_compiled_sampling_equals_eager_up_to_rounding():
 
 def test_speed_flags_defaults_and_sample_py_end_to_end(tiny_ckpt, tmp_path):
     args = sample.parse_args(["--ckpt", "x.pt"])
-    assert (args.precision, args.channels_last, args.compile, args.tf32) == ("fp32", "auto", False, True)
+    assert (args.precision, args.channels_last, args.compile) == ("tf32", False, False)
     assert args.cfg_scale == 4.0
     fast = ["--ckpt", tiny_ckpt, "--class-labels", "1", "2", "--num-sampling-steps", "3",
-            "--precision", "bf16", "--channels-last", "on", "--out"]
+            "--precision", "bf16", "--channels-last", "--out"]
     sample.main(sample.parse_args(fast + [str(tmp_path / "a.png")]))
     sample.main(sample.parse_args(fast + [str(tmp_path / "b.png")]))
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
@@ -406,6 +409,6 @@ def test_several_processes_are_refused_before_any_work(tiny_ckpt, tmp_path, monk
     """Under a many-process torchrun every rank would write the same --out: sample_ddp.py's job."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     out = tmp_path / "g.png"
-    with pytest.raises(SamplingError, match="sample.py runs as one process: use sample_ddp.py"):
+    with pytest.raises(JobError, match="sample.py runs as one process: use sample_ddp.py"):
         sample.main(sample.parse_args(["--ckpt", tiny_ckpt, "--out", str(out)]))
     assert not out.exists()

@@ -13,8 +13,7 @@ from conftest import REPO_ROOT, subprocess_env
 from test_sample import make_checkpoint
 
 import sample_ddp
-from helpers.checkpoint import CheckpointError
-from helpers.sampling import SamplingError
+from helpers.cli import JobError
 
 N = 10  # not a multiple of any batch size used here
 FOLDER = "DiC-Tiny-0000100-size-16-vae-vae-cfg-1.5-seed-0-ddpm-5"
@@ -30,10 +29,13 @@ def run_in_process(ckpt, sample_dir, *extra):
 
 
 def run_script(ckpt, sample_dir, *extra, nproc=1, env=None):
+    """sample_ddp.py as a user runs it; with `env` (tests/hooked.py's test-only variables) through the hooks."""
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    return subprocess.run([*launcher, os.path.join(REPO_ROOT, "sample_ddp.py"), *ddp_args(ckpt, sample_dir, *extra)],
+    script = [os.path.join(REPO_ROOT, "tests", "hooked.py"), "sample_ddp.py"] if env else \
+        [os.path.join(REPO_ROOT, "sample_ddp.py")]
+    return subprocess.run([*launcher, *script, *ddp_args(ckpt, sample_dir, *extra)],
                           capture_output=True, text=True, env=subprocess_env(**(env or {})), timeout=300)
 
 
@@ -87,7 +89,7 @@ def test_two_processes_give_the_same_npz_byte_for_byte(latent_ckpt, reference, t
 def test_interrupted_run_resumes_to_the_same_npz_and_a_done_run_is_left_alone(latent_ckpt, reference,
                                                                                tmp_path, capsys):
     killed = run_script(latent_ckpt, tmp_path, "--per-proc-batch-size", "3",
-                        env={sample_ddp.EXIT_AFTER_ENV: 1})
+                        env={"DIC_TEST_EXIT_AFTER_BATCHES": 1})
     assert killed.returncode == 3, killed.stderr[-2000:]
     folder = tmp_path / FOLDER
     assert sorted(p.name for p in folder.glob("*.png")) == ["000000.png", "000001.png", "000002.png"]
@@ -125,16 +127,16 @@ def test_pixel_space_grey_samples_are_rgb_and_labels_can_be_balanced(tmp_path, c
 
 def test_bad_cfg_scale_is_a_one_line_error_and_creates_nothing(latent_ckpt, tmp_path):
     result = run_script(latent_ckpt, tmp_path / "s", "--cfg-scale", "0.9")
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.strip() == "error: --cfg-scale must be >= 1 (1 = no guidance), got 0.9"
     assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize("extra, error, message", [
-    (["--model", "DiC-S"], CheckpointError,
+    (["--model", "DiC-S"], JobError,
      "checkpoint holds DiC-Tiny weights but the model is DiC-S: pass --model DiC-Tiny or a DiC-S checkpoint"),
-    (["--model", "DiT-XL/9"], SamplingError, "unknown model 'DiT-XL/9': choose one of"),
-    (["--num-fid-samples", "0"], SamplingError, "--per-proc-batch-size and --num-fid-samples must be >= 1"),
+    (["--model", "DiT-XL/9"], JobError, "unknown model 'DiT-XL/9': choose one of"),
+    (["--num-fid-samples", "0"], JobError, "--per-proc-batch-size and --num-fid-samples must be >= 1"),
 ])
 def test_bad_input_creates_no_output(latent_ckpt, tmp_path, extra, error, message):
     with pytest.raises(error) as info:
@@ -145,7 +147,7 @@ def test_bad_input_creates_no_output(latent_ckpt, tmp_path, extra, error, messag
 
 def test_checkpoint_without_ema_says_use_weights_model(tmp_path):
     ckpt = make_checkpoint(tmp_path / "noema.pt", with_ema=False)
-    with pytest.raises(CheckpointError, match="has no 'ema' weights: use --weights model"):
+    with pytest.raises(JobError, match="has no 'ema' weights: use --weights model"):
         run_in_process(ckpt, tmp_path / "s")
     assert not (tmp_path / "s").exists()
 
@@ -153,14 +155,14 @@ def test_checkpoint_without_ema_says_use_weights_model(tmp_path):
 def test_existing_outputs_of_other_settings_are_never_mixed_or_overwritten(latent_ckpt, reference, tmp_path):
     sample_dir = os.path.dirname(reference)
     before = open(reference, "rb").read()
-    with pytest.raises(SamplingError, match=r"exists but holds \(10, 16, 16, 3\), not \(12, 16, 16, 3\): "
+    with pytest.raises(JobError, match=r"exists but holds \(10, 16, 16, 3\), not \(12, 16, 16, 3\): "
                                             r"move it away to sample again"):
         sample_ddp.main(sample_ddp.parse_args(ddp_args(latent_ckpt, sample_dir, "--num-fid-samples", "12")))
     # Another run's checkpoint with the same file name maps to the same folder: refused.
     other = tmp_path / "other" / os.path.basename(latent_ckpt)
     other.parent.mkdir()
     shutil.copy(latent_ckpt, other)
-    with pytest.raises(SamplingError, match="holds samples made with other settings \\(ckpt: "):
+    with pytest.raises(JobError, match="holds samples made with other settings \\(ckpt: "):
         run_in_process(str(other), sample_dir)
     assert open(reference, "rb").read() == before
 
@@ -168,7 +170,7 @@ def test_existing_outputs_of_other_settings_are_never_mixed_or_overwritten(laten
 # ------------------------------------------------------------------ fast path
 
 def test_bf16_channels_last_npz_is_the_same_from_two_processes(latent_ckpt, tmp_path):
-    fast = ["--per-proc-batch-size", "3", "--precision", "bf16", "--channels-last", "on"]
+    fast = ["--per-proc-batch-size", "3", "--precision", "bf16", "--channels-last"]
     one = run_in_process(latent_ckpt, tmp_path / "one", *fast)
     assert os.path.basename(one) == f"{FOLDER}-bf16.npz"             # its own folder: other numbers
     result = run_script(latent_ckpt, tmp_path / "two", *fast, nproc=2)
@@ -180,23 +182,22 @@ def test_bf16_channels_last_npz_is_the_same_from_two_processes(latent_ckpt, tmp_
     assert settings["precision"] == "bf16" and settings["clip_denoised"] is False
 
 
-def test_a_folder_from_before_the_precision_and_clip_keys_is_still_recognised(latent_ckpt, reference,
-                                                                              tmp_path, capsys):
+def test_a_folder_from_before_the_seed_rule_is_refused_not_mixed(latent_ckpt, reference, tmp_path):
+    """Folders written before the precision/clip/seed_rule keys drew their noise from another seed
+    rule: resuming one would mix two kinds of samples, so it is refused with the reason."""
     folder = tmp_path / FOLDER
     shutil.copytree(reference[:-len(".npz")], folder)
-    shutil.copy(reference, tmp_path / f"{FOLDER}.npz")
     settings_path = folder / sample_ddp.SETTINGS_FILE
     settings = json.loads(settings_path.read_text())
-    del settings["precision"], settings["clip_denoised"]             # as the earlier version wrote it
+    del settings["precision"], settings["clip_denoised"], settings["seed_rule"]   # as earlier versions wrote it
     settings_path.write_text(json.dumps(settings))
-    npz = run_in_process(latent_ckpt, tmp_path, "--per-proc-batch-size", "3")
-    assert "already holds all" in capsys.readouterr().out
-    assert open(npz, "rb").read() == open(reference, "rb").read()
+    with pytest.raises(JobError, match=r"other settings \(seed_rule: 'seedsequence', now 'derive_seed'\)"):
+        run_in_process(latent_ckpt, tmp_path, "--per-proc-batch-size", "3")
     # An old pixel-space folder was sampled without the [-1, 1] clip: refused, not mixed.
     args = sample_ddp.parse_args(ddp_args(latent_ckpt, tmp_path, "--model", "DiC-Tiny", "--image-size", "16",
                                           "--num-classes", "10", "--vae", "none", "--in-channels", "1"))
     old_pixel_settings = {k: v for k, v in sample_ddp.image_settings(args).items()
                           if k not in sample_ddp.LEGACY_SETTINGS}
     settings_path.write_text(json.dumps(old_pixel_settings))
-    with pytest.raises(SamplingError, match=r"other settings \(clip_denoised: False, now True\)"):
+    with pytest.raises(JobError, match=r"other settings \(clip_denoised: False, now True\)"):
         sample_ddp.check_output(args, str(folder), str(tmp_path / "pixels.npz"), (N, 16, 16, 3))
