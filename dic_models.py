@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def modulate(x, shift, scale):
@@ -33,6 +34,43 @@ def group_count(channels, max_groups=32, min_channels_per_group=4):
             f"use a base width (hidden_size) that is a multiple of 8 (at least 32 for widths >= 128)"
         )
     return groups
+
+
+#################################################################################
+#              Gradient checkpointing and feature taps (DiC and DiT)            #
+#################################################################################
+
+class TapsAndCheckpointing:
+    """Mixin for DiC and DiT: per-block gradient checkpointing and named intermediate features (REPA).
+
+    A model using it sets `grad_checkpointing = False` and defines `feature_names()`,
+    `feature_channels(name)` and `feature_grid(name)`; its forward calls `run_block` and `wanted_features`.
+    """
+
+    grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute each block's activations in backward instead of storing them (less memory while training)."""
+        self.grad_checkpointing = bool(enable)
+        return self
+
+    def run_block(self, block, *args):
+        """block(*args), checkpointed (RNG state preserved, so dropout repeats) when training with it on."""
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def wanted_features(self, return_features):
+        """The requested tap names as a set (a single name is allowed); unknown names fail with the list."""
+        if return_features is None:
+            return frozenset()
+        names = (return_features,) if isinstance(return_features, str) else tuple(return_features)
+        known = self.feature_names()
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no feature tap {unknown}; "
+                             f"choose from {', '.join(known)}")
+        return frozenset(names)
 
 
 #################################################################################
@@ -222,7 +260,7 @@ class FinalLayer(nn.Module):
 #                                   DiC Model                                   #
 #################################################################################
 
-class DiC(nn.Module):
+class DiC(TapsAndCheckpointing, nn.Module):
     """Diffusion ConvNet: a conditioned U-shaped Conv3x3 network that predicts eps (and sigma)."""
 
     def __init__(
@@ -350,6 +388,25 @@ class DiC(nn.Module):
         nn.init.constant_(self.final_layer.out_proj.weight, 0)
         nn.init.constant_(self.final_layer.out_proj.bias, 0)
 
+    def feature_names(self):
+        """Tap names, one per stage in forward order: enc0.., mid, ..dec0 (a stage's output, before down/upsampling)."""
+        L = self.levels
+        return tuple([f"enc{l}" for l in range(L - 1)] + ["mid"] + [f"dec{l}" for l in reversed(range(L - 1))])
+
+    def _feature_level(self, name):
+        """Resolution level of a tap (0 = input resolution), so its width and grid follow."""
+        self.wanted_features(name)
+        return self.levels - 1 if name == "mid" else int(name[3:])
+
+    def feature_channels(self, name):
+        """Channels C of tap `name` (its map is (N, C, H, W)), to build a projector before any forward."""
+        return self.widths[self._feature_level(name)]
+
+    def feature_grid(self, name, input_size=None):
+        """(H, W) of tap `name` for square inputs of input_size (default: the model's input_size)."""
+        size = (input_size or self.input_size) // 2 ** self._feature_level(name)
+        return (size, size)
+
     def _check_inputs(self, x, t, y):
         if x.ndim != 4:
             raise ValueError(f"x must be (N, C, H, W), got shape {tuple(x.shape)}")
@@ -370,14 +427,16 @@ class DiC(nn.Module):
                 f"t and y must be 1-D with one entry per sample ({x.shape[0]}), got t {tuple(t.shape)}, y {tuple(y.shape)}"
             )
 
-    def forward(self, x, t, y, force_drop_ids=None):
+    def forward(self, x, t, y, force_drop_ids=None, return_features=None):
         """
         Forward pass of DiC.
         x: (N, C, H, W) latents (H, W divisible by 4); t: (N,) timesteps; y: (N,) class labels
         force_drop_ids: optional (N,) with 1 where the label is replaced by the null class.
-        Returns (N, out_channels, H, W).
+        return_features: optional tap names (see feature_names()), e.g. ("enc1",).
+        Returns (N, out_channels, H, W); with return_features, (output, {name: (N, C, h, w)}).
         """
         self._check_inputs(x, t, y)
+        wanted, features = self.wanted_features(return_features), {}
         if force_drop_ids is not None and self.class_dropout_prob <= 0:
             raise ValueError("force_drop_ids needs a null-class row; build the model with class_dropout_prob > 0")
         L = self.levels
@@ -396,14 +455,18 @@ class DiC(nn.Module):
         skips = []
         for level, stage in enumerate(self.enc_blocks):
             for i, block in enumerate(stage):
-                x = block(x, conds[level])                       # (N, w_l, H/2^l, W/2^l)
+                x = self.run_block(block, x, conds[level])       # (N, w_l, H/2^l, W/2^l)
                 if (len(stage) - 1 - i) % self.skip_stride == 0:
                     skips.append(x)
+            if f"enc{level}" in wanted:
+                features[f"enc{level}"] = x
             x = self.downs[level](x)                             # (N, w_{l+1}, H/2^{l+1}, W/2^{l+1})
 
         for stage in self.lat_blocks:
             for block in stage:
-                x = block(x, conds[L - 1])                       # (N, w_{L-1}, H/2^{L-1}, W/2^{L-1})
+                x = self.run_block(block, x, conds[L - 1])       # (N, w_{L-1}, H/2^{L-1}, W/2^{L-1})
+        if "mid" in wanted:
+            features["mid"] = x
 
         for k, stage in enumerate(self.dec_blocks):
             level = L - 2 - k
@@ -411,11 +474,13 @@ class DiC(nn.Module):
             for i, block in enumerate(stage):
                 if i % self.skip_stride == 0:
                     x = torch.cat([x, skips.pop()], dim=1)       # (N, 2*w_l, H/2^l, W/2^l)
-                x = block(x, conds[level])                       # (N, w_l, H/2^l, W/2^l)
+                x = self.run_block(block, x, conds[level])       # (N, w_l, H/2^l, W/2^l)
+            if f"dec{level}" in wanted:
+                features[f"dec{level}"] = x
 
         x = self.output(x)                                       # (N, C, H, W)
         x = self.final_layer(x, conds[0])                        # (N, out_channels, H, W)
-        return x
+        return x if return_features is None else (x, features)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels=None):
         """Forward with classifier-free guidance; see `guided_forward`."""

@@ -127,7 +127,7 @@ class FinalLayer(nn.Module):
         return self.linear(x)  # (N, T, p * p * out_channels)
 
 
-class DiT(nn.Module):
+class DiT(dic_models.TapsAndCheckpointing, nn.Module):
     """Diffusion model with a Transformer backbone; defaults are DiT-XL/2 on 256px images (32x32 latents)."""
     def __init__(
         self,
@@ -212,8 +212,25 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)                 # (N, C, h, p, w, q)
         return x.reshape(x.shape[0], c, h * p, w * p)          # (N, C, H, W)
 
-    def forward(self, x, t, y):
-        """x: (N, C, H, W) latents, t: (N,) timesteps, y: (N,) labels -> (N, out_channels, H, W)."""
+    def feature_names(self):
+        """Tap names block1..blockN: the tokens after the k-th block (1-based, REPA's --encoder-depth k)."""
+        return tuple(f"block{k}" for k in range(1, len(self.blocks) + 1))
+
+    def feature_channels(self, name):
+        """Token width D of tap `name` (its tokens are (N, T, D)), to build a projector before any forward."""
+        self.wanted_features(name)
+        return self.pos_embed.shape[-1]
+
+    def feature_grid(self, name, input_size=None):
+        """(h, w) patch grid of tap `name`; its T = h * w tokens are in row-major (h, then w) order."""
+        self.wanted_features(name)
+        size = (input_size or self.input_size) // self.patch_size
+        return (size, size)
+
+    def forward(self, x, t, y, return_features=None):
+        """x: (N, C, H, W) latents, t: (N,) timesteps, y: (N,) labels -> (N, out_channels, H, W);
+        with return_features (names from feature_names(), e.g. ("block8",)): (output, {name: (N, T, D)})."""
+        wanted, features = self.wanted_features(return_features), {}
         if tuple(x.shape[-2:]) != (self.input_size, self.input_size):
             raise ValueError(
                 f"input is {tuple(x.shape[-2:])} but this DiT was built for input_size {self.input_size}"
@@ -222,10 +239,13 @@ class DiT(nn.Module):
         t = self.t_embedder(t)                    # (N, D)
         y = self.y_embedder(y, self.training)     # (N, D)
         c = t + y                                 # (N, D)
-        for block in self.blocks:
-            x = block(x, c)                       # (N, T, D)
+        for k, block in enumerate(self.blocks, start=1):
+            x = self.run_block(block, x, c)       # (N, T, D)
+            if f"block{k}" in wanted:
+                features[f"block{k}"] = x
         x = self.final_layer(x, c)                # (N, T, patch_size ** 2 * out_channels)
-        return self.unpatchify(x)                 # (N, out_channels, H, W)
+        x = self.unpatchify(x)                    # (N, out_channels, H, W)
+        return x if return_features is None else (x, features)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels=None):
         """Forward with classifier-free guidance, DiT's official 3-channel form by default;
