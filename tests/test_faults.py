@@ -1,0 +1,203 @@
+"""Issue 13, faults and bad data: atomic publishing, file modes, stale temps, writability checks,
+one writer per folder, and workers that die with their launcher."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import REPO_ROOT, subprocess_env
+from helpers.cli import JobError
+from helpers.files import (OutputExistsError, atomic_write, atomic_write_text, check_writable,
+                           remove_stale_temps)
+from helpers.locks import RunLock, exit_with_parent
+
+
+def _gone(pid):
+    """True once `pid` has exited (a zombie nobody reaps counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def _wait_gone(pids, seconds=10.0):
+    deadline = time.time() + seconds
+    while time.time() < deadline and not all(_gone(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if not _gone(p)]
+
+
+#################################################################################
+#                                 helpers.files                                 #
+#################################################################################
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_atomic_write_gives_the_mode_of_a_plain_open(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+        atomic_write_text(tmp_path / "atomic.txt", "x")
+        atomic_write_text(tmp_path / "atomic.txt", "y", overwrite=True)
+    finally:
+        os.umask(old)
+    plain = os.stat(tmp_path / "plain.txt").st_mode & 0o777
+    assert plain == 0o666 & ~umask
+    assert os.stat(tmp_path / "atomic.txt").st_mode & 0o777 == plain
+
+
+def test_atomic_write_refusal_is_atomic_even_when_the_early_check_misses(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    path.write_text("first writer")
+    # a second writer whose existence check ran before the first writer published
+    monkeypatch.setattr(os.path, "exists", lambda p: False)
+    monkeypatch.setattr(os.path, "lexists", lambda p: False)
+    with pytest.raises(JobError, match="ckpt.pt already exists: refusing to overwrite"):
+        atomic_write_text(path, "second writer")
+    monkeypatch.undo()
+    assert path.read_text() == "first writer"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
+
+
+def test_exists_error_is_a_job_error_and_a_file_exists_error(tmp_path):
+    atomic_write_text(tmp_path / "a.json", "{}")
+    with pytest.raises(OutputExistsError) as info:
+        atomic_write(tmp_path / "a.json", lambda tmp: None)
+    assert isinstance(info.value, FileExistsError) and info.value.code == 2
+    assert "\n" not in str(info.value)
+
+
+def test_remove_stale_temps_takes_only_its_own_pattern(tmp_path):
+    for name in (".tmp-abc.pt", ".tmp-def.npz", "0001000.pt", ".partial-x.npy", "notes.tmp-1"):
+        (tmp_path / name).write_text("x")
+    assert remove_stale_temps(tmp_path) == 2
+    assert sorted(os.listdir(tmp_path)) == [".partial-x.npy", "0001000.pt", "notes.tmp-1"]
+    assert remove_stale_temps(tmp_path / "missing") == 0
+
+
+def test_check_writable_creates_the_folder_and_names_an_impossible_one(tmp_path):
+    assert check_writable(tmp_path / "out" / "ref.npz") == str(tmp_path / "out")
+    assert os.listdir(tmp_path / "out") == []                      # the probe is gone
+    assert check_writable(tmp_path / "samples", folder=True) == str(tmp_path / "samples")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(JobError, match=r"cannot write to .*afile.*choose a writable"):
+        check_writable(tmp_path / "afile" / "sub" / "out.npz")
+
+
+#################################################################################
+#                                 helpers.locks                                 #
+#################################################################################
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from helpers.locks import RunLock
+    lock = RunLock(sys.argv[1], what="training run").acquire()
+    print("locked", flush=True)
+    time.sleep(120)
+""")
+
+
+def _start_holder(folder):
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE,
+                            text=True, env=subprocess_env(), cwd=REPO_ROOT)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_second_job_is_refused_naming_the_holder_and_gets_the_lock_once_it_is_killed(tmp_path):
+    holder = _start_holder(tmp_path / "run")
+    try:
+        with pytest.raises(JobError) as info:
+            RunLock(tmp_path / "run", what="training run").acquire()
+        message = str(info.value)
+        assert f"pid {holder.pid} on " in message and "-c" in message
+        assert "being written by another training run job" in message and "\n" not in message
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with RunLock(tmp_path / "run") as lock:          # the kernel dropped the dead holder's lock
+        assert lock.held
+        record = json.loads(open(lock.path).read())
+        assert record["pid"] == os.getpid()
+    assert not lock.held and open(lock.path).read() == ""
+
+
+def test_two_locks_in_one_process_conflict_and_release_lets_the_next_in(tmp_path):
+    first = RunLock(tmp_path).acquire()
+    with pytest.raises(JobError, match=f"pid {os.getpid()} on "):
+        RunLock(tmp_path).acquire()
+    first.release()
+    RunLock(tmp_path).acquire().release()
+
+
+PARENT = textwrap.dedent("""
+    import subprocess, sys, time
+    child = subprocess.Popen([sys.executable, "-c", sys.argv[1]], start_new_session=True)
+    print(child.pid, flush=True)
+    time.sleep(120)
+""")
+CHILD = textwrap.dedent("""
+    import time
+    from helpers.locks import exit_with_parent
+    exit_with_parent()
+    time.sleep(120)
+""")
+
+
+def test_a_child_in_its_own_session_dies_with_its_killed_parent():
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD], stdout=subprocess.PIPE,
+                              text=True, env=subprocess_env(), cwd=REPO_ROOT)
+    child = int(parent.stdout.readline())
+    time.sleep(3.0)                          # the child has imported helpers.locks and called it
+    assert not _gone(child)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    left = _wait_gone([child], 10.0)
+    if left:
+        os.kill(child, signal.SIGKILL)
+    assert not left, "the child outlived its killed parent"
+
+
+def test_exit_with_parent_reports_its_mechanism():
+    assert exit_with_parent(signal.SIGTERM) in ("prctl", "poll")
+
+
+WORKER = textwrap.dedent("""
+    import os, sys, time
+    from helpers.locks import exit_with_parent
+    exit_with_parent()
+    with open(os.path.join(sys.argv[1], os.environ["RANK"]), "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(120)
+""")
+
+
+def test_killing_torchrun_leaves_no_live_workers(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    pids_dir = tmp_path / "pids"
+    pids_dir.mkdir()
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(script), str(pids_dir)], env=subprocess_env(), cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 90
+    while time.time() < deadline and len(os.listdir(pids_dir)) < 2:
+        time.sleep(0.2)
+    workers = [int((pids_dir / r).read_text()) for r in sorted(os.listdir(pids_dir))]
+    try:
+        assert len(workers) == 2
+        os.killpg(launcher.pid, signal.SIGKILL)          # torchrun's whole process group
+        launcher.wait()
+        left = _wait_gone(workers, 10.0)
+        assert not left, f"workers {left} outlived the killed torchrun"
+    finally:
+        for pid in workers:
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
