@@ -201,3 +201,50 @@ def test_killing_torchrun_leaves_no_live_workers(tmp_path):
         for pid in workers:
             if not _gone(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+#################################################################################
+#                                 helpers.images                                #
+#################################################################################
+
+def test_a_16_bit_grey_png_is_scaled_not_saturated(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from helpers.images import load_image
+    Image.fromarray(np.full((6, 6), 30000, dtype=np.uint16)).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode in ("I;16", "I")
+    rgb = np.asarray(load_image(tmp_path / "g16.png"))
+    assert rgb.shape == (6, 6, 3) and (rgb == 117).all()          # 30000 / 65535 * 255 = 116.7
+    assert (np.asarray(load_image(tmp_path / "g16.png", channels=1)) == 117).all()
+
+
+def test_every_mode_converts_to_the_expected_rgb(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from helpers.images import to_mode, to_rgb
+    assert np.asarray(to_rgb(Image.fromarray(np.full((2, 2), 0.5, np.float32), "F")))[0, 0, 0] == 128
+    assert np.asarray(to_rgb(Image.new("I", (2, 2), 65535)))[0, 0, 0] == 255
+    assert tuple(np.asarray(to_rgb(Image.new("LA", (2, 2), (90, 0))))[0, 0]) == (90, 90, 90)
+    assert tuple(np.asarray(to_rgb(Image.new("RGBA", (2, 2), (1, 2, 3, 0))))[0, 0]) == (1, 2, 3)
+    assert tuple(np.asarray(to_rgb(Image.new("CMYK", (2, 2), (0, 0, 0, 0))))[0, 0]) == (255, 255, 255)
+    assert np.asarray(to_rgb(Image.new("1", (2, 2), 1)))[0, 0, 0] == 255
+    palette = Image.new("P", (2, 2), 1)
+    palette.putpalette([0, 0, 0, 200, 10, 20] + [0] * 762)
+    palette.info["transparency"] = 0
+    palette.save(tmp_path / "p.png")
+    with Image.open(tmp_path / "p.png") as img:
+        assert tuple(np.asarray(to_rgb(img))[0, 0]) == (200, 10, 20)
+    assert to_mode(Image.new("I;16", (2, 2), 0), "L").mode == "L"
+
+
+def test_an_empty_class_folder_is_named_or_keeps_its_index(tmp_path):
+    from PIL import Image
+    from helpers.images import ImageFolderDataset
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+    for name in ("a", "c"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "x.png")
+    with pytest.raises(JobError, match=r"class folder .*/b holds no images.*--allow-empty-classes"):
+        ImageFolderDataset(tmp_path, 8)
+    data = ImageFolderDataset(tmp_path, 8, allow_empty_classes=True)
+    assert data.classes == ["a", "b", "c"] and data.targets == [0, 2]
