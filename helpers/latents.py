@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from helpers.files import atomic_write_text
+from helpers.cli import JobError
+from helpers.files import atomic_write_text, remove_stale_temps
 
 FEATURES_SUFFIX = "_features"
 LABELS_SUFFIX = "_labels"
@@ -269,7 +270,11 @@ class LatentFeatureDataset(Dataset):
     sorted naturally); `.layout` says which one was read.
     """
 
-    def __init__(self, feature_path, prefix=None, layout="auto"):
+    def __init__(self, feature_path, prefix=None, layout="auto", skip_nonfinite=False,
+                 num_classes=None):
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.skipped_nonfinite = set()      # indices skipped for NaN/inf (in this process)
+        self.num_classes = None if num_classes is None else int(num_classes)
         if layout not in LAYOUTS:
             raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
         root = os.path.abspath(os.fspath(feature_path))
@@ -349,11 +354,34 @@ class LatentFeatureDataset(Dataset):
         self._count = len(self._names)
 
     def _read_label(self, name):
-        label = _load_npy(os.path.join(self.labels_dir, name))
+        """One per-file label, checked (integer dtype, integral, in range) by check_label."""
+        path = os.path.join(self.labels_dir, name)
+        label = _load_npy(path)
         if label.size != 1:
-            raise ValueError(f"label file {os.path.join(self.labels_dir, name)} holds "
-                             f"{label.size} values: expected one class index")
-        return int(label.reshape(-1)[0])
+            raise JobError(f"label file {path} holds {label.size} values: expected one class index")
+        return self._check_label(label.reshape(-1)[0], label.dtype, f"label file {path}")
+
+    def _check_label(self, value, dtype, where):
+        """`value` as an int if it is a valid class index (integer dtype, in [0, num_classes)),
+        else a one-line JobError naming `where` and the value."""
+        if not np.issubdtype(dtype, np.integer):
+            shown = value.item() if hasattr(value, "item") else value
+            raise JobError(f"{where} holds {shown!r} ({dtype}): labels must be integer class "
+                           f"indices (int64); re-run the extraction or fix the file")
+        value = int(value)
+        if value < 0 or (self.num_classes is not None and value >= self.num_classes):
+            limit = f"{self.num_classes}" if self.num_classes is not None else "the class count"
+            raise JobError(f"{where} holds label {value}, outside [0, {limit}): fix the file, or "
+                           f"pass a --num-classes above every label")
+        return value
+
+    def _nonfinite(self, index, where):
+        """Handle a latent with NaN/inf values: an error naming it, or with skip_nonfinite a
+        skip that is counted (`.skipped_nonfinite`)."""
+        if not self.skip_nonfinite:
+            raise JobError(f"{where} holds non-finite values (NaN or inf): re-extract it, delete "
+                           f"it, or pass --skip-nonfinite to skip such latents")
+        self.skipped_nonfinite.add(index)
 
     def _read_latent(self, name):
         """One per-file latent as a float32 (C, H, W) array, its shape checked."""
@@ -363,6 +391,22 @@ class LatentFeatureDataset(Dataset):
             raise ValueError(f"latent file {path} has shape {latent.shape}, the others "
                              f"{self.latent_shape}: mixed latent sets?")
         return latent.reshape(self.latent_shape).astype(np.float32, copy=False)
+
+    def check_labels(self, num_classes=None):
+        """Check every label (integer, in [0, num_classes)) now, so a bad one stops the job at
+        start-up naming its file instead of mid-training; later reads check the range too.
+        Returns the labels."""
+        if num_classes is not None:
+            self.num_classes = int(num_classes)
+        labels = self.labels
+        limit = self.num_classes if self.num_classes is not None else np.iinfo(np.int64).max
+        bad = np.flatnonzero((labels < 0) | (labels >= limit))
+        if bad.size:
+            row = int(bad[0])
+            where = (self._packed_row(row) if self.layout == "packed" else
+                     f"label file {os.path.join(self.labels_dir, self.names[row])}")
+            self._check_label(labels[row], labels.dtype, where)
+        return labels
 
     # ------------------------------------------------------------------- packed layout
     def _init_packed(self):
@@ -376,6 +420,27 @@ class LatentFeatureDataset(Dataset):
         self._count = int(self.info["count"])
         self._names = None          # names.txt is read on first use
         self._arrays, self._arrays_pid = None, None
+        self._scan_packed()
+
+    def _packed_row(self, row):
+        """Where a packed row comes from, for messages: the file and its per-file name."""
+        names = read_packed_names(self.packed_dir)
+        name = names[row] if row < len(names) else "?"
+        return f"packed latent set {self.packed_dir} row {row} (from {name})"
+
+    def _scan_packed(self, rows_per_chunk=None):
+        """Start-up check of a packed set: every latent finite (else an error naming the row,
+        or with skip_nonfinite the rows are skipped and counted) and every label integral."""
+        latents, labels = self._packed_arrays()
+        per_row = max(1, int(np.prod(self.latent_shape)))
+        step = rows_per_chunk or max(1, (64 << 20) // (4 * per_row))     # ~64 MB at a time
+        for start in range(0, self._count, step):
+            chunk = np.asarray(latents[start:start + step]).reshape(-1, per_row)
+            for row in np.flatnonzero(~np.isfinite(chunk).all(axis=1)) + start:
+                self._nonfinite(int(row), self._packed_row(int(row)))
+        negative = np.flatnonzero(np.asarray(labels) < 0)
+        if negative.size:
+            self._check_label(labels[negative[0]], labels.dtype, self._packed_row(negative[0]))
 
     def _packed_arrays(self):
         """(latents, labels) memory maps, opened lazily in each process (DataLoader workers
@@ -423,16 +488,29 @@ class LatentFeatureDataset(Dataset):
         return int(self.labels.max()) + 1
 
     def __getitem__(self, index):
+        """(latent, label), or None for a latent skipped for non-finite values (skip_nonfinite;
+        the trainers' collate_skip_none drops it)."""
         if self.layout == "packed":
             latents, labels = self._packed_arrays()
             if not -self._count <= index < self._count:
                 raise IndexError(f"index {index} is out of range for {self._count} latents")
+            if index % self._count in self.skipped_nonfinite:
+                return None
             latent = torch.from_numpy(np.array(latents[index]))   # a copy: never a view of the map
-            return latent, torch.tensor(int(labels[index]), dtype=torch.int64)
+            label = int(labels[index])
+            if label < 0 or (self.num_classes is not None and label >= self.num_classes):
+                self._check_label(label, labels.dtype, self._packed_row(index % self._count))
+            return latent, torch.tensor(label, dtype=torch.int64)
         name = self.names[index]
-        latent = torch.from_numpy(self._read_latent(name))
+        latent = self._read_latent(name)
+        if not np.isfinite(latent).all():
+            self._nonfinite(index % self._count, f"latent file {os.path.join(self.features_dir, name)}")
+            return None
         label = self._labels[index] if self._labels is not None else self._read_label(name)
-        return latent, torch.tensor(label, dtype=torch.int64)
+        if self.num_classes is not None:
+            label = self._check_label(label, np.dtype(np.int64), f"label file "
+                                      f"{os.path.join(self.labels_dir, name)}")
+        return torch.from_numpy(latent), torch.tensor(label, dtype=torch.int64)
 
 
 #################################################################################
@@ -542,7 +620,12 @@ def pack_latents(feature_path, prefix=None, out_root=None, overwrite=False, work
                                                shape=(count,))
 
         def read(name):
-            return source._read_latent(name), source._read_label(name)
+            latent = source._read_latent(name)
+            if not np.isfinite(latent).all():
+                raise JobError(f"latent file {os.path.join(source.features_dir, name)} holds "
+                               f"non-finite values (NaN or inf): re-extract it or delete it "
+                               f"(and its label file), then convert again")
+            return latent, source._read_label(name)
 
         from tqdm import tqdm
         bar = tqdm(total=count, initial=done, unit="latent", desc=f"packing {prefix}",

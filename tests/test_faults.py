@@ -248,3 +248,89 @@ def test_an_empty_class_folder_is_named_or_keeps_its_index(tmp_path):
         ImageFolderDataset(tmp_path, 8)
     data = ImageFolderDataset(tmp_path, 8, allow_empty_classes=True)
     assert data.classes == ["a", "b", "c"] and data.targets == [0, 2]
+
+
+#################################################################################
+#                            helpers.latents: bad data                          #
+#################################################################################
+
+def _latent_set(root, count=40, nan_at=None):
+    """A per-file set of `count` (4, 2, 2) latents, labels index % 10, NaN in latent `nan_at`."""
+    import numpy as np
+    from helpers.latents import write_latent
+    for i in range(count):
+        latent = np.full((4, 2, 2), i, dtype=np.float32)
+        if i == nan_at:
+            latent[1, 0, 1] = np.nan
+        write_latent(root, str(i), latent, i % 10)
+    return root
+
+
+def test_a_nan_latent_is_named_on_read_and_skip_nonfinite_trains_past_it(tmp_path):
+    import torch
+    from helpers.images import collate_skip_none
+    from helpers.latents import LatentFeatureDataset
+    _latent_set(tmp_path, nan_at=37)
+    data = LatentFeatureDataset(tmp_path)
+    assert data[36][0][0, 0, 0].item() == 36.0
+    with pytest.raises(JobError, match=r"latent file .*imagenet256_features/37\.npy holds "
+                                       r"non-finite values .*--skip-nonfinite"):
+        data[37]
+    data = LatentFeatureDataset(tmp_path, skip_nonfinite=True)
+    loader = torch.utils.data.DataLoader(data, batch_size=8, collate_fn=collate_skip_none)
+    seen = torch.cat([x[:, 0, 0, 0] for x, _ in loader])
+    assert seen.tolist() == [float(i) for i in range(40) if i != 37]
+    assert data.skipped_nonfinite == {37}
+
+
+def test_a_nan_latent_stops_packing_and_a_packed_nan_is_found_at_start_up(tmp_path):
+    import numpy as np
+    from helpers.latents import LatentFeatureDataset, pack_latents
+    _latent_set(tmp_path, nan_at=37)
+    with pytest.raises(JobError, match=r"latent file .*features/37\.npy holds non-finite"):
+        pack_latents(tmp_path, progress=False, log=lambda *a: None)
+    assert not os.path.exists(tmp_path / "imagenet256_packed")
+    np.save(tmp_path / "imagenet256_features" / "37.npy", np.zeros((1, 4, 2, 2), np.float32))
+    packed = pack_latents(tmp_path, progress=False, log=lambda *a: None)
+    latents = np.load(os.path.join(packed, "latents.npy"), mmap_mode="r+")
+    latents[37, 2, 1, 1] = np.inf
+    latents.flush()
+    del latents
+    with pytest.raises(JobError, match=r"packed latent set .*imagenet256_packed row 37 \(from "
+                                       r"37\.npy\) holds non-finite"):
+        LatentFeatureDataset(tmp_path, layout="packed")
+    data = LatentFeatureDataset(tmp_path, layout="packed", skip_nonfinite=True)
+    assert data[37] is None and data[38][1].item() == 8 and data.skipped_nonfinite == {37}
+
+
+@pytest.mark.parametrize("value, dtype, message", [
+    (3.7, "float64", r"holds 3\.7 \(float64\): labels must be integer"),
+    (float("nan"), "float32", r"holds nan \(float32\): labels must be integer"),
+    (-1, "int64", r"holds label -1, outside \[0, 10\)"),
+    (10, "int64", r"holds label 10, outside \[0, 10\)"),
+])
+def test_bad_label_files_are_refused_naming_the_file(tmp_path, value, dtype, message):
+    import numpy as np
+    from helpers.latents import LatentFeatureDataset
+    _latent_set(tmp_path, count=12)
+    np.save(tmp_path / "imagenet256_labels" / "7.npy", np.array([value], dtype=dtype))
+    data = LatentFeatureDataset(tmp_path)
+    with pytest.raises(JobError, match=r"label file .*imagenet256_labels/7\.npy " + message):
+        data.check_labels(10)
+    with pytest.raises(JobError, match=r"labels/7\.npy"):
+        LatentFeatureDataset(tmp_path, num_classes=10)[7]
+
+
+def test_a_packed_label_out_of_range_is_named_with_its_row(tmp_path):
+    import numpy as np
+    from helpers.latents import LatentFeatureDataset, pack_latents
+    _latent_set(tmp_path, count=12)
+    packed = pack_latents(tmp_path, progress=False, log=lambda *a: None)
+    labels = np.load(os.path.join(packed, "labels.npy"), mmap_mode="r+")
+    labels[5] = 10
+    labels.flush()
+    del labels
+    data = LatentFeatureDataset(tmp_path)
+    with pytest.raises(JobError, match=r"row 5 \(from 5\.npy\) holds label 10, outside \[0, 10\)"):
+        data.check_labels(10)
+    assert data.check_labels(11)[5] == 10
