@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 
 from helpers.cli import JobError
 from helpers.files import atomic_write_text, remove_stale_temps
+from helpers.locks import LOCK_NAME, RunLock
 
 FEATURES_SUFFIX = "_features"
 LABELS_SUFFIX = "_labels"
@@ -517,15 +518,12 @@ class LatentFeatureDataset(Dataset):
 #                                   Packing                                     #
 #################################################################################
 
-class PackedSetExistsError(FileExistsError):
+class PackedSetExistsError(JobError, FileExistsError):
     """A packed set is already there and overwriting was not asked for; `.path` is its folder."""
 
     def __init__(self, path, message):
         super().__init__(message)
         self.path = path
-
-    def __str__(self):
-        return self.args[0]
 
 
 def _fsync_path(path):
@@ -537,20 +535,32 @@ def _fsync_path(path):
 
 
 def _lock_folder(folder):
-    """An exclusive lock on `folder` held until the returned file is closed (or the process
-    dies); None where file locks are not available. Raises ValueError if someone holds it."""
+    """An exclusive lock on the packed set being written, held until released (or the process
+    dies); a second conversion gets a one-line JobError naming the holder."""
+    return RunLock(folder, what="conversion").acquire()
+
+
+def packed_is_current(final, source_root, prefix, names, shape):
+    """True if `final` already holds a complete packed set of exactly these per-file latents."""
     try:
-        import fcntl
-    except ImportError:     # not POSIX: no lock, as documented (one conversion per folder)
-        return None
-    handle = open(os.path.join(folder, "lock"), "a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise ValueError(f"another conversion is writing {folder} right now: wait for it to "
-                         f"finish (one conversion per folder at a time)")
-    return handle
+        info = read_packed_info(final)
+    except ValueError:
+        return False
+    own = os.path.join(source_root, prefix + FEATURES_SUFFIX)
+    return (os.path.realpath(str(info.get("source"))) == os.path.realpath(own)
+            and tuple(info["latent_shape"]) == tuple(shape)
+            and read_packed_names(final) == list(names))
+
+
+def _keep_only_packed_files(work):
+    """Remove whatever a packed set must not publish: stale temps of killed writes, leftovers."""
+    keep = {PACKED_LATENTS, PACKED_LABELS, PACKED_NAMES, PACKED_INFO, LOCK_NAME}
+    for entry in os.scandir(work):
+        if entry.name not in keep:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.remove(entry.path)
 
 
 def _fingerprint(source_root, prefix, names, shape):
@@ -569,14 +579,19 @@ def pack_latents(feature_path, prefix=None, out_root=None, overwrite=False, work
     (flipped copies are rows like any other) and writes `<out_root>/<prefix>_packed/` (default
     out_root: feature_path). The set is built in `<out_root>/.partial-<prefix>_packed/` and
     renamed into place only when complete; an interrupted conversion of the same source
-    resumes there from its last saved row (saved every `chunk_size` rows). An existing packed
-    set raises PackedSetExistsError unless `overwrite`. Bad input (missing folders, unpaired
+    resumes there from its last saved row (saved every `chunk_size` rows). A packed set of exactly
+    these latents is left as it is ("nothing to do"); another raises PackedSetExistsError unless
+    `overwrite`. The set being written is locked (helpers.locks.RunLock), stale temp files of
+    killed writes in it are removed, and only the four packed files are ever published. Bad input (missing folders, unpaired
     files, different latent shapes, unreadable files) raises a one-line ValueError.
     """
     source = LatentFeatureDataset(feature_path, prefix=prefix, layout="files")
     prefix, shape, names, count = source.prefix, source.latent_shape, source.names, len(source)
     out_root = os.path.abspath(os.fspath(out_root if out_root is not None else source.root))
     final = packed_dir(out_root, prefix)
+    if os.path.exists(final) and packed_is_current(final, source.root, prefix, names, shape):
+        log(f"nothing to do: {final} already holds these {count} latents")
+        return final
     if os.path.exists(final) and not overwrite:
         raise PackedSetExistsError(final, f"{final} already holds a packed set: refusing to "
                                           f"overwrite it; delete it, pass overwrite (--overwrite) "
@@ -586,6 +601,9 @@ def pack_latents(feature_path, prefix=None, out_root=None, overwrite=False, work
     os.makedirs(work, exist_ok=True)
     lock = _lock_folder(work)
     try:
+        removed = remove_stale_temps(work)
+        if removed:
+            log(f"removed {removed} temp files of an interrupted conversion")
         fingerprint = _fingerprint(source.root, prefix, names, shape)
         progress_path = os.path.join(work, PACKED_PROGRESS)
         done = 0
@@ -608,7 +626,7 @@ def pack_latents(feature_path, prefix=None, out_root=None, overwrite=False, work
             labels = np.load(labels_path, mmap_mode="r+")
         else:
             for entry in os.scandir(work):       # a fresh start: nothing from before is kept
-                if entry.name == "lock":
+                if entry.name == LOCK_NAME:
                     continue
                 if entry.is_dir(follow_symlinks=False):
                     shutil.rmtree(entry.path)
@@ -657,6 +675,7 @@ def pack_latents(feature_path, prefix=None, out_root=None, overwrite=False, work
         atomic_write_text(os.path.join(work, PACKED_INFO), json.dumps(info, indent=1) + "\n",
                           overwrite=True)
         os.remove(progress_path)
+        _keep_only_packed_files(work)            # never publish a temp file
         read_packed_info(work)                   # what we are about to publish reads back
         if os.path.exists(final):
             if not overwrite:
@@ -669,9 +688,8 @@ def pack_latents(feature_path, prefix=None, out_root=None, overwrite=False, work
             shutil.rmtree(old)
         else:
             os.rename(work, final)
-        os.remove(os.path.join(final, "lock"))
+        os.remove(os.path.join(final, LOCK_NAME))
         _fsync_path(out_root)
     finally:
-        if lock is not None:
-            lock.close()
+        lock.release()
     return final

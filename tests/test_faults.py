@@ -334,3 +334,40 @@ def test_a_packed_label_out_of_range_is_named_with_its_row(tmp_path):
     with pytest.raises(JobError, match=r"row 5 \(from 5\.npy\) holds label 10, outside \[0, 10\)"):
         data.check_labels(10)
     assert data.check_labels(11)[5] == 10
+
+
+#################################################################################
+#                              convert_features.py                              #
+#################################################################################
+
+def test_convert_says_nothing_to_do_and_never_publishes_a_temp_file(tmp_path, capsys, monkeypatch):
+    import convert_features
+    from helpers.latents import LatentFeatureDataset, pack_latents
+    _latent_set(tmp_path, count=12)
+    real_read = LatentFeatureDataset._read_latent
+
+    def killed_at_row_6(self, name):
+        if name == "6.npy":
+            raise KeyboardInterrupt("kill -9")
+        return real_read(self, name)
+
+    monkeypatch.setattr(LatentFeatureDataset, "_read_latent", killed_at_row_6)
+    with pytest.raises(KeyboardInterrupt):
+        pack_latents(tmp_path, chunk_size=2, workers=1, progress=False, log=lambda *a: None)
+    monkeypatch.undo()
+    work = tmp_path / ".partial-imagenet256_packed"
+    (work / ".tmp-k1ll3d.json").write_text("{half")            # an atomic write killed midway
+    (work / "stray.txt").write_text("x")
+
+    def convert(*argv):
+        args = convert_features.build_parser().parse_args(["--quiet", "--feature-path",
+                                                           str(tmp_path), *argv])
+        return convert_features.run_main(convert_features.main, args)
+
+    assert convert() == 0
+    packed = tmp_path / "imagenet256_packed"
+    assert sorted(os.listdir(packed)) == ["info.json", "labels.npy", "latents.npy", "names.txt"]
+    assert "done: 12 latents" in capsys.readouterr().out
+    assert convert() == 0                                        # finished: nothing to do
+    out = capsys.readouterr().out
+    assert f"nothing to do: {packed} already holds these 12 latents" in out and "done: 12" in out
