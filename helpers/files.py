@@ -153,15 +153,20 @@ def remove_stale_temps(folder, pattern=TMP_PATTERN):
     return removed
 
 
-def check_writable(path, folder=None):
+def check_writable(path, folder=None, keep_folder=True):
     """Errors before work: make sure files can be written at `path` (a folder if it is one or
     `folder` is True, else the folder of the file `path`), creating the folder if missing, by
     writing and fsyncing a small probe file. A read-only, full or impossible destination is a
-    one-line JobError naming it. Returns the folder."""
+    one-line JobError naming it. With keep_folder=False, folders it had to create are removed
+    again (a job that stops later on bad input then leaves nothing behind). Returns the folder."""
     path = os.fspath(path)
     if folder is None:
         folder = os.path.isdir(path)
     target = os.path.abspath(path if folder else os.path.dirname(os.path.abspath(path)))
+    created, parent = [], target
+    while parent and not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        created.append(parent)
+        parent = os.path.dirname(parent)
     try:
         os.makedirs(target, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=target, prefix=".tmp-probe-")
@@ -178,4 +183,9 @@ def check_writable(path, folder=None):
                        f"another output location") from e
     finally:
         _remove_quietly(probe)
+        for made in created if not keep_folder else ():
+            try:
+                os.rmdir(made)
+            except OSError:
+                break
     return target

@@ -371,3 +371,38 @@ def test_convert_says_nothing_to_do_and_never_publishes_a_temp_file(tmp_path, ca
     assert convert() == 0                                        # finished: nothing to do
     out = capsys.readouterr().out
     assert f"nothing to do: {packed} already holds these 12 latents" in out and "done: 12" in out
+
+
+#################################################################################
+#                              extract_features.py                              #
+#################################################################################
+
+def test_extract_features_locks_cleans_temps_and_refuses_old_seeds(tmp_path, tiny_vae_dir, capsys):
+    import extract_features
+    from PIL import Image
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (40, 80, 120)).save(tmp_path / "data" / c / "x.png")
+    out = tmp_path / "out"
+
+    def extract():
+        args = extract_features.build_parser().parse_args(
+            ["--data-path", str(tmp_path / "data"), "--features-path", str(out), "--image-size", "8",
+             "--vae", str(tiny_vae_dir), "--batch-size", "2", "--num-workers", "0"])
+        return extract_features.run_main(extract_features.main, args)
+
+    with RunLock(out, what="feature extraction"):
+        assert extract() == 2
+    assert f"being written by another feature extraction job: pid {os.getpid()} on " in \
+        capsys.readouterr().err
+    (out / ".tmp-k1ll3d.json").write_text("{half")
+    assert extract() == 0
+    assert sorted(os.listdir(out)) == [".lock", "imagenet8_extract.json", "imagenet8_features",
+                                       "imagenet8_labels"]
+    meta_path = out / "imagenet8_extract.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["seed_rule"] == "derive_seed"
+    del meta["seed_rule"]                                    # a folder made with the old seeds
+    meta_path.write_text(json.dumps(meta))
+    assert extract() == 2
+    assert "made with another seed_rule (None -> 'derive_seed')" in capsys.readouterr().err
