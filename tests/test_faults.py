@@ -406,3 +406,41 @@ def test_extract_features_locks_cleans_temps_and_refuses_old_seeds(tmp_path, tin
     meta_path.write_text(json.dumps(meta))
     assert extract() == 2
     assert "made with another seed_rule (None -> 'derive_seed')" in capsys.readouterr().err
+
+
+#################################################################################
+#                                  evaluate.py                                  #
+#################################################################################
+
+class _Exploit:
+    """A pickle that would create a file when unpickled without weights_only."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_evaluate_refuses_a_pickle_that_runs_code_and_checks_the_output_first(tmp_path):
+    import numpy as np
+    import torch
+    import evaluate
+    from helpers.evaluation import EvaluationError
+    weights = tmp_path / "evil.pth"
+    torch.save({"w": _Exploit(str(tmp_path / "pwned"))}, weights)
+    images = np.zeros((6, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "real.npz", arr_0=images)
+
+    def make_ref(out):
+        return evaluate.main(evaluate.build_parser().parse_args(
+            ["--make-ref", str(tmp_path / "real.npz"), "--out", str(out), "--image-size", "8",
+             "--inception-weights", str(weights), "--device", "cpu"]))
+
+    with pytest.raises(EvaluationError, match=r"evil\.pth is not a plain weights file .*"
+                                              r"weights-inception-2015-12-05"):
+        make_ref(tmp_path / "ref.npz")
+    assert not (tmp_path / "pwned").exists()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(EvaluationError, match=r"cannot write to .*afile"):   # before any loading
+        make_ref(tmp_path / "afile" / "ref.npz")
