@@ -73,20 +73,25 @@ class RunLock:
         except ImportError:     # not POSIX: no lock (one job per folder is then up to the user)
             self._handle = False
             return self
-        try:
-            os.makedirs(self.folder, exist_ok=True)
-            handle = open(self.path, "a+", encoding="utf-8")
-        except OSError as e:
-            raise JobError(f"cannot create the lock file {self.path} ({e.strerror or e}): choose "
-                           f"a writable folder") from e
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = describe_holder(handle.read())
-            handle.close()
-            raise JobError(f"{self.folder} is being written by another {self.what} job: {holder}; "
-                           f"wait for it to finish, stop it, or choose another folder") from None
+        while True:
+            try:
+                os.makedirs(self.folder, exist_ok=True)
+                handle = open(self.path, "a+", encoding="utf-8")
+            except OSError as e:
+                raise JobError(f"cannot create the lock file {self.path} ({e.strerror or e}): "
+                               f"choose a writable folder") from e
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                holder = describe_holder(handle.read())
+                handle.close()
+                raise JobError(f"{self.folder} is being written by another {self.what} job: "
+                               f"{holder}; wait for it to finish, stop it, or choose another "
+                               f"folder") from None
+            if self._is_current(handle):
+                break
+            handle.close()      # a releasing holder unlinked that file: lock the new one
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps(_holder_info()) + "\n")
@@ -94,15 +99,23 @@ class RunLock:
         self._handle = handle
         return self
 
+    def _is_current(self, handle):
+        """True if `handle` is still the file at self.path (not one a holder unlinked)."""
+        try:
+            return os.stat(self.path).st_ino == os.fstat(handle.fileno()).st_ino
+        except OSError:
+            return False
+
     def release(self):
-        """Let go of the lock (the lock file stays: deleting it would let two jobs lock two
-        different files of the same name)."""
+        """Let go of the lock and remove the lock file (while still holding it: acquirers
+        check they locked the file that is still there, so no two jobs hold one folder)."""
         handle, self._handle = self._handle, None
         if handle:
-            try:
-                handle.truncate(0)
-            except OSError:
-                pass
+            if self._is_current(handle):
+                try:
+                    os.remove(self.path)
+                except OSError:
+                    pass
             handle.close()          # closing the file drops the flock
 
     def __enter__(self):

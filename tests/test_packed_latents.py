@@ -242,7 +242,7 @@ def test_interrupted_conversion_is_never_read_and_resumes(tmp_path, monkeypatch,
         pack_latents(tmp_path, out_root=out, chunk_size=2, workers=1, progress=False)
     partial = out / f".partial-{PREFIX}_packed"
     assert os.listdir(out) == [partial.name]
-    assert sorted(os.listdir(partial)) == [".lock", "labels.npy", "latents.npy", "progress.json"]
+    assert sorted(os.listdir(partial)) == ["labels.npy", "latents.npy", "progress.json"]
     assert json.loads((partial / "progress.json").read_text())["rows_done"] == 4
 
     # only temp files: not a latent set, with a hint; beside per-file latents, the files are read
@@ -311,7 +311,9 @@ def _extract(**kwargs):
     args = extract_features.build_parser().parse_args(
         [f"--{k.replace('_', '-')}={v}" for k, v in kwargs.items() if v is not True] +
         [f"--{k.replace('_', '-')}" for k, v in kwargs.items() if v is True])
-    extract_features.main(args)
+    code = extract_features.run_main(extract_features.main, args)
+    if code:
+        raise SystemExit(code)
 
 
 def test_extract_features_packed_equals_conversion(tmp_path, tiny_vae_dir, capsys):
