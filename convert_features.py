@@ -23,28 +23,29 @@ Examples:
 import argparse
 import sys
 
+from helpers.cli import JobError, one_line, run_main
 from helpers.latents import PackedSetExistsError, pack_latents, read_packed_info
 
 
-def fail(message):
-    print(f"convert_features.py: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def main(args):
+    """Check the flags, pack (or find the set already packed), print a one-line summary."""
     if args.workers < 1:
-        fail(f"--workers must be at least 1, got {args.workers}")
+        raise JobError(f"--workers must be at least 1, got {args.workers}")
     if args.chunk_size < 1:
-        fail(f"--chunk-size must be at least 1, got {args.chunk_size}")
+        raise JobError(f"--chunk-size must be at least 1, got {args.chunk_size}")
     try:
         final = pack_latents(args.feature_path, prefix=args.prefix, out_root=args.out,
                              overwrite=args.overwrite, workers=args.workers,
                              chunk_size=args.chunk_size, progress=not args.quiet)
     except PackedSetExistsError as e:
-        fail(f"{e.path} already holds a packed set: refusing to overwrite it; pass "
-             f"--overwrite to replace it, or choose another --out")
-    except (ValueError, OSError) as e:
-        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise JobError(f"{e.path} already holds a packed set: refusing to overwrite it; pass "
+                       f"--overwrite to replace it, or choose another --out") from e
+    except JobError:
+        raise
+    except ValueError as e:         # the latent helpers' one-line messages about bad input
+        raise JobError(one_line(e)) from e
+    except OSError as e:
+        raise JobError(f"{e.filename or args.feature_path}: {e.strerror or e}") from e
     info = read_packed_info(final)
     print(f"done: {info['count']} latents {tuple(info['latent_shape'])} with labels < "
           f"{info['num_classes_seen']} packed into {final}", flush=True)
@@ -69,4 +70,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    sys.exit(run_main(main, build_parser().parse_args()))

@@ -29,6 +29,7 @@ Inception weights: without --inception-weights torch-fidelity downloads its conv
 import argparse
 import os
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -40,6 +41,8 @@ from helpers.evaluation import (IS_SPLIT_SIZE, PR_BATCH_SIZE, PR_NEIGHBOURS, Eva
                                 compute_activations, compute_statistics, frechet_distance,
                                 inception_score, precision_recall, read_npz_statistics,
                                 save_json_atomic, save_npz_atomic)
+from helpers.cli import JobError, one_line
+from helpers.files import check_writable
 from helpers.images import IMG_EXTENSIONS, center_crop_arr, load_image
 
 METRIC_NAMES = ("Inception Score", "FID", "sFID", "Precision", "Recall")  # ADM's printed names
@@ -51,9 +54,36 @@ MIN_IMAGES = PR_NEIGHBOURS + 1   # a k=3 manifold needs 4 points; covariances ne
 #################################################################################
 
 def _check_output(path, overwrite):
+    """Errors before work: an existing output (without --overwrite) or an unwritable place."""
     if path is not None and os.path.exists(path) and not overwrite:
         raise EvaluationError(f"{path} already exists: refusing to overwrite it (pass --overwrite "
                               f"or choose another output)")
+    if path is not None:
+        try:
+            check_writable(path, folder=False, keep_folder=False)
+        except JobError as e:
+            raise EvaluationError(str(e)) from e
+
+
+def load_extractor(weights_path, device):
+    """InceptionV3Features from --inception-weights, unpickled safely: torch-fidelity loads
+    the file with weights_only=False (a pickle can run code), so we load it with
+    weights_only=True and hand torch-fidelity a plain copy."""
+    if weights_path is None or not os.path.isfile(weights_path):
+        return InceptionV3Features(weights_path, device)
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any refusal of the unpickler: one message
+        raise EvaluationError(f"--inception-weights {weights_path} is not a plain weights file "
+                              f"({one_line(e)}): pass torch-fidelity's weights-inception-2015-12-05"
+                              f" .pth (a state_dict of tensors)") from e
+    fd, plain = tempfile.mkstemp(prefix="inception-", suffix=".pth")
+    os.close(fd)
+    try:
+        torch.save(state, plain)
+        return InceptionV3Features(plain, device)
+    finally:
+        os.remove(plain)
 
 
 def evaluate(args, extractor):
@@ -68,7 +98,7 @@ def evaluate(args, extractor):
         print(f"warning: reference images are {ref.shape[1]}x{ref.shape[2]} but samples are "
               f"{sample.shape[1]}x{sample.shape[2]} (both are resized to 299 for Inception)")
     if extractor is None:
-        extractor = InceptionV3Features(args.inception_weights, args.device)
+        extractor = load_extractor(args.inception_weights, args.device)
 
     print("computing reference batch activations...")
     ref_acts = compute_activations(ref.batches(bs), extractor, ref.num_batches(bs), "reference")
@@ -188,7 +218,7 @@ def make_reference(args, extractor):
     chosen = np.zeros(total, dtype=bool)
     chosen[np.random.default_rng(args.seed).permutation(total)[:keep]] = True
     if extractor is None:
-        extractor = InceptionV3Features(args.inception_weights, args.device)
+        extractor = load_extractor(args.inception_weights, args.device)
 
     pool_stats, spatial_stats = RunningStatistics(), RunningStatistics()
     kept, seen = [], 0

@@ -51,35 +51,31 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from helpers.distributed import barrier, broadcast_object, cleanup_distributed, is_distributed, \
-    setup_distributed
-from helpers.files import atomic_write_text
+from helpers.cli import JobError, agree, one_line, run_main
+from helpers.distributed import barrier, cleanup_distributed, is_distributed, setup_distributed
+from helpers.files import atomic_write_text, check_writable, remove_stale_temps
 from helpers.images import ImageFolderDataset
+from helpers.locks import RunLock
+from helpers.seeds import generator
 from helpers.latents import PACKED_INFO, file_names, layout_dirs, layout_prefix, pack_latents, \
     packed_dir, pair_is_complete, read_packed_names, remove_partial_files, write_latent
 from helpers.vae import downsample_factor, encode, latent_channels, latent_scale, load_vae
 
 META_SUFFIX = "_extract.json"   # <features-path>/<prefix>_extract.json: what the latents were made with
 # Settings that change the latents: a resumed run must use the same ones.
-META_KEYS = ("vae", "image_size", "global_seed", "latent_shape", "latent_scale", "num_images",
-             "classes")
+META_KEYS = ("seed_rule", "vae", "image_size", "global_seed", "latent_shape", "latent_scale",
+             "num_images", "classes")
+SEED_RULE = "derive_seed"       # each image's noise: helpers.seeds.generator(seed, index, flipped)
 
 
 #################################################################################
 #                                  Helpers                                      #
 #################################################################################
 
-def fail(message, rank=0):
-    """One-line error on stderr (once per job) and exit status 2."""
-    if rank == 0:
-        print(f"extract_features.py: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def image_generator(global_seed, index, flipped):
-    """A CPU generator for one image's posterior noise, the same on every run and device."""
-    seed = np.random.SeedSequence([global_seed, index, int(flipped)]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(seed))
+    """A CPU generator for one image's posterior noise, the same on every run and device (the
+    project's one seed rule, helpers.seeds.derive_seed)."""
+    return generator(global_seed, index, int(flipped))
 
 
 def plain_name(index):
@@ -169,7 +165,7 @@ def finish_packed(args, prefix):
         print(f"packed set {packed} is up to date", flush=True)
         return
     if exists and not args.packed:
-        fail(f"the per-file latents changed, so {packed} (which train.py reads first) is stale: "
+        raise JobError(f"the per-file latents changed, so {packed} (which train.py reads first) is stale: "
              f"re-pack it with --packed (or convert_features.py --overwrite), or delete it")
     if not args.packed:
         return
@@ -179,8 +175,10 @@ def finish_packed(args, prefix):
     try:
         final = pack_latents(args.features_path, prefix=prefix, overwrite=exists,
                              workers=max(1, args.num_workers))
+    except JobError:
+        raise
     except (ValueError, OSError) as e:
-        fail(str(e).splitlines()[0])
+        raise JobError(one_line(e)) from e
     print(f"packed into {final}", flush=True)
 
 
@@ -190,28 +188,25 @@ def finish_packed(args, prefix):
 
 @torch.no_grad()  # scoped, not torch.set_grad_enabled(False): main() is also called in-process
 def main(args):
-    rank = int(os.environ.get("RANK", "0"))
-
     # Validate everything before joining the job, so a bad argument writes nothing anywhere.
     if args.batch_size < 1:
-        fail(f"--batch-size must be at least 1, got {args.batch_size}", rank)
+        raise JobError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.max_images is not None and args.max_images < 1:
-        fail(f"--max-images must be at least 1, got {args.max_images}", rank)
-    try:
-        images = ImageFolderDataset(args.data_path, args.image_size, random_flip=False)
-    except ValueError as e:
-        fail(str(e), rank)
+        raise JobError(f"--max-images must be at least 1, got {args.max_images}")
+    images = ImageFolderDataset(args.data_path, args.image_size, random_flip=False,
+                                allow_empty_classes=args.allow_empty_classes)
     if str(args.vae).lower() == "none":
-        fail("--vae none: there is nothing to extract in pixel space; train on the images "
-             "directly, or pass ema, mse or a VAE folder", rank)
+        raise JobError("--vae none: there is nothing to extract in pixel space; train on the "
+                       "images directly, or pass ema, mse or a VAE folder")
+    check_writable(args.features_path, folder=True, keep_folder=False)   # before the VAE loads
     try:
         vae = load_vae(args.vae, "cpu")
     except (ValueError, OSError) as e:
-        fail(str(e).splitlines()[0], rank)
+        raise JobError(one_line(e)) from e
     factor = downsample_factor(vae)
     if args.image_size % factor != 0:
-        fail(f"--image-size {args.image_size} is not divisible by the VAE's downsampling factor "
-             f"{factor}: choose a multiple of {factor}", rank)
+        raise JobError(f"--image-size {args.image_size} is not divisible by the VAE's "
+                       f"downsampling factor {factor}: choose a multiple of {factor}")
 
     info = setup_distributed()
     vae = vae.to(info.device)
@@ -220,34 +215,52 @@ def main(args):
     prefix = args.prefix or layout_prefix(args.image_size)
     num_images = len(images) if args.max_images is None else min(args.max_images, len(images))
     vae_name = os.path.abspath(args.vae) if os.path.isdir(args.vae) else args.vae
-    meta = {"vae": vae_name, "image_size": args.image_size, "global_seed": args.global_seed,
-            "latent_shape": list(latent_shape), "latent_scale": float(latent_scale(vae)),
+    meta = {"seed_rule": SEED_RULE, "vae": vae_name, "image_size": args.image_size,
+            "global_seed": args.global_seed, "latent_shape": list(latent_shape), "latent_scale": float(latent_scale(vae)),
             "num_images": len(images), "classes": images.classes,
             "data_path": os.path.abspath(args.data_path), "batch_size": args.batch_size}
     meta_path = os.path.join(args.features_path, prefix + META_SUFFIX)
 
-    # Rank 0 checks an earlier run's settings and clears its half-written temp files.
-    error = None
-    if info.is_main:
-        features_dir, _ = layout_dirs(args.features_path, prefix)
-        resuming = os.path.isdir(features_dir) and any(
-            name.endswith(".npy") for name in os.listdir(features_dir))
-        error = check_metadata(meta_path, meta, resuming)
-        if error is None:
-            error = check_packed(args.features_path, prefix, args.packed)
-        if error is None:
-            os.makedirs(args.features_path, exist_ok=True)
-            atomic_write_text(meta_path, json.dumps(meta, indent=1), overwrite=True)
-            for folder in layout_dirs(args.features_path, prefix):
-                os.makedirs(folder, exist_ok=True)
-            removed = remove_partial_files(args.features_path, prefix)
-            if removed:
-                print(f"removed {removed} half-written temp files of an interrupted run", flush=True)
-    error = broadcast_object(error)
-    if error is not None:
+    # Rank 0 locks the folder, checks an earlier run's settings and clears its temp files.
+    lock = RunLock(args.features_path, what="feature extraction")
+    try:
+        agree(lambda: prepare_folder(args, prefix, meta, meta_path, lock), on_main_only=True)
+        barrier()
+        extract(args, info, images, vae, prefix, latent_shape, num_images)
+        # Pack after the job is torn down: every rank has written its files (they all reached
+        # the all_reduce), and a long packing cannot time out the others' teardown barrier.
         cleanup_distributed()
-        fail(error, info.rank)
-    barrier()
+        if info.is_main:
+            finish_packed(args, prefix)
+    except JobError:
+        cleanup_distributed()       # every rank raised it (agree): none is left waiting
+        raise
+    finally:
+        lock.release()
+
+
+def prepare_folder(args, prefix, meta, meta_path, lock):
+    """On rank 0: take the folder's lock, refuse other settings or a foreign packed set, record
+    the settings and remove temp files of killed writes (ours only, under the lock)."""
+    lock.acquire()
+    features_dir, _ = layout_dirs(args.features_path, prefix)
+    resuming = os.path.isdir(features_dir) and any(
+        name.endswith(".npy") for name in os.listdir(features_dir))
+    error = check_metadata(meta_path, meta, resuming) or check_packed(args.features_path, prefix,
+                                                                      args.packed)
+    if error is not None:
+        raise JobError(error)
+    atomic_write_text(meta_path, json.dumps(meta, indent=1), overwrite=True)
+    for folder in layout_dirs(args.features_path, prefix):
+        os.makedirs(folder, exist_ok=True)
+    removed = remove_partial_files(args.features_path, prefix)
+    removed += remove_stale_temps(args.features_path)
+    if removed:
+        print(f"removed {removed} half-written temp files of an interrupted run", flush=True)
+
+
+def extract(args, info, images, vae, prefix, latent_shape, num_images):
+    """Encode this rank's blocks that miss files, then print the job's totals (rank 0)."""
 
     # Blocks of --batch-size consecutive indices; rank r takes blocks r, r+W, r+2W, ...
     # A block is encoded whole if any of its wanted files is missing; `missing` (column 0 plain,
@@ -306,11 +319,6 @@ def main(args):
               f"{corrupt} corrupt images skipped (no file written); latents {latent_shape} in "
               f"{os.path.join(args.features_path, prefix + '_features')}", flush=True)
     del loader
-    cleanup_distributed()
-    # Pack after the job is torn down: every rank has written its files (they all reached the
-    # all_reduce above), and a long packing cannot time out the others' teardown barrier.
-    if info.is_main:
-        finish_packed(args, prefix)
 
 
 def build_parser():
@@ -333,10 +341,13 @@ def build_parser():
     parser.add_argument("--packed", action="store_true",
                         help="also pack the latents into <features-path>/<prefix>_packed/ "
                              "(memory-mapped; what train.py then reads)")
+    parser.add_argument("--allow-empty-classes", action="store_true",
+                        help="let an empty class folder keep its label index (ImageFolder's "
+                             "indices) instead of refusing it")
     parser.add_argument("--prefix", type=str, default=None,
                         help="folder prefix (default: imagenet<image-size>, the official name)")
     return parser
 
 
 if __name__ == "__main__":
-    main(build_parser().parse_args())
+    sys.exit(run_main(main, build_parser().parse_args()))

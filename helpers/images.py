@@ -12,6 +12,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 
+from helpers.cli import JobError
+
 # Same suffixes as torchvision's ImageFolder (compared case-insensitively: ImageNet uses .JPEG).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -60,38 +62,93 @@ def pil_to_tensor(pil_image):
 #                             Class-folder dataset                              #
 #################################################################################
 
-def find_images(root):
+def find_images(root, allow_empty_classes=False):
     """ImageFolder's listing: (classes, [(path, label)]) with sorted class folders and sorted
     files walked recursively, so dataset indices match torchvision.datasets.ImageFolder's.
 
-    Raises ValueError (one line) for a missing root, no class folders, or no images.
+    A class folder without images is refused (ImageFolder refuses it too: it would take a label
+    and shift every later class); with `allow_empty_classes` it keeps its label index, so the
+    indices stay ImageFolder's. Raises JobError (one line) for a missing root, no class
+    folders, an empty class folder or no images.
     """
     root = os.fspath(root)
     if not os.path.isdir(root):
-        raise ValueError(f"data path {root} does not exist or is not a folder: pass a folder "
-                         f"holding one sub-folder of images per class")
+        raise JobError(f"data path {root} does not exist or is not a folder: pass a folder "
+                       f"holding one sub-folder of images per class")
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     if not classes:
-        raise ValueError(f"data path {root} has no class sub-folders: put the images of each "
-                         f"class in their own sub-folder (root/<class>/<image>)")
-    samples = []
+        raise JobError(f"data path {root} has no class sub-folders: put the images of each "
+                       f"class in their own sub-folder (root/<class>/<image>)")
+    samples, empty = [], []
     for label, name in enumerate(classes):
+        count = len(samples)
         for folder, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
             for fname in sorted(files):
                 if fname.lower().endswith(IMG_EXTENSIONS):
                     samples.append((os.path.join(folder, fname), label))
+        if len(samples) == count:
+            empty.append(name)
     if not samples:
-        raise ValueError(f"data path {root} holds no images ({', '.join(IMG_EXTENSIONS)}) in its "
-                         f"{len(classes)} class sub-folders")
+        raise JobError(f"data path {root} holds no images ({', '.join(IMG_EXTENSIONS)}) in its "
+                       f"{len(classes)} class sub-folders")
+    if empty and not allow_empty_classes:
+        others = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise JobError(f"class folder {os.path.join(root, empty[0])}{others} holds no images, yet "
+                       f"would take a label and shift every later class: remove it, or pass "
+                       f"--allow-empty-classes to keep ImageFolder's indices")
     return classes, samples
 
 
+# 16-bit and 32-bit grey modes, scaled to 8 bits by their full range (PIL's own convert clips
+# them, so a 16-bit grey image turns white).
+_WIDE_GREY = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0,
+              "I": 65535.0}
+
+
+def _wide_grey_to_l(img):
+    """A 16-bit / 32-bit integer or float grey image as 8-bit "L", scaled by its range."""
+    arr = np.asarray(img)
+    if img.mode == "F":
+        arr = arr.astype(np.float64)
+        finite = arr[np.isfinite(arr)]
+        scale = 1.0 if finite.size and finite.max() <= 1.0 else 255.0   # [0, 1] or [0, 255]
+        arr = np.nan_to_num(arr, nan=0.0) / scale
+    else:
+        arr = arr.astype(np.float64) / _WIDE_GREY[img.mode]
+    return Image.fromarray(np.clip(np.round(arr * 255.0), 0, 255).astype(np.uint8), "L")
+
+
+def to_mode(img, mode="RGB"):
+    """Any PIL image as 8-bit "RGB" or "L", whatever its mode: 16/32-bit and float grey are
+    scaled (not clipped), palette images with transparency go through RGBA, alpha is dropped
+    as torchvision's loader does, CMYK/YCbCr/1/LA/... use PIL's conversions."""
+    if mode not in ("RGB", "L"):
+        raise ValueError(f"to_mode converts to 'RGB' or 'L', not {mode!r}")
+    if img.mode in _WIDE_GREY or img.mode == "F":
+        img = _wide_grey_to_l(img)
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode == mode:
+        return img
+    try:
+        return img.convert(mode)
+    except ValueError:          # modes PIL converts only via RGBA
+        return img.convert("RGBA").convert(mode)
+
+
+def to_rgb(img):
+    """Any PIL image as 8-bit RGB (see to_mode)."""
+    return to_mode(img, "RGB")
+
+
 def load_image(path, channels=3):
-    """Read an image as RGB (channels=3) or greyscale (channels=1); None if the file is corrupt."""
+    """Read an image as RGB (channels=3) or greyscale (channels=1), any PIL mode converted by
+    to_mode; None (and a warning) if the file is corrupt."""
     mode = {3: "RGB", 1: "L"}[channels]
     try:
         with Image.open(path) as img:
-            return img.convert(mode)  # convert() forces the full decode inside the try
+            img.load()                  # the full decode happens inside the try
+            return to_mode(img, mode)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         warnings.warn(f"skipping corrupt image {path} ({type(e).__name__}: {e})",
                       CorruptImageWarning, stacklevel=2)
@@ -107,7 +164,7 @@ class ImageFolderDataset(Dataset):
     workers, count the Nones in the main process instead).
     """
 
-    def __init__(self, root, image_size, random_flip=True, channels=3):
+    def __init__(self, root, image_size, random_flip=True, channels=3, allow_empty_classes=False):
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels}")
         if image_size <= 0:
@@ -116,7 +173,7 @@ class ImageFolderDataset(Dataset):
         self.image_size = image_size
         self.random_flip = random_flip
         self.channels = channels
-        self.classes, self.samples = find_images(self.root)
+        self.classes, self.samples = find_images(self.root, allow_empty_classes)
         self.targets = [label for _, label in self.samples]
         self.skipped = set()
 

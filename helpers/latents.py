@@ -32,7 +32,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from helpers.files import atomic_write_text
+from helpers.cli import JobError
+from helpers.files import atomic_write_text, remove_stale_temps
+from helpers.locks import LOCK_NAME, RunLock
 
 FEATURES_SUFFIX = "_features"
 LABELS_SUFFIX = "_labels"
@@ -269,7 +271,11 @@ class LatentFeatureDataset(Dataset):
     sorted naturally); `.layout` says which one was read.
     """
 
-    def __init__(self, feature_path, prefix=None, layout="auto"):
+    def __init__(self, feature_path, prefix=None, layout="auto", skip_nonfinite=False,
+                 num_classes=None):
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.skipped_nonfinite = set()      # indices skipped for NaN/inf (in this process)
+        self.num_classes = None if num_classes is None else int(num_classes)
         if layout not in LAYOUTS:
             raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
         root = os.path.abspath(os.fspath(feature_path))
@@ -349,11 +355,34 @@ class LatentFeatureDataset(Dataset):
         self._count = len(self._names)
 
     def _read_label(self, name):
-        label = _load_npy(os.path.join(self.labels_dir, name))
+        """One per-file label, checked (integer dtype, integral, in range) by check_label."""
+        path = os.path.join(self.labels_dir, name)
+        label = _load_npy(path)
         if label.size != 1:
-            raise ValueError(f"label file {os.path.join(self.labels_dir, name)} holds "
-                             f"{label.size} values: expected one class index")
-        return int(label.reshape(-1)[0])
+            raise JobError(f"label file {path} holds {label.size} values: expected one class index")
+        return self._check_label(label.reshape(-1)[0], label.dtype, f"label file {path}")
+
+    def _check_label(self, value, dtype, where):
+        """`value` as an int if it is a valid class index (integer dtype, in [0, num_classes)),
+        else a one-line JobError naming `where` and the value."""
+        if not np.issubdtype(dtype, np.integer):
+            shown = value.item() if hasattr(value, "item") else value
+            raise JobError(f"{where} holds {shown!r} ({dtype}): labels must be integer class "
+                           f"indices (int64); re-run the extraction or fix the file")
+        value = int(value)
+        if value < 0 or (self.num_classes is not None and value >= self.num_classes):
+            limit = f"{self.num_classes}" if self.num_classes is not None else "the class count"
+            raise JobError(f"{where} holds label {value}, outside [0, {limit}): fix the file, or "
+                           f"pass a --num-classes above every label")
+        return value
+
+    def _nonfinite(self, index, where):
+        """Handle a latent with NaN/inf values: an error naming it, or with skip_nonfinite a
+        skip that is counted (`.skipped_nonfinite`)."""
+        if not self.skip_nonfinite:
+            raise JobError(f"{where} holds non-finite values (NaN or inf): re-extract it, delete "
+                           f"it, or pass --skip-nonfinite to skip such latents")
+        self.skipped_nonfinite.add(index)
 
     def _read_latent(self, name):
         """One per-file latent as a float32 (C, H, W) array, its shape checked."""
@@ -363,6 +392,22 @@ class LatentFeatureDataset(Dataset):
             raise ValueError(f"latent file {path} has shape {latent.shape}, the others "
                              f"{self.latent_shape}: mixed latent sets?")
         return latent.reshape(self.latent_shape).astype(np.float32, copy=False)
+
+    def check_labels(self, num_classes=None):
+        """Check every label (integer, in [0, num_classes)) now, so a bad one stops the job at
+        start-up naming its file instead of mid-training; later reads check the range too.
+        Returns the labels."""
+        if num_classes is not None:
+            self.num_classes = int(num_classes)
+        labels = self.labels
+        limit = self.num_classes if self.num_classes is not None else np.iinfo(np.int64).max
+        bad = np.flatnonzero((labels < 0) | (labels >= limit))
+        if bad.size:
+            row = int(bad[0])
+            where = (self._packed_row(row) if self.layout == "packed" else
+                     f"label file {os.path.join(self.labels_dir, self.names[row])}")
+            self._check_label(labels[row], labels.dtype, where)
+        return labels
 
     # ------------------------------------------------------------------- packed layout
     def _init_packed(self):
@@ -376,6 +421,27 @@ class LatentFeatureDataset(Dataset):
         self._count = int(self.info["count"])
         self._names = None          # names.txt is read on first use
         self._arrays, self._arrays_pid = None, None
+        self._scan_packed()
+
+    def _packed_row(self, row):
+        """Where a packed row comes from, for messages: the file and its per-file name."""
+        names = read_packed_names(self.packed_dir)
+        name = names[row] if row < len(names) else "?"
+        return f"packed latent set {self.packed_dir} row {row} (from {name})"
+
+    def _scan_packed(self, rows_per_chunk=None):
+        """Start-up check of a packed set: every latent finite (else an error naming the row,
+        or with skip_nonfinite the rows are skipped and counted) and every label integral."""
+        latents, labels = self._packed_arrays()
+        per_row = max(1, int(np.prod(self.latent_shape)))
+        step = rows_per_chunk or max(1, (64 << 20) // (4 * per_row))     # ~64 MB at a time
+        for start in range(0, self._count, step):
+            chunk = np.asarray(latents[start:start + step]).reshape(-1, per_row)
+            for row in np.flatnonzero(~np.isfinite(chunk).all(axis=1)) + start:
+                self._nonfinite(int(row), self._packed_row(int(row)))
+        negative = np.flatnonzero(np.asarray(labels) < 0)
+        if negative.size:
+            self._check_label(labels[negative[0]], labels.dtype, self._packed_row(negative[0]))
 
     def _packed_arrays(self):
         """(latents, labels) memory maps, opened lazily in each process (DataLoader workers
@@ -423,31 +489,41 @@ class LatentFeatureDataset(Dataset):
         return int(self.labels.max()) + 1
 
     def __getitem__(self, index):
+        """(latent, label), or None for a latent skipped for non-finite values (skip_nonfinite;
+        the trainers' collate_skip_none drops it)."""
         if self.layout == "packed":
             latents, labels = self._packed_arrays()
             if not -self._count <= index < self._count:
                 raise IndexError(f"index {index} is out of range for {self._count} latents")
+            if index % self._count in self.skipped_nonfinite:
+                return None
             latent = torch.from_numpy(np.array(latents[index]))   # a copy: never a view of the map
-            return latent, torch.tensor(int(labels[index]), dtype=torch.int64)
+            label = int(labels[index])
+            if label < 0 or (self.num_classes is not None and label >= self.num_classes):
+                self._check_label(label, labels.dtype, self._packed_row(index % self._count))
+            return latent, torch.tensor(label, dtype=torch.int64)
         name = self.names[index]
-        latent = torch.from_numpy(self._read_latent(name))
+        latent = self._read_latent(name)
+        if not np.isfinite(latent).all():
+            self._nonfinite(index % self._count, f"latent file {os.path.join(self.features_dir, name)}")
+            return None
         label = self._labels[index] if self._labels is not None else self._read_label(name)
-        return latent, torch.tensor(label, dtype=torch.int64)
+        if self.num_classes is not None:
+            label = self._check_label(label, np.dtype(np.int64), f"label file "
+                                      f"{os.path.join(self.labels_dir, name)}")
+        return torch.from_numpy(latent), torch.tensor(label, dtype=torch.int64)
 
 
 #################################################################################
 #                                   Packing                                     #
 #################################################################################
 
-class PackedSetExistsError(FileExistsError):
+class PackedSetExistsError(JobError, FileExistsError):
     """A packed set is already there and overwriting was not asked for; `.path` is its folder."""
 
     def __init__(self, path, message):
         super().__init__(message)
         self.path = path
-
-    def __str__(self):
-        return self.args[0]
 
 
 def _fsync_path(path):
@@ -459,20 +535,32 @@ def _fsync_path(path):
 
 
 def _lock_folder(folder):
-    """An exclusive lock on `folder` held until the returned file is closed (or the process
-    dies); None where file locks are not available. Raises ValueError if someone holds it."""
+    """An exclusive lock on the packed set being written, held until released (or the process
+    dies); a second conversion gets a one-line JobError naming the holder."""
+    return RunLock(folder, what="conversion").acquire()
+
+
+def packed_is_current(final, source_root, prefix, names, shape):
+    """True if `final` already holds a complete packed set of exactly these per-file latents."""
     try:
-        import fcntl
-    except ImportError:     # not POSIX: no lock, as documented (one conversion per folder)
-        return None
-    handle = open(os.path.join(folder, "lock"), "a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise ValueError(f"another conversion is writing {folder} right now: wait for it to "
-                         f"finish (one conversion per folder at a time)")
-    return handle
+        info = read_packed_info(final)
+    except ValueError:
+        return False
+    own = os.path.join(source_root, prefix + FEATURES_SUFFIX)
+    return (os.path.realpath(str(info.get("source"))) == os.path.realpath(own)
+            and tuple(info["latent_shape"]) == tuple(shape)
+            and read_packed_names(final) == list(names))
+
+
+def _keep_only_packed_files(work):
+    """Remove whatever a packed set must not publish: stale temps of killed writes, leftovers."""
+    keep = {PACKED_LATENTS, PACKED_LABELS, PACKED_NAMES, PACKED_INFO, LOCK_NAME}
+    for entry in os.scandir(work):
+        if entry.name not in keep:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.remove(entry.path)
 
 
 def _fingerprint(source_root, prefix, names, shape):
@@ -491,14 +579,19 @@ def pack_latents(feature_path, prefix=None, out_root=None, overwrite=False, work
     (flipped copies are rows like any other) and writes `<out_root>/<prefix>_packed/` (default
     out_root: feature_path). The set is built in `<out_root>/.partial-<prefix>_packed/` and
     renamed into place only when complete; an interrupted conversion of the same source
-    resumes there from its last saved row (saved every `chunk_size` rows). An existing packed
-    set raises PackedSetExistsError unless `overwrite`. Bad input (missing folders, unpaired
+    resumes there from its last saved row (saved every `chunk_size` rows). A packed set of exactly
+    these latents is left as it is ("nothing to do"); another raises PackedSetExistsError unless
+    `overwrite`. The set being written is locked (helpers.locks.RunLock), stale temp files of
+    killed writes in it are removed, and only the four packed files are ever published. Bad input (missing folders, unpaired
     files, different latent shapes, unreadable files) raises a one-line ValueError.
     """
     source = LatentFeatureDataset(feature_path, prefix=prefix, layout="files")
     prefix, shape, names, count = source.prefix, source.latent_shape, source.names, len(source)
     out_root = os.path.abspath(os.fspath(out_root if out_root is not None else source.root))
     final = packed_dir(out_root, prefix)
+    if os.path.exists(final) and packed_is_current(final, source.root, prefix, names, shape):
+        log(f"nothing to do: {final} already holds these {count} latents")
+        return final
     if os.path.exists(final) and not overwrite:
         raise PackedSetExistsError(final, f"{final} already holds a packed set: refusing to "
                                           f"overwrite it; delete it, pass overwrite (--overwrite) "
@@ -508,6 +601,9 @@ def pack_latents(feature_path, prefix=None, out_root=None, overwrite=False, work
     os.makedirs(work, exist_ok=True)
     lock = _lock_folder(work)
     try:
+        removed = remove_stale_temps(work)
+        if removed:
+            log(f"removed {removed} temp files of an interrupted conversion")
         fingerprint = _fingerprint(source.root, prefix, names, shape)
         progress_path = os.path.join(work, PACKED_PROGRESS)
         done = 0
@@ -530,7 +626,7 @@ def pack_latents(feature_path, prefix=None, out_root=None, overwrite=False, work
             labels = np.load(labels_path, mmap_mode="r+")
         else:
             for entry in os.scandir(work):       # a fresh start: nothing from before is kept
-                if entry.name == "lock":
+                if entry.name == LOCK_NAME:
                     continue
                 if entry.is_dir(follow_symlinks=False):
                     shutil.rmtree(entry.path)
@@ -542,7 +638,12 @@ def pack_latents(feature_path, prefix=None, out_root=None, overwrite=False, work
                                                shape=(count,))
 
         def read(name):
-            return source._read_latent(name), source._read_label(name)
+            latent = source._read_latent(name)
+            if not np.isfinite(latent).all():
+                raise JobError(f"latent file {os.path.join(source.features_dir, name)} holds "
+                               f"non-finite values (NaN or inf): re-extract it or delete it "
+                               f"(and its label file), then convert again")
+            return latent, source._read_label(name)
 
         from tqdm import tqdm
         bar = tqdm(total=count, initial=done, unit="latent", desc=f"packing {prefix}",
@@ -574,6 +675,7 @@ def pack_latents(feature_path, prefix=None, out_root=None, overwrite=False, work
         atomic_write_text(os.path.join(work, PACKED_INFO), json.dumps(info, indent=1) + "\n",
                           overwrite=True)
         os.remove(progress_path)
+        _keep_only_packed_files(work)            # never publish a temp file
         read_packed_info(work)                   # what we are about to publish reads back
         if os.path.exists(final):
             if not overwrite:
@@ -586,9 +688,8 @@ def pack_latents(feature_path, prefix=None, out_root=None, overwrite=False, work
             shutil.rmtree(old)
         else:
             os.rename(work, final)
-        os.remove(os.path.join(final, "lock"))
+        os.remove(os.path.join(final, LOCK_NAME))
         _fsync_path(out_root)
     finally:
-        if lock is not None:
-            lock.close()
+        lock.release()
     return final

@@ -22,7 +22,9 @@ def run_main(**kwargs):
     args = extract_features.build_parser().parse_args(
         [f"--{k.replace('_', '-')}={v}" for k, v in kwargs.items() if v is not True] +
         [f"--{k.replace('_', '-')}" for k, v in kwargs.items() if v is True])
-    extract_features.main(args)
+    code = extract_features.run_main(extract_features.main, args)
+    if code:
+        raise SystemExit(code)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +147,7 @@ def test_bad_arguments(dataset_dir, tiny_vae_dir, tmp_path, capsys):
             run_main(features_path=str(out), num_workers=0, **kwargs)
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and err.startswith("extract_features.py: error: ")
+        assert len(err.splitlines()) == 1 and err.startswith("error: ")
         return err
 
     assert "does not exist or is not a folder" in error(data_path=tmp_path / "missing",
@@ -166,7 +168,7 @@ def test_cli_missing_data_path(tmp_path, repo_root):
                            "--features-path", str(tmp_path / "out")], cwd=repo_root,
                           env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == (f"extract_features.py: error: data path {tmp_path / 'x'} does not "
+    assert proc.stderr.strip() == (f"error: data path {tmp_path / 'x'} does not "
                                    f"exist or is not a folder: pass a folder holding one sub-folder "
                                    f"of images per class")
     assert not (tmp_path / "out").exists()

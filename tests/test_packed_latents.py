@@ -47,8 +47,8 @@ def _official_set(root, names=NAMES, shape=SHAPE, prefix=PREFIX, seed=0):
 def _convert(*argv):
     """convert_features.main in this process; returns the exit code (0 when it returns)."""
     try:
-        convert_features.main(convert_features.build_parser().parse_args(
-            ["--quiet", *map(str, argv)]))
+        return convert_features.run_main(convert_features.main, convert_features.build_parser()
+                                         .parse_args(["--quiet", *map(str, argv)]))
     except SystemExit as e:
         return e.code
     return 0
@@ -57,7 +57,7 @@ def _convert(*argv):
 def _error(capsys, *argv):
     assert _convert(*argv) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("convert_features.py: error: "), err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     return err
 
 
@@ -148,7 +148,7 @@ def test_refuses_to_overwrite_and_overwrite_replaces(tmp_path, capsys):
     before = _read_bytes(packed, *PACKED_FILES, "info.json")
     _official_set(tmp_path, names=["11_0"], seed=1)                  # the per-file set grows
     err = _error(capsys, "--feature-path", tmp_path)
-    assert err == (f"convert_features.py: error: {packed} already holds a packed set: refusing to "
+    assert err == (f"error: {packed} already holds a packed set: refusing to "
                    f"overwrite it; pass --overwrite to replace it, or choose another --out")
     assert _read_bytes(packed, *PACKED_FILES, "info.json") == before   # untouched
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
@@ -219,7 +219,7 @@ def test_cli_exit_status_and_message(tmp_path, repo_root):
                            str(tmp_path / "x")], cwd=repo_root, env=subprocess_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.strip() == (f"convert_features.py: error: feature path {tmp_path / 'x'} "
+    assert proc.stderr.strip() == (f"error: feature path {tmp_path / 'x'} "
                                    f"does not exist: pass the folder holding <prefix>_features/ "
                                    f"and <prefix>_labels/ (e.g. imagenet256_features) or "
                                    f"<prefix>_packed/")
@@ -242,7 +242,7 @@ def test_interrupted_conversion_is_never_read_and_resumes(tmp_path, monkeypatch,
         pack_latents(tmp_path, out_root=out, chunk_size=2, workers=1, progress=False)
     partial = out / f".partial-{PREFIX}_packed"
     assert os.listdir(out) == [partial.name]
-    assert sorted(os.listdir(partial)) == ["labels.npy", "latents.npy", "lock", "progress.json"]
+    assert sorted(os.listdir(partial)) == ["labels.npy", "latents.npy", "progress.json"]
     assert json.loads((partial / "progress.json").read_text())["rows_done"] == 4
 
     # only temp files: not a latent set, with a hint; beside per-file latents, the files are read
@@ -285,9 +285,9 @@ def test_damaged_packed_sets_and_concurrent_conversion(tmp_path):
     # a second conversion while one holds the lock is refused
     work = tmp_path / "o" / f".partial-{PREFIX}_packed"
     os.makedirs(work)
-    with open(work / "lock", "a") as held:
+    with open(work / ".lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        with pytest.raises(ValueError, match="another conversion is writing .* right now"):
+        with pytest.raises(ValueError, match="being written by another conversion job"):
             pack_latents(tmp_path, out_root=tmp_path / "o", progress=False)
 
     latents = os.path.join(final, "latents.npy")
@@ -311,7 +311,9 @@ def _extract(**kwargs):
     args = extract_features.build_parser().parse_args(
         [f"--{k.replace('_', '-')}={v}" for k, v in kwargs.items() if v is not True] +
         [f"--{k.replace('_', '-')}" for k, v in kwargs.items() if v is True])
-    extract_features.main(args)
+    code = extract_features.run_main(extract_features.main, args)
+    if code:
+        raise SystemExit(code)
 
 
 def test_extract_features_packed_equals_conversion(tmp_path, tiny_vae_dir, capsys):
