@@ -24,7 +24,7 @@ from helpers.checkpoint import SAFETENSORS_EXT, atomic_save, extract_state_dict,
 from helpers.cli import JobError, one_line, run_main
 from helpers.files import atomic_write
 from helpers.models import model_names
-from helpers.objectives import objective_of_checkpoint
+from helpers.objectives import create_objective, objective_of_checkpoint
 from helpers.runs import plain_rng_state, saved_args
 
 EXPORT_FORMAT = "dic-export-1"
@@ -69,7 +69,7 @@ def export_metadata(checkpoint, model_name):
     args["model"] = model_name
     return {"format": EXPORT_FORMAT, "model": json.dumps(model_name), "args": json.dumps(args),
             "model_kwargs": json.dumps(checkpoint.get("model_kwargs") if isinstance(checkpoint, dict) else None),
-            "objective": json.dumps(objective_of_checkpoint(checkpoint))}
+            "objective": json.dumps(objective_of_checkpoint(checkpoint) or create_objective(None).config())}
 
 
 def main(args):

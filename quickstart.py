@@ -52,20 +52,17 @@ def train_model(args):
 @torch.no_grad()
 def sample_every_class(checkpoint_path, args):
     """(images (N, C, H, W) in [-1, 1], labels (N,)): --samples-per-class of each class, class-major."""
-    from helpers.sampling import (build_model, generate, grid_noise, make_diffusion, make_model_fn,
-                                  read_checkpoint, resolve_settings)
-    settings = argparse.Namespace(
-        ckpt=checkpoint_path, weights="ema", model=None, image_size=None, num_classes=None, vae=None,
-        in_channels=None, model_kwargs={}, cfg_scale=args.cfg_scale, sampler=args.sampler,
-        num_sampling_steps=args.sampling_steps, guide_channels="official")
+    import sample
+    from helpers.sampling import build_model, generate, grid_noise, make_sampling, read_checkpoint, resolve_settings
+    settings = sample.parse_args(["--ckpt", checkpoint_path, "--cfg-scale", str(args.cfg_scale),
+                                  "--sampler", args.sampler, "--num-sampling-steps", str(args.sampling_steps)])
     checkpoint, state_dict = read_checkpoint(checkpoint_path, "ema")
     resolve_settings(settings, checkpoint, state_dict, log=lambda message: None)
     model, vae = build_model(settings, state_dict, torch.device("cpu"))
-    diffusion = make_diffusion(model, settings.sampler, settings.num_sampling_steps)
+    model_fn, sampler = make_sampling(model, vae, settings, dict(precision="fp32", channels_last=False, compile=False))
     labels = torch.arange(settings.num_classes).repeat_interleave(args.samples_per_class)
     noise = grid_noise(args.seed, len(labels), settings.num_classes)  # sample.py's per-index noise
-    model_fn = make_model_fn(model, settings.cfg_scale, settings.guide_channels)
-    images = generate(model, vae, diffusion, model_fn, noise, labels, settings, torch.device("cpu"),
+    images = generate(model, vae, sampler, model_fn, noise, labels, settings, torch.device("cpu"),
                       progress=sys.stdout.isatty())
     return images.clamp(-1, 1), labels
 

@@ -20,10 +20,10 @@ from torchvision.utils import save_image
 from helpers.cli import JobError, run_main
 from helpers.distributed import setup_distributed
 from helpers.files import atomic_write
-from helpers.sampling import (DIT_DEFAULT_LABELS, add_model_args, add_sampler_args, add_speed_args,
-                              build_model, check_common_args, generate, grid_noise, make_diffusion,
-                              make_model_fn, parse_with_model_overrides, read_checkpoint,
-                              resolve_settings, setup_speed)
+from helpers.files import check_writable
+from helpers.sampling import (DIT_DEFAULT_LABELS, add_model_args, add_sampling_args, add_speed_args,
+                              build_model, check_common_args, generate, grid_noise, make_sampling,
+                              parse_with_model_overrides, read_checkpoint, resolve_settings, setup_speed)
 
 
 def default_labels(num_classes, log=print):
@@ -46,6 +46,7 @@ def main(args):
         raise JobError(f"--nrow must be >= 1, got {args.nrow}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would write the same --out
         raise JobError("sample.py runs as one process: use sample_ddp.py under torchrun")
+    check_writable(args.out, folder=False, keep_folder=False)   # errors before work: a read-only folder
     device = setup_distributed().device  # this node's GPU (LOCAL_RANK) under a 1-process torchrun
     speed = setup_speed(args)  # --precision, --channels-last, --compile
 
@@ -55,13 +56,18 @@ def main(args):
     del checkpoint
     labels = args.class_labels if args.class_labels else default_labels(args.num_classes)
     model, vae = build_model(args, state_dict, device)
-    diffusion = make_diffusion(model, args.sampler, args.num_sampling_steps)
+    model_fn, sampler = make_sampling(model, vae, args, speed)   # the checkpoint's objective decides
 
     # Per-sample noise: sample j draws from a generator seeded by (seed, j), as in sample_ddp.py.
     noise = grid_noise(args.seed, len(labels), args.num_classes)
     y = torch.tensor(labels, dtype=torch.long)
-    model_fn = make_model_fn(model, args.cfg_scale, args.guide_channels, **speed)
-    samples = generate(model, vae, diffusion, model_fn, noise, y, args, device, progress=True)
+    samples = generate(model, vae, sampler, model_fn, noise, y, args, device, progress=True)
+    if sampler.nfe is not None:
+        print(f"The ODE solver ({args.sampling_method}) made {sampler.nfe} function evaluations")
+    if args.likelihood:
+        nll = sampler.bits_per_dim(model_fn, sampler.last_latents, y)
+        print(f"NLL of the samples (bits/dim, {args.sampling_method}): "
+              f"{' '.join(f'{v:.4f}' for v in nll.tolist())} (mean {nll.mean().item():.4f})")
 
     # Save and display images:
     atomic_write(args.out, lambda tmp: save_image(samples, tmp, nrow=args.nrow, normalize=True,
@@ -75,7 +81,7 @@ def build_parser():
     add_model_args(parser)
     parser.add_argument("--class-labels", type=int, nargs="+", default=None,
                         help="labels to sample (default: DiT's 207 360 387 974 88 979 417 279)")
-    add_sampler_args(parser, cfg_scale=4.0, cfg_scale_source="DiT's")
+    add_sampling_args(parser, cfg_scale=4.0, cfg_scale_source="DiT's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nrow", type=int, default=4, help="images per grid row")
     parser.add_argument("--out", type=str, default="sample.png", help="grid image to write")

@@ -5,18 +5,22 @@ one .npz (arr_0: uint8 (N, H, W, 3)) for FID and the other metrics, like DiT's s
     torchrun --nproc_per_node 8 sample_ddp.py --ckpt results/000-DiC-XL/checkpoints/0400000.pt
     python sample_ddp.py --ckpt ...          # one process (CPU or one GPU)
 
+    torchrun --nproc_per_node 8 sample_ddp.py --ckpt SiT-run.pt --mode sde --num-sampling-steps 250
+
+The reverse process is the checkpoint's: DDPM (--sampler ddpm|ddim|dpm-solver) or, for a model
+trained with flow matching, SiT's ODE (--mode ode, any torchdiffeq method) or SDE (--mode sde).
 Image i depends only on (--global-seed, i, the settings): its label, its initial noise and every
-per-step noise come from a generator seeded from (global seed, i), and every model call has the
-same batch shape (a rank's last batch is padded). So the .npz is byte-identical from 1 or 8
-processes at the same --per-proc-batch-size and fast-path flags (--precision, --channels-last,
---compile), and exactly --num-fid-samples images are made. --precision bf16 changes the
-samples slightly, so its folder name ends in -bf16.
-Another batch size gives the same samples up to the float rounding of batched kernels (BLAS and
-cuDNN choose kernels by shape), which rarely moves a pixel by one level.
-Rank r (global rank) makes images r, r + W, r + 2W, ... (W processes) and writes each PNG
-atomically, so an interrupted run, rerun with the same arguments, skips the PNGs it has and ends
-with the same .npz. An existing complete .npz is left as it is. Rank 0 packs the .npz, so on
-several nodes --sample-dir must be on a shared file system (as in DiT).
+per-step noise (DDPM's, the SDE's) come from a generator seeded from (global seed, i). The images
+are made in chunks of --per-proc-batch-size consecutive indices, chunk k on rank k mod W, the last
+one padded: every model call has the same shape and a batch holds the same images whatever the
+process count, so the .npz is byte-identical from 1 or 8 processes at the same batch size and
+fast-path flags (also with adaptive ODE solvers, which pick their steps per batch). Another batch
+size gives the same samples up to float rounding (DDPM, SDE, fixed-step ODE) or up to the adaptive
+solver's tolerance (dopri5). --precision bf16 changes the samples slightly: its folder ends in -bf16.
+Each PNG is written atomically, so an interrupted run, rerun with the same arguments, redoes only
+its unfinished chunks and ends with the same .npz; a complete .npz is left as it is; the sample
+folder is locked while a job writes it. Rank 0 packs the .npz, so on several nodes --sample-dir
+must be on a shared file system (as in DiT).
 """
 import argparse
 import json
@@ -29,12 +33,14 @@ from tqdm import tqdm
 
 from helpers.cli import JobError, agree, run_main
 from helpers.distributed import barrier, cleanup_distributed, setup_distributed
-from helpers.files import atomic_write, atomic_write_text
+from helpers.files import atomic_write, atomic_write_text, check_writable, remove_stale_temps
+from helpers.locks import RunLock
 from helpers.sample_files import npz_shape, png_name, write_npz_from_pngs
-from helpers.sampling import (IndexNoise, add_model_args, add_sampler_args, add_speed_args, build_model,
+from helpers.samplers import sampler_name, sampler_settings
+from helpers.sampling import (IndexNoise, add_model_args, add_sampling_args, add_speed_args, build_model,
                               check_common_args, clips_denoised, describe_speed, draw_labels, generate,
-                              make_diffusion, make_model_fn, parse_with_model_overrides, read_checkpoint,
-                              resolve_settings, setup_speed, to_uint8_rgb)
+                              make_sampling, parse_with_model_overrides, read_checkpoint, resolve_settings,
+                              setup_speed, to_uint8_rgb)
 
 SETTINGS_FILE = "sampling_settings.json"
 # What older settings files implied for keys they lack (their noise came from another seed rule).
@@ -49,7 +55,7 @@ def folder_name(args):
     ckpt = os.path.basename(args.ckpt).replace(".pt", "")
     vae = os.path.basename(os.path.normpath(args.vae))
     name = f"{model}-{ckpt}-size-{args.image_size}-vae-{vae}-cfg-{args.cfg_scale}-seed-{args.global_seed}"
-    name += f"-{args.sampler}-{args.num_sampling_steps}"
+    name += f"-{sampler_name(args, args.objective_config)}"
     if args.weights != "ema":
         name += f"-weights-{args.weights}"
     if args.guide_channels != "official":
@@ -67,8 +73,8 @@ def image_settings(args):
             "model_kwargs": {k: repr(v) for k, v in sorted(args.model_kwargs.items())},
             "image_size": args.image_size, "num_classes": args.num_classes, "vae": args.vae,
             "in_channels": args.in_channels, "cfg_scale": args.cfg_scale,
-            "guide_channels": args.guide_channels, "num_sampling_steps": args.num_sampling_steps,
-            "sampler": args.sampler, "global_seed": args.global_seed,
+            "guide_channels": args.guide_channels, **sampler_settings(args, args.objective_config),
+            "global_seed": args.global_seed,
             "balanced_classes": args.balanced_classes, "precision": args.precision,
             "clip_denoised": clips_denoised(args.vae), "seed_rule": SEED_RULE}
 
@@ -98,12 +104,23 @@ def check_output(args, sample_folder, npz_path, expected_shape):
     return "go"
 
 
-def create_output(args, sample_folder):
-    """Rank 0: the sample folder with a record of the settings its images are made with."""
+def create_output(args, sample_folder, locks):
+    """Rank 0: the sample folder, locked for this job and cleared of the temp files of writes a killed
+    job left, with a record of the settings its images are made with."""
     os.makedirs(sample_folder, exist_ok=True)
+    locks.append(RunLock(sample_folder, what="sampling").acquire())
+    remove_stale_temps(sample_folder)
     settings_path = os.path.join(sample_folder, SETTINGS_FILE)
     if not os.path.exists(settings_path):
         atomic_write_text(settings_path, json.dumps(image_settings(args), indent=2))
+
+
+def my_chunks(rank, world_size, total, batch_size):
+    """This rank's batches: chunk k = images [k B, (k + 1) B) goes to rank k mod W. A batch then holds
+    the same images whatever the process count, which adaptive ODE solvers need (they choose their
+    steps for the whole batch); the last chunk is padded to B rows."""
+    starts = range(rank * batch_size, total, world_size * batch_size)
+    return [list(range(start, min(start + batch_size, total))) for start in starts]
 
 
 @torch.no_grad()  # scoped to the run: in-process callers keep autograd
@@ -114,13 +131,16 @@ def main(args):
 
     # Setup DDP (one process without torchrun); the device comes from LOCAL_RANK:
     dist = setup_distributed()
-    rank, world_size, device = dist.rank, dist.world_size, dist.device
+    device = dist.device
     speed = setup_speed(args)  # --precision, --channels-last, --compile
     log = print if dist.is_main else (lambda *a, **k: None)
+    agree(lambda: check_writable(args.sample_dir, folder=True, keep_folder=False), on_main_only=True)
 
     checkpoint, state_dict = read_checkpoint(args.ckpt, args.weights)
     resolve_settings(args, checkpoint, state_dict, log=log)
     del checkpoint
+    if args.likelihood:
+        raise JobError("--likelihood is sample.py's (it prints each sample's NLL); drop it here")
     sample_folder = os.path.join(args.sample_dir, folder_name(args))
     npz_path = f"{sample_folder}.npz"
     expected_shape = (args.num_fid_samples, args.image_size, args.image_size, 3)
@@ -133,44 +153,56 @@ def main(args):
 
     model, vae = build_model(args, state_dict, device)
     del state_dict
-    agree(lambda: create_output(args, sample_folder), on_main_only=True)
-    diffusion = make_diffusion(model, args.sampler, args.num_sampling_steps)
-    model_fn = make_model_fn(model, args.cfg_scale, args.guide_channels, **speed)
+    locks = []   # rank 0 holds the sample folder's lock for the whole job
+    try:
+        agree(lambda: create_output(args, sample_folder, locks), on_main_only=True)
+        model_fn, sampler = make_sampling(model, vae, args, speed)   # the checkpoint's objective decides
+        sample_chunks(args, dist, model, vae, model_fn, sampler, sample_folder, log, speed)
+        barrier()   # every process has written its samples before rank 0 packs the .npz
+        del model, vae
+        cleanup_distributed()
+        if dist.is_main:
+            write_npz_from_pngs(sample_folder, args.num_fid_samples, npz_path, expected_shape[1:], progress=True)
+            print(f"Saved .npz file to {npz_path} [shape={expected_shape}].")
+    finally:
+        for lock in locks:
+            lock.release()
+    return npz_path
 
-    # This rank's images, minus those an earlier (interrupted) run already wrote:
+
+def sample_chunks(args, dist, model, vae, model_fn, sampler, sample_folder, log, speed):
+    """Generate this rank's chunks that an earlier (interrupted) run did not finish; a chunk is
+    redone whole (so its batch is the same) and only its missing PNGs are written."""
     done = set(os.listdir(sample_folder))
-    mine = [i for i in range(rank, args.num_fid_samples, world_size) if png_name(i) not in done]
+    chunks = my_chunks(dist.rank, dist.world_size, args.num_fid_samples, args.per_proc_batch_size)
+    todo = [chunk for chunk in chunks if any(png_name(i) not in done for i in chunk)]
     if dist.is_main:
         already = sum(png_name(i) in done for i in range(args.num_fid_samples))
         if already:
             log(f"Resuming: {already} of {args.num_fid_samples} samples already in {sample_folder}")
-        log(f"Sampling {args.num_fid_samples - already} images with {world_size} process(es), "
+        log(f"Sampling {args.num_fid_samples - already} images with {dist.world_size} process(es), "
             f"batch {args.per_proc_batch_size} per process ({describe_speed(speed)}), into {sample_folder}")
-    batches = [mine[k:k + args.per_proc_batch_size] for k in range(0, len(mine), args.per_proc_batch_size)]
-    for indices in tqdm(batches, disable=not dist.is_main, desc="batches"):
-        # The last batch is padded to the full batch size: every model call has the same shape.
+    nfes = []
+    for indices in tqdm(todo, disable=not dist.is_main, desc="batches"):
+        # The last chunk is padded to the full batch size: every model call has the same shape.
         noise = IndexNoise(args.global_seed, indices, pad_to=args.per_proc_batch_size)
         labels = draw_labels(noise, args.num_classes, args.balanced_classes)
-        images = generate(model, vae, diffusion, model_fn, noise, labels, args, device)
-        images = to_uint8_rgb(images[:len(indices)])
+        images = to_uint8_rgb(generate(model, vae, sampler, model_fn, noise, labels, args, dist.device)[:len(indices)])
         for index, image in zip(indices, images):
-            atomic_write(os.path.join(sample_folder, png_name(index)),
-                         lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
-
-    # Make sure all processes have finished saving their samples before packing the .npz:
-    barrier()
-    del model, vae
-    cleanup_distributed()
-    if dist.is_main:
-        write_npz_from_pngs(sample_folder, args.num_fid_samples, npz_path, expected_shape[1:], progress=True)
-        print(f"Saved .npz file to {npz_path} [shape={expected_shape}].")
-    return npz_path
+            if png_name(index) not in done:
+                atomic_write(os.path.join(sample_folder, png_name(index)),
+                             lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+        if sampler.nfe is not None:
+            nfes.append(sampler.nfe)
+    if nfes and dist.is_main:
+        log(f"The ODE solver ({args.sampling_method}) made {sum(nfes) / len(nfes):.1f} function evaluations "
+            f"per batch on average (min {min(nfes)}, max {max(nfes)}) on rank 0")
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     add_model_args(parser)
-    add_sampler_args(parser, cfg_scale=1.5, cfg_scale_source="DiT's FID setting")
+    add_sampling_args(parser, cfg_scale=1.5, cfg_scale_source="DiT's FID setting")
     parser.add_argument("--per-proc-batch-size", type=int, default=32)
     parser.add_argument("--num-fid-samples", type=int, default=50_000)
     parser.add_argument("--global-seed", type=int, default=0)

@@ -9,12 +9,18 @@ per sample; without it each objective draws exactly as its reference code does, 
 gives the reference's numbers. Samplers read the objective a checkpoint was trained with from its
 "objective" entry (older checkpoints, which have none, were trained with DDPM).
 """
+import argparse
+
 import torch
 
 from diffusion import create_diffusion
 from helpers.cli import JobError
+from transport import create_transport
 
-OBJECTIVES = ("ddpm",)
+OBJECTIVES = ("ddpm", "sit")
+PATH_TYPES = ("Linear", "GVP", "VP")
+PREDICTIONS = ("velocity", "noise", "score")
+LOSS_WEIGHTS = ("velocity", "likelihood")
 
 
 class DDPM:
@@ -43,36 +49,101 @@ class DDPM:
                 "diffusion_steps": self.diffusion_steps}
 
 
+class SiT:
+    """SiT's flow matching (transport/): x_t = alpha_t x1 + sigma_t x0 with t ~ U[t0, t1] (t = 0
+    noise, t = 1 data), the model called with continuous t and regressing the path's velocity
+    (or noise, or score). A model with a learned-sigma head has its extra channels dropped, as
+    SiT's models do, so DiT-shaped SiT releases load."""
+
+    name = "sit"
+
+    def __init__(self, path_type="Linear", prediction="velocity", loss_weight=None, train_eps=None,
+                 sample_eps=None, learn_sigma=False):
+        for flag, value, choices in (("--path-type", path_type, PATH_TYPES), ("--prediction", prediction, PREDICTIONS),
+                                     ("--loss-weight", loss_weight, (None,) + LOSS_WEIGHTS)):
+            if value not in choices:
+                raise JobError(f"{flag} {value!r} is not one of {', '.join(map(str, choices))}")
+        self.settings = dict(path_type=path_type, prediction=prediction, loss_weight=loss_weight,
+                             train_eps=train_eps, sample_eps=sample_eps)
+        self.learn_sigma = bool(learn_sigma)
+        self.transport = create_transport(**self.settings)
+
+    def training_losses(self, model, x, model_kwargs=None, draws=None):
+        """SiT's training_losses (x0 = randn_like(x1) first, then t) unless `draws` fixes them."""
+        draws = draws or {}
+        return self.transport.training_losses(first_channels(model, x.shape[1]), x, model_kwargs or {},
+                                              noise=draws.get("noise"), t=draws.get("t"))
+
+    def config(self):
+        return {"name": self.name, **self.settings, "learn_sigma": self.learn_sigma}
+
+
+def first_channels(model, channels):
+    """model, its output cut to the first `channels` channels (a learned-sigma head's other half dropped)."""
+    def forward(x, t, **kwargs):
+        return model(x, t, **kwargs)[:, :channels]
+    return forward
+
+
 def create_objective(config):
     """The objective a checkpoint's "objective" dict (or a trainer's flags) describes."""
     config = dict(config or {"name": "ddpm"})
     name = config.pop("name", "ddpm")
     if name == "ddpm":
         return DDPM(**config)
+    if name == "sit":
+        return SiT(**config)
     raise JobError(f"unknown objective {name!r}: choose one of {', '.join(OBJECTIVES)}")
 
 
-def objective_of_checkpoint(checkpoint, learn_sigma=True):
-    """The objective config a checkpoint records; DDPM (DiT's) for checkpoints without one."""
-    config = checkpoint.get("objective") if isinstance(checkpoint, dict) else None
-    if isinstance(config, dict) and "name" in config:
-        return dict(config)
-    metadata = checkpoint.get("metadata") if isinstance(checkpoint, dict) else None
-    if isinstance(metadata, dict) and isinstance(metadata.get("objective"), dict):
-        return dict(metadata["objective"])
-    return DDPM(learn_sigma=learn_sigma).config()
+def objective_of_checkpoint(checkpoint):
+    """The objective config a checkpoint records (or its exported metadata); None if it has none
+    (official DiT/DiC files and this project's format 1: all DDPM)."""
+    if not isinstance(checkpoint, dict):
+        return None
+    metadata = checkpoint.get("metadata")
+    config = metadata.get("objective") if isinstance(metadata, dict) else checkpoint.get("objective")
+    return dict(config) if isinstance(config, dict) and "name" in config else None
 
 
-def add_objective_args(parser):
-    """The trainers' objective flags (more objectives add theirs here, not in the loop)."""
-    group = parser.add_argument_group("objective")
-    group.add_argument("--objective", type=str, default="ddpm", choices=OBJECTIVES,
-                       help="ddpm: DiT's 1000-step diffusion with learned sigma (default)")
+def add_objective_args(parser, sampling=False):
+    """The objective flags: the trainers' (defaults: DDPM, SiT's transport defaults), or the samplers'
+    (all unset: taken from the checkpoint; for files that do not record their objective)."""
+    group = parser.add_argument_group("objective" + (" (default: the checkpoint's)" if sampling else ""))
+    group.add_argument("--objective", type=str, default=None if sampling else "ddpm", choices=OBJECTIVES,
+                       help="ddpm: DiT's diffusion; sit: SiT's flow matching (transport/)")
+    group.add_argument("--path-type", type=str, default=None if sampling else "Linear", choices=PATH_TYPES,
+                       help="sit: the interpolant path")
+    group.add_argument("--prediction", type=str, default=None if sampling else "velocity", choices=PREDICTIONS,
+                       help="sit: what the model predicts")
+    group.add_argument("--loss-weight", type=str, default=None, choices=LOSS_WEIGHTS,
+                       help="sit: loss weight for noise/score prediction (default none)")
+    group.add_argument("--train-eps", type=float, default=None, help="sit: training time interval margin")
+    group.add_argument("--sample-eps", type=float, default=None, help="sit: sampling time interval margin")
+    group.add_argument("--learn-sigma", action=argparse.BooleanOptionalAction, default=None,
+                       help="model head with learned-sigma channels (default: on for ddpm, off for sit)")
     return group
 
 
-def objective_from_args(args, learn_sigma):
-    """The objective the trainer's flags ask for."""
-    if args.objective == "ddpm":
-        return DDPM(learn_sigma=learn_sigma)
-    raise JobError(f"unknown --objective {args.objective!r}: choose one of {', '.join(OBJECTIVES)}")
+def objective_from_args(args, base=None):
+    """The objective config the flags ask for; flags left unset keep `base`'s values (a
+    checkpoint's config) or the defaults."""
+    base = dict(base or {})
+    name = args.objective or base.get("name", "ddpm")
+    if name != base.get("name", name):
+        base = {}   # another objective than the checkpoint's: its settings do not carry over
+    config = {"name": name}
+    learn_sigma = args.learn_sigma if args.learn_sigma is not None else base.get("learn_sigma", name == "ddpm")
+    if name == "sit":
+        for key in ("path_type", "prediction", "loss_weight", "train_eps", "sample_eps"):
+            value = getattr(args, key)
+            config[key] = value if value is not None else base.get(key, {"path_type": "Linear",
+                                                                         "prediction": "velocity"}.get(key))
+    elif any(getattr(args, key) is not None and getattr(args, key) != default for key, default in
+             (("path_type", "Linear"), ("prediction", "velocity"), ("loss_weight", None), ("train_eps", None),
+              ("sample_eps", None))):
+        raise JobError("--path-type, --prediction, --loss-weight, --train-eps and --sample-eps are flow-matching "
+                       "settings: add --objective sit")
+    config["learn_sigma"] = bool(learn_sigma)
+    create_objective(config)   # checks the values
+    return config

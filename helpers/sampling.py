@@ -1,5 +1,6 @@
-"""What sample.py and sample_ddp.py share: the model from a checkpoint, labels, per-sample noise,
-the guided model function, the reverse-diffusion loop and decoding to uint8.
+"""What sample.py and sample_ddp.py share: the model and objective from a checkpoint, labels,
+per-sample noise, the guided model function and decoding to uint8 (the reverse processes of each
+objective are in helpers/samplers.py).
 
 Determinism: every sample index i owns a CPU torch.Generator seeded from (seed, i). It draws, in
 this order, the random class label, the initial noise x_T and every per-step noise of the reverse
@@ -14,19 +15,18 @@ uses the same setting; only --precision bf16 changes the numbers beyond float ro
 import argparse
 
 import torch
-from tqdm import tqdm
 
-from diffusion import create_diffusion
-from helpers.checkpoint import extract_state_dict, load_checkpoint_file, load_model_weights
+from helpers.checkpoint import extract_state_dict, identify_variant, load_checkpoint_file, load_model_weights
 from helpers.cli import JobError
 from helpers.fastpath import (PRECISIONS, autocast_forward, channels_last_input, configure_tf32,
                               maybe_compile, to_channels_last)
 from helpers.images import BUILTIN_DATASETS
 from helpers.models import create_model, model_names, parse_args_with_overrides
-from helpers.objectives import objective_of_checkpoint
+from helpers.objectives import add_objective_args, objective_from_args, objective_of_checkpoint
 from helpers.runs import saved_args
+from helpers.samplers import ReverseProcess, add_sampler_args, resolve_sampler_args
 from helpers.seeds import generator
-from helpers.vae import decode, downsample_factor, latent_channels, load_vae, to_uint8
+from helpers.vae import decode, downsample_factor, downsample_factor_of_spec, latent_channels, load_vae, to_uint8
 
 # The labels DiT's sample.py conditions on (ImageNet ids).
 DIT_DEFAULT_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
@@ -57,16 +57,15 @@ def add_model_args(parser):
     return parser
 
 
-def add_sampler_args(parser, cfg_scale, cfg_scale_source):
-    """Guidance and the sampler; each script keeps its own --cfg-scale default (and says whose)."""
+def add_sampling_args(parser, cfg_scale, cfg_scale_source):
+    """Guidance, the reverse process and the objective of files that do not record it; each script
+    keeps its own --cfg-scale default (and says whose)."""
     parser.add_argument("--cfg-scale", type=float, default=cfg_scale,
-                        help=f"classifier-free guidance scale; 1 = no guidance "
-                             f"(default: {cfg_scale}, {cfg_scale_source})")
+                        help=f"classifier-free guidance scale; 1 = no guidance (default: {cfg_scale}, {cfg_scale_source})")
     parser.add_argument("--guide-channels", type=str, choices=list(GUIDE_CHANNELS), default="official",
-                        help="official: guide the first 3 latent channels as DiT/DiC; all: every channel")
-    parser.add_argument("--num-sampling-steps", type=int, default=250)
-    parser.add_argument("--sampler", type=str, choices=["ddpm", "ddim"], default="ddpm",
-                        help="ddpm: DiT's ancestral sampler; ddim: deterministic DDIM (eta 0)")
+                        help="official: guide the first 3 latent channels as DiT/DiC/SiT; all: every channel")
+    add_sampler_args(parser)
+    add_objective_args(parser, sampling=True)
     return parser
 
 
@@ -108,7 +107,7 @@ def check_common_args(args):
     """Checks that need no checkpoint: fail before any work is done."""
     if args.cfg_scale < 1.0:
         raise JobError(f"--cfg-scale must be >= 1 (1 = no guidance), got {args.cfg_scale}")
-    if args.num_sampling_steps < 2:  # DiT's respaced diffusion has no posterior variance for 1 step
+    if args.num_sampling_steps is not None and args.num_sampling_steps < 2:   # DiT's respacing needs 2
         raise JobError(f"--num-sampling-steps must be >= 2, got {args.num_sampling_steps}")
     if args.model is not None:
         check_model_name(args.model)
@@ -161,6 +160,8 @@ def resolve_settings(args, checkpoint, state_dict, log=print):
     for name, default in DEFAULTS.items():
         if getattr(args, name) is not None:
             continue
+        if name == "model" and saved.get("model") is None:
+            continue   # identified from the weights below
         value = saved.get(name)
         if name == "vae" and value is None and saved:
             value = saved.get("vae_path")
@@ -179,16 +180,50 @@ def resolve_settings(args, checkpoint, state_dict, log=print):
                 weight = state_dict.get("x_embedder.proj.weight")
                 args.in_channels = int(weight.shape[1]) if weight is not None and weight.ndim == 4 else 3
     args.model_kwargs = {**_saved_model_kwargs(saved), **getattr(args, "model_kwargs", {})}
-    args.objective = objective_of_checkpoint(checkpoint)
-    if args.objective["name"] != "ddpm":
-        raise JobError(f"{args.ckpt} was trained with the {args.objective['name']!r} objective, which "
-                       f"this sampler does not know: update the code")
+    recorded = objective_of_checkpoint(checkpoint)
+    if recorded is None and args.learn_sigma is None:   # official/bare files: the head says it
+        args.learn_sigma = head_learns_sigma(args, state_dict)
+    args.objective_config = objective_from_args(args, base=recorded)
+    if args.model is None:
+        args.model = identify_model(args, state_dict) or DEFAULTS["model"]
+    resolve_sampler_args(args, args.objective_config)
     check_model_name(args.model)
     for label in getattr(args, "class_labels", None) or []:
         check_label(label, args.num_classes)
     if taken and log is not None:
         log(f"Using the checkpoint's training settings: {' '.join(taken)} (pass them to override)")
     return args
+
+
+def _shapes_of(name, args, learn_sigma):
+    """Key -> shape of `name` built on the meta device for these settings (None if it cannot be)."""
+    factor = downsample_factor_of_spec(args.vae)
+    kwargs = dict(input_size=args.image_size // factor, in_channels=args.in_channels or 4,
+                  num_classes=args.num_classes, **{**args.model_kwargs, "learn_sigma": learn_sigma})
+    try:
+        with torch.device("meta"):
+            return {k: tuple(v.shape) for k, v in create_model(name, **kwargs).state_dict().items()}
+    except (ValueError, TypeError, AssertionError):
+        return None
+
+
+def head_learns_sigma(args, state_dict):
+    """Whether a file without a recorded objective has a learned-sigma head (twice the input channels
+    out, as DiT's and SiT's releases) or not; None when the model cannot tell."""
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    names = [args.model] if args.model else model_names()
+    for learn_sigma in (True, False):
+        if any(_shapes_of(name, args, learn_sigma) == shapes for name in names):
+            return learn_sigma
+    return None
+
+
+def identify_model(args, state_dict):
+    """The registered variant a file without a model name holds (e.g. DiT-XL/2 for SiT's release)."""
+    learn_sigma = args.objective_config["learn_sigma"]
+    factor = downsample_factor_of_spec(args.vae)
+    return identify_variant(state_dict, args.image_size // factor, args.in_channels or 4, args.num_classes,
+                            learn_sigma)
 
 
 def check_model_name(name):
@@ -213,8 +248,8 @@ def build_model(args, state_dict, device):
         raise JobError(f"--in-channels {args.in_channels} does not match the VAE's "
                             f"{latent_channels(vae)} latent channels (--in-channels is for --vae none)")
     in_channels = latent_channels(vae, args.in_channels or 3)
-    kwargs = dict(input_size=args.image_size // factor, in_channels=in_channels,
-                  num_classes=args.num_classes, **args.model_kwargs)
+    kwargs = dict(input_size=args.image_size // factor, in_channels=in_channels, num_classes=args.num_classes,
+                  learn_sigma=args.objective_config["learn_sigma"], **args.model_kwargs)
     try:
         model = create_model(args.model, **kwargs)
     except TypeError as e:  # an override the constructor does not take
@@ -225,12 +260,6 @@ def build_model(args, state_dict, device):
         raise JobError(f"this {args.model} has no null label (trained without class dropout), "
                             f"so it cannot use classifier-free guidance: pass --cfg-scale 1")
     return model, vae
-
-
-def make_diffusion(model, sampler, num_steps):
-    """DiT's respaced diffusion: "250" for DDPM, "ddim50" for DDIM."""
-    respacing = f"ddim{num_steps}" if sampler == "ddim" else str(num_steps)
-    return create_diffusion(respacing, learn_sigma=getattr(model, "learn_sigma", True))
 
 
 #################################################################################
@@ -286,13 +315,14 @@ def draw_labels(noise, num_classes, balanced=False):
 #################################################################################
 
 def make_model_fn(model, cfg_scale, guide_channels="official", precision="fp32", channels_last=False,
-                  compile=False):
-    """The callable the diffusion calls, model_fn(x, t, y) -> model output for x's rows, in fp32.
+                  compile=False, guidance_interval=None):
+    """The callable the sampler calls, model_fn(x, t, y) -> model output for x's rows, in fp32.
 
     cfg_scale > 1: DiT's classifier-free guidance via model.forward_with_cfg on [x; x] with labels
     [y; null] (null = num_classes), keeping the conditional half (the halves are identical).
-    guide_channels "official" guides the first 3 latent channels as DiT/DiC do, "all" every one.
-    cfg_scale == 1: the plain forward, as DiT's sample_ddp.py.
+    guide_channels "official" guides the first 3 latent channels as DiT/DiC/SiT do, "all" every one.
+    cfg_scale == 1: the plain forward, as DiT's sample_ddp.py. guidance_interval (low, high), for
+    SiT's time t in [0, 1]: guide only where REPA's time 1 - t lies in [low, high], as REPA's sampler.
 
     Fast path (helpers/fastpath.py): precision "bf16" runs the call (network and guidance) under
     bf16 autocast and casts its output back to fp32; channels_last stores the model's weights NHWC
@@ -309,6 +339,9 @@ def make_model_fn(model, cfg_scale, guide_channels="official", precision="fp32",
 
         def fn(x, t, y):
             n = x.shape[0]
+            if guidance_interval is not None and not (guidance_interval[0] <= 1 - float(t[0])
+                                                      <= guidance_interval[1]):
+                return model.forward(x, t, y)                              # outside the interval
             x_in = torch.cat([x, x], dim=0)                                # (2N, C, H, W)
             y_in = torch.cat([y, torch.full_like(y, null_label)], dim=0)
             out = model.forward_with_cfg(x_in, torch.cat([t, t], dim=0), y_in, cfg_scale,
@@ -326,40 +359,6 @@ def make_model_fn(model, cfg_scale, guide_channels="official", precision="fp32",
     return maybe_compile(autocast_forward(fn, device, precision), compile)
 
 
-@torch.no_grad()
-def sample_latents(diffusion, model_fn, noise, labels, shape, device, sampler="ddpm", progress=False,
-                   clip_denoised=False):
-    """Reverse diffusion from x_T to x_0 with every random draw taken from `noise` (IndexNoise).
-
-    DiT's p_sample_loop draws the per-step noise with torch.randn_like over the whole batch, which
-    ties a sample to its batch-mates and to the process count. This loop does the same arithmetic
-    (p_mean_variance, then mean + exp(log_var / 2) * z with no noise at t = 0, as p_sample) but
-    draws z per sample. DDIM (eta = 0) is deterministic after x_T, so diffusion.ddim_sample is used
-    as is (its randn_like draw is multiplied by sigma = 0). clip_denoised clips the predicted x_0
-    to [-1, 1] at every step (see generate).
-    """
-    if sampler not in ("ddpm", "ddim"):
-        raise JobError(f"--sampler must be ddpm or ddim, got {sampler!r}")
-    x = noise.randn(shape, device=device)                                 # x_T: (N, C, H, W)
-    y = labels.to(device)
-    model_kwargs = dict(y=y)
-    steps = list(range(diffusion.num_timesteps))[::-1]
-    if progress:
-        steps = tqdm(steps, desc=f"{sampler} steps")
-    for i in steps:
-        t = torch.full((x.shape[0],), i, dtype=torch.long, device=device)
-        if sampler == "ddim":
-            x = diffusion.ddim_sample(model_fn, x, t, clip_denoised=clip_denoised,
-                                      model_kwargs=model_kwargs, eta=0.0)["sample"]
-            continue
-        out = diffusion.p_mean_variance(model_fn, x, t, clip_denoised=clip_denoised,
-                                        model_kwargs=model_kwargs)
-        z = noise.randn(shape, device=device)                             # drawn at t = 0 too, as DiT
-        nonzero_mask = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
-        x = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * z
-    return x
-
-
 def clips_denoised(vae):
     """Whether the predicted x_0 is clipped to [-1, 1] at every step: yes for a pixel-space model,
     as ADM does for pixel models (images lie in [-1, 1]); no for latents, as DiT (latents are not
@@ -367,13 +366,26 @@ def clips_denoised(vae):
     return vae is None or (isinstance(vae, str) and vae.lower() == "none")
 
 
-def generate(model, vae, diffusion, model_fn, noise, labels, args, device, progress=False):
-    """Latents for `noise`'s indices, decoded to images in about [-1, 1]: (N, C_img, H, W)."""
+def latent_shape(model, vae, args):
+    """(C, H, W) of the model's input for --image-size."""
     size = args.image_size // downsample_factor(vae)
-    shape = (model.in_channels, size, size)
-    latents = sample_latents(diffusion, model_fn, noise, labels, shape, device, args.sampler, progress,
-                             clip_denoised=clips_denoised(vae))
+    return (model.in_channels, size, size)
+
+
+def generate(model, vae, sampler, model_fn, noise, labels, args, device, progress=False):
+    """Latents for `noise`'s indices from `sampler` (helpers.samplers.ReverseProcess), decoded to
+    images in about [-1, 1]: (N, C_img, H, W)."""
+    latents = sampler(model_fn, noise, labels, latent_shape(model, vae, args), device, progress)
     return decode(vae, latents)
+
+
+def make_sampling(model, vae, args, speed):
+    """(model_fn, sampler) for the resolved settings: the guided model call and the reverse process."""
+    sit = args.objective_config["name"] == "sit"
+    interval = (args.guidance_low, args.guidance_high) if sit else None
+    model_fn = make_model_fn(model, args.cfg_scale, args.guide_channels, **speed, guidance_interval=interval)
+    sampler = ReverseProcess(args, args.objective_config, model.in_channels, clip_denoised=clips_denoised(vae))
+    return model_fn, sampler
 
 
 def to_uint8_rgb(images):

@@ -12,13 +12,26 @@ from conftest import REPO_ROOT, subprocess_env
 
 import dic_models
 import sample
-from diffusion import create_diffusion
 from helpers.checkpoint import atomic_save
 from helpers.cli import JobError
 from helpers.models import create_model
-from helpers.sampling import IndexNoise, clips_denoised, draw_labels, generate, make_model_fn, sample_latents
+from helpers.samplers import ReverseProcess
+from helpers.sampling import IndexNoise, clips_denoised, draw_labels, generate, make_model_fn
 from helpers.seeds import derive_seed
 from helpers.vae import decode, load_vae
+
+
+DDPM = {"name": "ddpm", "learn_sigma": True}
+
+
+def reverse_process(steps, sampler="ddpm", clip_denoised=False, in_channels=4):
+    """sample.py's reverse process for a DDPM checkpoint: DiT's `steps`-step ddpm or ddim."""
+    return ReverseProcess(argparse.Namespace(sampler=sampler, num_sampling_steps=steps), DDPM, in_channels,
+                          clip_denoised=clip_denoised)
+
+
+def sample_latents(steps, model_fn, noise, labels, shape, sampler="ddpm", clip_denoised=False):
+    return reverse_process(steps, sampler, clip_denoised, shape[0])(model_fn, noise, labels, shape, "cpu")
 
 
 def random_model(model="DiC-Tiny", seed=0, **kwargs):
@@ -238,14 +251,13 @@ def test_guide_channels_official_guides_3_of_4_and_all_guides_4():
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_a_sample_depends_only_on_its_index_not_its_batch(sampler):
     model = tiny_latent_model()
-    diffusion = create_diffusion("ddim5" if sampler == "ddim" else "5")
     model_fn = make_model_fn(model, 1.5)
     shape = (4, 8, 8)
 
     def run(indices, pad_to=None, seed=0):
         noise = IndexNoise(seed, indices, pad_to=pad_to)
         labels = draw_labels(noise, 10)
-        return sample_latents(diffusion, model_fn, noise, labels, shape, "cpu", sampler)[:len(indices)]
+        return sample_latents(5, model_fn, noise, labels, shape, sampler)[:len(indices)]
 
     together = run(range(4))
     # Same batch shape (padded), other batch-mates and positions: bit for bit the same.
@@ -280,11 +292,10 @@ def test_labels_random_or_balanced_and_noise_unchanged_by_balancing():
 
 def fast_path_run(model, sampler="ddpm", cfg_scale=4.0, indices=range(4), pad_to=None, steps=5, **speed):
     """Latents of `indices` (4x8x8) after `steps` steps with make_model_fn's fast-path settings."""
-    diffusion = create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps))
     model_fn = make_model_fn(model, cfg_scale, **speed)
     noise = IndexNoise(0, indices, pad_to=pad_to)
     labels = draw_labels(noise, 10)
-    return sample_latents(diffusion, model_fn, noise, labels, (4, 8, 8), "cpu", sampler)[:len(indices)]
+    return sample_latents(steps, model_fn, noise, labels, (4, 8, 8), sampler)[:len(indices)]
 
 
 def relative_error(a, b):
@@ -366,15 +377,15 @@ def test_speed_flags_defaults_and_sample_py_end_to_end(tiny_ckpt, tmp_path):
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_pixel_space_samples_lie_in_minus_one_one(sampler):
     model = random_model(input_size=8, in_channels=1, num_classes=10)  # its x0 leaves [-1, 1] by far
-    diffusion = create_diffusion("ddim5" if sampler == "ddim" else "5")
     args = argparse.Namespace(image_size=8, sampler=sampler)
-    images = generate(model, None, diffusion, make_model_fn(model, 1.0), IndexNoise(0, range(4)),
+    process = reverse_process(5, sampler, clip_denoised=clips_denoised(None), in_channels=1)
+    images = generate(model, None, process, make_model_fn(model, 1.0), IndexNoise(0, range(4)),
                       torch.tensor([0, 1, 2, 3]), args, "cpu")
     assert images.shape == (4, 1, 8, 8)
     assert images.min() >= -1 and images.max() <= 1
     assert images.std() > 0.1                                     # not all one value
-    unclipped = sample_latents(diffusion, make_model_fn(model, 1.0), IndexNoise(0, range(4)),
-                               torch.tensor([0, 1, 2, 3]), (1, 8, 8), "cpu", sampler)
+    unclipped = sample_latents(5, make_model_fn(model, 1.0), IndexNoise(0, range(4)),
+                               torch.tensor([0, 1, 2, 3]), (1, 8, 8), sampler)
     assert unclipped.abs().max() > 10                             # without the clip: far outside
 
 
@@ -382,16 +393,15 @@ def test_pixel_space_samples_lie_in_minus_one_one(sampler):
 def test_latent_space_sampling_is_not_clipped(tiny_vae_dir):
     vae = load_vae(tiny_vae_dir, "cpu")
     model = tiny_latent_model()
-    diffusion = create_diffusion("5")
     args = argparse.Namespace(image_size=16, sampler="ddpm")      # 8x8 latents of the factor-2 VAE
     model_fn = make_model_fn(model, 4.0)
     labels = torch.tensor([0, 1])
 
     def latents(clip):
-        return sample_latents(diffusion, model_fn, IndexNoise(0, range(2)), labels, (4, 8, 8), "cpu",
-                              clip_denoised=clip)
+        return sample_latents(5, model_fn, IndexNoise(0, range(2)), labels, (4, 8, 8), clip_denoised=clip)
 
-    images = generate(model, vae, diffusion, model_fn, IndexNoise(0, range(2)), labels, args, "cpu")
+    images = generate(model, vae, reverse_process(5, clip_denoised=clips_denoised(vae)), model_fn,
+                      IndexNoise(0, range(2)), labels, args, "cpu")
     assert torch.equal(images, decode(vae, latents(False)))       # DiT's clip_denoised=False
     assert not torch.equal(latents(False), latents(True))
     assert clips_denoised(None) and clips_denoised("none") and not clips_denoised(vae)

@@ -196,6 +196,7 @@ def test_a_folder_from_before_the_seed_rule_is_refused_not_mixed(latent_ckpt, re
     # An old pixel-space folder was sampled without the [-1, 1] clip: refused, not mixed.
     args = sample_ddp.parse_args(ddp_args(latent_ckpt, tmp_path, "--model", "DiC-Tiny", "--image-size", "16",
                                           "--num-classes", "10", "--vae", "none", "--in-channels", "1"))
+    args.objective_config = {"name": "ddpm", "learn_sigma": True}   # as resolve_settings finds it
     old_pixel_settings = {k: v for k, v in sample_ddp.image_settings(args).items()
                           if k not in sample_ddp.LEGACY_SETTINGS}
     settings_path.write_text(json.dumps(old_pixel_settings))
