@@ -36,12 +36,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from helpers.evaluation import (IS_SPLIT_SIZE, PR_BATCH_SIZE, PR_NEIGHBOURS, EvaluationError,
+from helpers.cli import JobError, one_line, run_main
+from helpers.evaluation import (IS_SPLIT_SIZE, PR_BATCH_SIZE, PR_NEIGHBOURS,
                                 InceptionV3Features, NpzImages, RunningStatistics,
                                 compute_activations, compute_statistics, frechet_distance,
                                 inception_score, precision_recall, read_npz_statistics,
                                 save_json_atomic, save_npz_atomic)
-from helpers.cli import JobError, one_line
 from helpers.files import check_writable
 from helpers.images import IMG_EXTENSIONS, center_crop_arr, load_image
 
@@ -56,13 +56,13 @@ MIN_IMAGES = PR_NEIGHBOURS + 1   # a k=3 manifold needs 4 points; covariances ne
 def _check_output(path, overwrite):
     """Errors before work: an existing output (without --overwrite) or an unwritable place."""
     if path is not None and os.path.exists(path) and not overwrite:
-        raise EvaluationError(f"{path} already exists: refusing to overwrite it (pass --overwrite "
+        raise JobError(f"{path} already exists: refusing to overwrite it (pass --overwrite "
                               f"or choose another output)")
     if path is not None:
         try:
             check_writable(path, folder=False, keep_folder=False)
         except JobError as e:
-            raise EvaluationError(str(e)) from e
+            raise JobError(str(e)) from e
 
 
 def load_extractor(weights_path, device):
@@ -74,7 +74,7 @@ def load_extractor(weights_path, device):
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any refusal of the unpickler: one message
-        raise EvaluationError(f"--inception-weights {weights_path} is not a plain weights file "
+        raise JobError(f"--inception-weights {weights_path} is not a plain weights file "
                               f"({one_line(e)}): pass torch-fidelity's weights-inception-2015-12-05"
                               f" .pth (a state_dict of tensors)") from e
     fd, plain = tempfile.mkstemp(prefix="inception-", suffix=".pth")
@@ -209,10 +209,10 @@ def make_reference(args, extractor):
                   f"{size}x{size} (ADM's crop); pass --image-size to keep another size")
         loader = _npz_image_batches(reader, args.batch_size, size)
     else:
-        raise EvaluationError(f"--make-ref {source} does not exist: pass a folder of images or an "
+        raise JobError(f"--make-ref {source} does not exist: pass a folder of images or an "
                               f".npz whose arr_0 is uint8 (N, H, W, 3)")
     if total < MIN_IMAGES:
-        raise EvaluationError(f"--make-ref {source} holds {total} images; at least {MIN_IMAGES} are "
+        raise JobError(f"--make-ref {source} holds {total} images; at least {MIN_IMAGES} are "
                               f"needed")
     keep = total if args.num_ref_images <= 0 else min(args.num_ref_images, total)
     chosen = np.zeros(total, dtype=bool)
@@ -232,7 +232,7 @@ def make_reference(args, extractor):
         kept.append(images[chosen[indices]])
         seen += len(images)
     if seen < MIN_IMAGES:
-        raise EvaluationError(f"only {seen} of {total} images in {source} could be read")
+        raise JobError(f"only {seen} of {total} images in {source} could be read")
     if seen < total:
         print(f"warning: skipped {total - seen} unreadable images of {total}")
     mu, sigma = pool_stats.finalize()
@@ -254,21 +254,21 @@ def main(args, extractor=None):
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if str(args.device).startswith("cuda") and not torch.cuda.is_available():
-        raise EvaluationError(f"--device {args.device} but CUDA is not available: use --device cpu")
+        raise JobError(f"--device {args.device} but CUDA is not available: use --device cpu")
     if args.batch_size < 1 or args.is_split_size < 1 or args.pr_batch_size < 1:
-        raise EvaluationError("--batch-size, --is-split-size and --pr-batch-size must be >= 1")
+        raise JobError("--batch-size, --is-split-size and --pr-batch-size must be >= 1")
     if args.make_ref is not None:
         if args.ref_batch is not None or args.sample_batch is not None:
-            raise EvaluationError("--make-ref takes no REF/SAMPLE batches: run the evaluation "
+            raise JobError("--make-ref takes no REF/SAMPLE batches: run the evaluation "
                                   "separately")
         if args.out is None:
-            raise EvaluationError("--make-ref needs --out REF.npz")
+            raise JobError("--make-ref needs --out REF.npz")
         return make_reference(args, extractor)
     if args.ref_batch is None or args.sample_batch is None:
-        raise EvaluationError("pass a reference batch and a sample batch (REF.npz SAMPLE.npz), or "
+        raise JobError("pass a reference batch and a sample batch (REF.npz SAMPLE.npz), or "
                               "--make-ref SOURCE --out REF.npz")
     if args.out is not None:
-        raise EvaluationError("--out belongs to --make-ref; results go to --json")
+        raise JobError("--out belongs to --make-ref; results go to --json")
     _check_output(args.json, args.overwrite)
     return evaluate(args, extractor)
 
@@ -305,7 +305,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except EvaluationError as e:
-        sys.exit(f"error: {e}")
+    sys.exit(run_main(main, build_parser().parse_args()))

@@ -12,8 +12,7 @@ import argparse
 import sys
 
 import evaluate
-from helpers.cli import JobError, run_main
-from helpers.evaluation import EvaluationError
+from helpers.cli import run_main
 
 
 def build_parser():
@@ -43,11 +42,8 @@ def evaluate_args(args):
 
 
 def main(args, extractor=None):
-    """Run evaluate.py's evaluation; its input errors become the project's one-line JobError."""
-    try:
-        return evaluate.main(evaluate_args(args), extractor=extractor)
-    except EvaluationError as e:
-        raise JobError(str(e)) from None
+    """Run evaluate.py's evaluation (its input errors are the project's one-line JobError)."""
+    return evaluate.main(evaluate_args(args), extractor=extractor)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ import zipfile
 import numpy as np
 import torch
 
+from helpers.cli import JobError
 from helpers.files import atomic_write, atomic_write_text
 
 # ADM's constants.
@@ -64,10 +65,6 @@ PR_BATCH_SIZE = 10000
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
 
-class EvaluationError(ValueError):
-    """Input the evaluation cannot use; the message (one line) says why and what to do."""
-
-
 #################################################################################
 #                         Statistics and Fréchet distance                       #
 #################################################################################
@@ -76,7 +73,7 @@ def compute_statistics(features):
     """ADM's FID statistics of an (N, D) feature array: (mean (D,), covariance (D, D)), float64."""
     features = np.asarray(features)
     if features.ndim != 2 or features.shape[0] < 2:
-        raise EvaluationError(f"statistics need an (N, D) feature array with N >= 2, "
+        raise JobError(f"statistics need an (N, D) feature array with N >= 2, "
                               f"got shape {features.shape}")
     mu = np.mean(features, axis=0, dtype=np.float64)
     sigma = np.cov(features, rowvar=False)                  # float64, divides by N - 1
@@ -99,7 +96,7 @@ class RunningStatistics:
     def update(self, features):
         x = np.asarray(features, dtype=np.float64)
         if x.ndim != 2 or x.shape[0] == 0:
-            raise EvaluationError(f"expected a non-empty (N, D) batch of features, got {x.shape}")
+            raise JobError(f"expected a non-empty (N, D) batch of features, got {x.shape}")
         if self.shift is None:
             self.shift = x.mean(axis=0)
             self.sum = np.zeros_like(self.shift)
@@ -111,7 +108,7 @@ class RunningStatistics:
 
     def finalize(self):
         if self.count < 2:
-            raise EvaluationError(f"statistics need at least 2 feature vectors, got {self.count}")
+            raise JobError(f"statistics need at least 2 feature vectors, got {self.count}")
         mean_shifted = self.sum / self.count
         sigma = (self.sum_outer - self.count * np.outer(mean_shifted, mean_shifted)) / (self.count - 1)
         return self.shift + mean_shifted, (sigma + sigma.T) / 2
@@ -150,7 +147,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, method="sqrtm"):
     sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
     sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise EvaluationError(f"statistics do not match: mean {mu1.shape} vs {mu2.shape}, "
+        raise JobError(f"statistics do not match: mean {mu1.shape} vs {mu2.shape}, "
                               f"covariance {sigma1.shape} vs {sigma2.shape}")
     diff = mu1 - mu2
     if method == "eigh":
@@ -166,13 +163,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6, method="sqrtm"):
             covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
         if np.iscomplexobj(covmean):
             if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-                raise EvaluationError(f"Fréchet distance: sqrtm has an imaginary component of "
+                raise JobError(f"Fréchet distance: sqrtm has an imaginary component of "
                                       f"{np.max(np.abs(covmean.imag)):.3g} (covariances too "
                                       f"singular; more images help, or use method 'eigh')")
             covmean = covmean.real
         tr_covmean = float(np.trace(covmean))
     else:
-        raise EvaluationError(f"unknown Fréchet distance method {method!r}: use 'sqrtm' or 'eigh'")
+        raise JobError(f"unknown Fréchet distance method {method!r}: use 'sqrtm' or 'eigh'")
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
@@ -198,14 +195,14 @@ def inception_score(scores, split_size=IS_SPLIT_SIZE, kind="logits"):
     elif kind == "probs":
         probs = np.asarray(scores, dtype=np.float64)
         if probs.ndim == 2 and (np.any(probs < 0) or not np.allclose(probs.sum(axis=1), 1, atol=1e-4)):
-            raise EvaluationError("inception_score(kind='probs') needs rows of probabilities "
+            raise JobError("inception_score(kind='probs') needs rows of probabilities "
                                   "(non-negative, summing to 1)")
     else:
-        raise EvaluationError(f"unknown kind {kind!r}: use 'logits' or 'probs'")
+        raise JobError(f"unknown kind {kind!r}: use 'logits' or 'probs'")
     if probs.ndim != 2 or probs.shape[0] < 1:
-        raise EvaluationError(f"Inception Score needs an (N, K) array with N >= 1, got {probs.shape}")
+        raise JobError(f"Inception Score needs an (N, K) array with N >= 1, got {probs.shape}")
     if int(split_size) < 1:
-        raise EvaluationError(f"the Inception Score split size must be >= 1, got {split_size}")
+        raise JobError(f"the Inception Score split size must be >= 1, got {split_size}")
     scores_per_split = []
     for start in range(0, len(probs), int(split_size)):
         part = probs[start:start + int(split_size)]
@@ -233,7 +230,7 @@ def manifold_radii(features, k=PR_NEIGHBOURS, row_batch_size=PR_BATCH_SIZE,
     x = _as_tensor(features, device, dtype)
     n = x.shape[0]
     if x.ndim != 2 or n < k + 1:
-        raise EvaluationError(f"precision/recall with k={k} needs at least {k + 1} feature "
+        raise JobError(f"precision/recall with k={k} needs at least {k + 1} feature "
                               f"vectors per set, got shape {tuple(x.shape)}")
     radii = torch.empty(n, dtype=dtype, device=device)
     for r0 in range(0, n, row_batch_size):
@@ -252,7 +249,7 @@ def precision_recall(real_features, fake_features, k=PR_NEIGHBOURS, row_batch_si
     real = _as_tensor(real_features, device, dtype)
     fake = _as_tensor(fake_features, device, dtype)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-        raise EvaluationError(f"precision/recall needs two (N, D) feature arrays of the same D, "
+        raise JobError(f"precision/recall needs two (N, D) feature arrays of the same D, "
                               f"got {tuple(real.shape)} and {tuple(fake.shape)}")
     kw = dict(k=k, row_batch_size=row_batch_size, col_batch_size=col_batch_size,
               device=device, dtype=dtype)
@@ -291,7 +288,7 @@ class InceptionV3Features:
     def __init__(self, weights_path=None, device="cpu"):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
         if weights_path is not None and not os.path.isfile(weights_path):
-            raise EvaluationError(f"Inception weights {weights_path} do not exist: pass the path "
+            raise JobError(f"Inception weights {weights_path} do not exist: pass the path "
                                   f"of torch-fidelity's weights-inception-2015-12-05 .pth file")
         self.device = torch.device(device)
         if self.device.type == "cuda":          # true float32 convolutions, like the TF graph
@@ -302,7 +299,7 @@ class InceptionV3Features:
                                                 feature_extractor_weights_path=weights_path)
         except Exception as e:  # noqa: BLE001 - download, unpickling or key mismatch: one message
             where = weights_path or "torch-fidelity's download"
-            raise EvaluationError(f"cannot load InceptionV3 weights from {where} ({_first_line(e)}); "
+            raise JobError(f"cannot load InceptionV3 weights from {where} ({_first_line(e)}); "
                                   f"offline, pass --inception-weights PATH") from e
         self.model = model.to(self.device).eval()
         self._spatial = None
@@ -363,7 +360,7 @@ def compute_activations(batches, extractor, total=None, desc="activations"):
         for key, value in extractor(batch).items():
             out.setdefault(key, []).append(value)
     if not out:
-        raise EvaluationError("no images to compute activations of")
+        raise JobError("no images to compute activations of")
     return {key: np.concatenate(value, axis=0) for key, value in out.items()}
 
 
@@ -387,36 +384,36 @@ class NpzImages:
     def __init__(self, path, what="batch", min_images=1):
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
-            raise EvaluationError(f"{what} {self.path} does not exist")
+            raise JobError(f"{what} {self.path} does not exist")
         try:
             with zipfile.ZipFile(self.path) as zf:
                 self.keys = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
                 if "arr_0" not in self.keys:
-                    raise EvaluationError(f"{what} {self.path} has no arr_0 (keys: "
+                    raise JobError(f"{what} {self.path} has no arr_0 (keys: "
                                           f"{', '.join(self.keys) or 'none'}): save images with "
                                           f"np.savez(path, images)")
                 with zf.open("arr_0.npy") as f:
                     header = _read_npy_header(f)
                     data_bytes = zf.getinfo("arr_0.npy").file_size - f.tell()
         except zipfile.BadZipFile as e:
-            raise EvaluationError(f"{what} {self.path} is not an .npz file ({e})") from e
+            raise JobError(f"{what} {self.path} is not an .npz file ({e})") from e
         if header is None:                                  # rare .npy format 3.0: read it whole
             with np.load(self.path) as z:
                 arr = z["arr_0"]
             header = (arr.shape, False, arr.dtype)
         self.shape, self.fortran_order, self.dtype = tuple(header[0]), header[1], np.dtype(header[2])
         if self.dtype != np.uint8:
-            raise EvaluationError(f"{what} {self.path}: arr_0 has dtype {self.dtype}, expected uint8 "
+            raise JobError(f"{what} {self.path}: arr_0 has dtype {self.dtype}, expected uint8 "
                                   f"images (N, H, W, 3) in [0, 255]")
         if len(self.shape) != 4 or self.shape[3] != 3:
             hint = " (channels first? save (N, H, W, 3))" if len(self.shape) == 4 and self.shape[1] == 3 else ""
-            raise EvaluationError(f"{what} {self.path}: arr_0 has shape {self.shape}, expected "
+            raise JobError(f"{what} {self.path}: arr_0 has shape {self.shape}, expected "
                                   f"(N, H, W, 3) RGB images{hint}")
         if data_bytes < int(np.prod(self.shape)):
-            raise EvaluationError(f"{what} {self.path}: arr_0 is truncated ({data_bytes} bytes of "
+            raise JobError(f"{what} {self.path}: arr_0 is truncated ({data_bytes} bytes of "
                                   f"image data for shape {self.shape}); rewrite the file")
         if self.shape[0] < min_images:
-            raise EvaluationError(f"{what} {self.path} holds {self.shape[0]} images; at least "
+            raise JobError(f"{what} {self.path} holds {self.shape[0]} images; at least "
                                   f"{min_images} are needed")
 
     def __len__(self):
@@ -441,11 +438,11 @@ class NpzImages:
                     count = min(batch_size, len(self) - start)
                     data = f.read(count * per_image)
                     if len(data) != count * per_image:
-                        raise EvaluationError(f"{self.path}: arr_0 ends at image "
+                        raise JobError(f"{self.path}: arr_0 ends at image "
                                               f"{start + len(data) // per_image} of {len(self)}")
                     yield np.frombuffer(data, dtype=np.uint8).reshape((count,) + self.shape[1:])
         except (zipfile.BadZipFile, OSError, EOFError) as e:    # e.g. a CRC error mid-file
-            raise EvaluationError(f"{self.path}: arr_0 cannot be read ({_first_line(e)})") from e
+            raise JobError(f"{self.path}: arr_0 cannot be read ({_first_line(e)})") from e
 
 
 def read_npz_statistics(path, what="batch"):
@@ -456,13 +453,13 @@ def read_npz_statistics(path, what="batch"):
             return None
         missing = [k for k in STAT_KEYS if k not in z.files]
         if missing:
-            raise EvaluationError(f"{what} {path} has mu but not {', '.join(missing)}: a reference "
+            raise JobError(f"{what} {path} has mu but not {', '.join(missing)}: a reference "
                                   f"batch holds all of {', '.join(STAT_KEYS)}")
         stats = {k: z[k] for k in STAT_KEYS}
     for key, dim in (("mu", POOL_DIM), ("mu_s", SPATIAL_DIM)):
         sig = "sigma" + key[2:]
         if stats[key].shape != (dim,) or stats[sig].shape != (dim, dim):
-            raise EvaluationError(f"{what} {path}: {key}/{sig} have shapes {stats[key].shape}/"
+            raise JobError(f"{what} {path}: {key}/{sig} have shapes {stats[key].shape}/"
                                   f"{stats[sig].shape}, expected ({dim},)/({dim}, {dim})")
     return (stats["mu"], stats["sigma"]), (stats["mu_s"], stats["sigma_s"])
 

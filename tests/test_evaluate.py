@@ -16,7 +16,8 @@ from scipy import linalg
 from conftest import REPO_ROOT, make_image_folder, subprocess_env
 
 import evaluate
-from helpers.evaluation import (SPATIAL_DIM, EvaluationError, InceptionV3Features,
+from helpers.cli import JobError
+from helpers.evaluation import (SPATIAL_DIM, InceptionV3Features,
                                 RunningStatistics, compute_statistics, frechet_distance,
                                 inception_score, manifold_radii, precision_recall,
                                 save_random_inception_weights)
@@ -97,9 +98,9 @@ def test_frechet_methods_agree_on_rank_deficient_covariances():
 
 
 def test_frechet_distance_rejects_mismatched_statistics():
-    with pytest.raises(EvaluationError, match="do not match"):
+    with pytest.raises(JobError, match="do not match"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
-    with pytest.raises(EvaluationError, match="method"):
+    with pytest.raises(JobError, match="method"):
         frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(2), method="svd")
 
 
@@ -193,7 +194,7 @@ def test_precision_recall_k3_matches_brute_force_with_small_batches():
 
 
 def test_precision_recall_needs_k_plus_one_points():
-    with pytest.raises(EvaluationError, match="at least 4"):
+    with pytest.raises(JobError, match="at least 4"):
         precision_recall(np.zeros((3, 2)), np.zeros((5, 2)))
 
 
@@ -336,10 +337,10 @@ def good_batch(tmp_path):
 def test_bad_batches_are_refused_before_any_work(tmp_path, good_batch, arrays, message):
     bad = tmp_path / "bad.npz"
     np.savez(bad, **arrays)
-    with pytest.raises(EvaluationError, match=message):
+    with pytest.raises(JobError, match=message):
         run_main(bad, good_batch, extractor=fake_extractor)
     if "mu" not in arrays:
-        with pytest.raises(EvaluationError, match="sample batch .*" + message):
+        with pytest.raises(JobError, match="sample batch .*" + message):
             run_main(good_batch, bad, extractor=fake_extractor)
 
 
@@ -350,33 +351,33 @@ def test_truncated_batch_is_refused_before_any_work(tmp_path, good_batch):
         np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
                                                  "shape": (10, 8, 8, 3)})
         f.write(np.zeros((5, 8, 8, 3), np.uint8).tobytes())
-    with pytest.raises(EvaluationError, match="arr_0 is truncated"):
+    with pytest.raises(JobError, match="arr_0 is truncated"):
         run_main(good_batch, bad, extractor=fake_extractor)
 
 
 def test_bad_arguments_and_outputs_are_refused(tmp_path, good_batch):
-    with pytest.raises(EvaluationError, match="reference batch .*missing.npz does not exist"):
+    with pytest.raises(JobError, match="reference batch .*missing.npz does not exist"):
         run_main(tmp_path / "missing.npz", good_batch)
     not_npz = tmp_path / "text.npz"
     not_npz.write_text("hello")
-    with pytest.raises(EvaluationError, match="is not an .npz file"):
+    with pytest.raises(JobError, match="is not an .npz file"):
         run_main(not_npz, good_batch)
     existing = tmp_path / "results.json"
     existing.write_text("{}")
-    with pytest.raises(EvaluationError, match="results.json already exists"):
+    with pytest.raises(JobError, match="results.json already exists"):
         run_main(good_batch, good_batch, "--json", existing)
     assert existing.read_text() == "{}"
-    with pytest.raises(EvaluationError, match="already exists"):
+    with pytest.raises(JobError, match="already exists"):
         run_main("--make-ref", good_batch, "--out", good_batch)
-    with pytest.raises(EvaluationError, match="Inception weights .*nowhere.pth do not exist"):
+    with pytest.raises(JobError, match="Inception weights .*nowhere.pth do not exist"):
         run_main(good_batch, good_batch, "--inception-weights", tmp_path / "nowhere.pth")
-    with pytest.raises(EvaluationError, match="--make-ref takes no REF/SAMPLE"):
+    with pytest.raises(JobError, match="--make-ref takes no REF/SAMPLE"):
         run_main(good_batch, "--make-ref", good_batch, "--out", tmp_path / "r.npz")
-    with pytest.raises(EvaluationError, match="needs --out"):
+    with pytest.raises(JobError, match="needs --out"):
         run_main("--make-ref", good_batch)
-    with pytest.raises(EvaluationError, match="pass a reference batch and a sample batch"):
+    with pytest.raises(JobError, match="pass a reference batch and a sample batch"):
         run_main(good_batch)
-    with pytest.raises(EvaluationError, match="holds 2 images; at least 4"):
+    with pytest.raises(JobError, match="holds 2 images; at least 4"):
         folder = make_image_folder(tmp_path / "two", num_classes=1, per_class=2)
         run_main("--make-ref", folder, "--out", tmp_path / "r.npz", "--num-workers", 0)
 
@@ -384,7 +385,7 @@ def test_bad_arguments_and_outputs_are_refused(tmp_path, good_batch):
 def test_script_reports_bad_input_in_one_line(tmp_path, good_batch):
     job = run_script(tmp_path / "missing.npz", good_batch)
     out, err = job.communicate(timeout=120)
-    assert job.returncode == 1
+    assert job.returncode == 2
     assert err.strip().splitlines() == [f"error: reference batch {tmp_path / 'missing.npz'} does not exist"]
 
 

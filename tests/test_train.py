@@ -15,7 +15,7 @@ import torch
 from conftest import REPO_ROOT, make_image_folder, subprocess_env
 
 import train
-from helpers import data_order, runs, training
+from helpers import data_order, runs
 from helpers.cli import run_main
 from helpers.images import ImageFolderDataset
 from helpers.latents import write_latent
