@@ -82,6 +82,14 @@ def main(args, engine=None):
 def train(args, engine, log):
     # Set-up: every input is checked on every process before anything is written; then the run folder.
     run, progress = training.setup_run(args, engine.dist, log)
+    try:
+        train_loop(args, engine, log, run, progress)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def train_loop(args, engine, log, run, progress):
     device, world_size = run.device, run.world_size
 
     # Model and optimizer as the launcher runs them (DDP or accelerate), the forward as the objective
@@ -137,7 +145,7 @@ def train(args, engine, log):
             if args.max_grad_norm:
                 engine.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             opt.step()
-            ema_update(run.ema, run.model, args.ema_decay)
+            ema_update(run.ema, run.model, training.ema_decay_at(args, progress.step))
             progress.step += 1
             progress.batch_in_epoch += 1
 

@@ -30,7 +30,11 @@ class JobError(ValueError):
     exit code `code`. A ValueError, so library code that raises it reads naturally to callers."""
 
     def __init__(self, message, code=EXIT_BAD_INPUT):
-        super().__init__(one_line(message, default="error"))
+        text = str(message)
+        marker = f"{__name__}.JobError: "   # re-raised by a DataLoader worker: the original's line
+        if text.startswith("Caught JobError") and marker in text:
+            text = text.rsplit(marker, 1)[1]
+        super().__init__(one_line(text, default="error"))
         self.code = code
 
 

@@ -30,6 +30,9 @@ def setup_distributed():
     Running `python train.py` without torchrun is allowed: it is a job of one process and
     needs no process group, which is what a laptop user expects.
     """
+    if "TORCHELASTIC_RUN_ID" in os.environ:   # a torchrun worker: must not outlive its launcher
+        from helpers.locks import exit_with_parent
+        exit_with_parent()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -19,10 +19,12 @@ from helpers.checkpoint import extract_state_dict, load_checkpoint_file, load_mo
 from helpers.cli import JobError, agree, one_line
 from helpers.data_order import EpochBatches
 from helpers.images import BUILTIN_DATASETS, ImageFolderDataset, builtin_dataset
+from helpers.files import check_writable, remove_stale_temps
 from helpers.latents import LatentFeatureDataset
+from helpers.locks import RunLock
 from helpers.log import LossFile
 from helpers.models import create_model, is_dit, model_names, parse_args_with_overrides
-from helpers.objectives import add_objective_args, objective_from_args
+from helpers.objectives import add_objective_args, create_objective, objective_from_args
 from helpers.runs import (Progress, check_no_later_checkpoints, create_run_dir, find_resume_checkpoint,
                           load_resume_checkpoint, resume_progress, run_dir_of, saved_args)
 from helpers.seeds import seed_everything
@@ -48,6 +50,9 @@ def build_parser(description):
     data.add_argument("--vae", type=str, default=None,
                       help="ema | mse | a local AutoencoderKL folder | none (default ema; none for --dataset)")
     data.add_argument("--num-workers", type=int, default=None, help="DataLoader workers per process (default 4)")
+    data.add_argument("--skip-nonfinite", action="store_true", help="skip and count latents holding NaN/inf")
+    data.add_argument("--allow-empty-classes", action="store_true",
+                      help="let empty class folders keep their label index (as torchvision's ImageFolder)")
 
     model = p.add_argument_group("model and optimisation")
     model.add_argument("--model", type=str, default="DiC-XL", help=f"one of {', '.join(model_names())}")
@@ -57,6 +62,8 @@ def build_parser(description):
                        help="tf32 (official), fp32 (strict) or bf16 (autocast)")
     model.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient norm (default off)")
     model.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per step")
+    model.add_argument("--ema-warmup", action="store_true",
+                       help="EMA decay min(--ema-decay, (1 + step) / (10 + step)): short runs average less early")
     model.add_argument("--global-seed", type=int, default=0)
     add_objective_args(p)
 
@@ -189,6 +196,7 @@ class Run:
     loss_file: Optional[LossFile] = None
     resume_rng: Optional[dict] = None     # this process's saved RNG state, when resuming exactly
     resume_scaler: Optional[dict] = None
+    lock: Optional[RunLock] = None        # rank 0: the run folder's lock, held for the whole job
 
     @property
     def is_main(self):
@@ -199,15 +207,13 @@ def build_dataset(args, vae_factor):
     """(dataset, in_channels, model input side) for the chosen source; one-line errors for bad data."""
     side = args.image_size // vae_factor
     if args.feature_path:
-        dataset = LatentFeatureDataset(args.feature_path)
+        dataset = LatentFeatureDataset(args.feature_path, skip_nonfinite=args.skip_nonfinite)
         c, h, w = dataset.latent_shape
         if h != w or h != side or args.image_size % vae_factor:
             raise JobError(f"latents in {args.feature_path} are {c}x{h}x{w} but --image-size {args.image_size} "
                            f"with --vae {args.vae} (factor {vae_factor}) needs {c}x{side}x{side}: pass "
                            f"--image-size {h * vae_factor} (or the --vae the latents were made with)")
-        if dataset.num_classes_seen > args.num_classes:   # reads every label
-            raise JobError(f"latents in {args.feature_path} have label {dataset.num_classes_seen - 1} >= "
-                           f"--num-classes {args.num_classes}: pass --num-classes {dataset.num_classes_seen} or more")
+        dataset.check_labels(args.num_classes)   # every label: an integer in [0, --num-classes)
         return dataset, c, side
     if args.image_size % vae_factor:
         raise JobError(f"--image-size {args.image_size} is not divisible by the VAE's factor {vae_factor}: "
@@ -216,7 +222,8 @@ def build_dataset(args, vae_factor):
         dataset = builtin_dataset(args.dataset, "train", args.image_size)
         channels = BUILTIN_DATASETS[args.dataset][0]
     else:
-        dataset = ImageFolderDataset(args.data_path, args.image_size, random_flip=True, channels=3)
+        dataset = ImageFolderDataset(args.data_path, args.image_size, random_flip=True, channels=3,
+                                     allow_empty_classes=args.allow_empty_classes)
         channels = 3
     if dataset.num_classes > args.num_classes:
         raise JobError(f"{args.data_path or 'built-in ' + args.dataset} has {dataset.num_classes} classes "
@@ -271,8 +278,9 @@ def build(args, device, world_size, rank, resume_path):
                        f"{args.global_batch_size}: lower it or add data")
     vae = load_vae(args.vae, device) if args.data_path and args.vae != "none" else None
     args.in_channels = latent_channels(vae) if vae is not None else channels
+    objective = create_objective(objective_from_args(args))
     model_kwargs = dict(input_size=side, in_channels=args.in_channels, num_classes=args.num_classes,
-                        **args.model_overrides)
+                        learn_sigma=objective.learn_sigma, **args.model_overrides)
     model = build_model(args, model_kwargs, vae_factor).to(device)
     if args.channels_last:
         fastpath.to_channels_last(model)   # before the optimizer: its buffers follow the layout
@@ -292,35 +300,28 @@ def build(args, device, world_size, rank, resume_path):
         except (ValueError, KeyError) as e:
             raise JobError(f"the optimizer state in {resume_path} does not fit {args.model}: {one_line(e)}") from e
         check_no_later_checkpoints(resume_path, int(checkpoint["step"]))
-    objective = objective_from_args(args, learn_sigma=getattr(model, "learn_sigma", True))
     return dict(checkpoint=checkpoint, vae=vae, dataset=dataset, model=model, ema=ema, opt=opt,
                 objective=objective, model_kwargs=model_kwargs)
 
 
 def setup_run(args, dist_info, log):
     """Validate every input and build the run on every process, then (rank 0) create or reopen the
-    run folder. Returns (Run, Progress)."""
+    run folder, locked for this job. Returns (Run, Progress)."""
     device, world_size, rank = dist_info.device, dist_info.world_size, dist_info.rank
-
-    # 1. What to resume (decided on rank 0, shared).
-    def locate():
-        if not args.resume:
-            return None
-        return find_resume_checkpoint(args.resume, args.results_dir, args.model if "model" in args.explicit else None)
-    resume_path = agree(locate, on_main_only=True)
-    if args.resume == "auto" and resume_path is None:
-        log.info(f"--resume auto: no checkpoint to resume in {args.results_dir}; starting a new run")
-
-    # 2. Every process validates and builds; they agree before anything is written.
-    built = agree(lambda: build(args, device, world_size, rank, resume_path))
-    checkpoint = built["checkpoint"]
-
-    # 3. The run folder: a new one, or the resumed run's own.
-    def make_folder():
-        if checkpoint is not None and run_dir_of(resume_path) is not None:
-            return run_dir_of(resume_path)
-        return create_run_dir(args.results_dir, args.model)
-    run_dir = agree(make_folder, on_main_only=True)
+    locks = []   # rank 0 locks the run folder it will write, for the whole job
+    try:
+        resume_path = agree(lambda: locate_resume(args, locks), on_main_only=True)
+        if args.resume == "auto" and resume_path is None:
+            log.info(f"--resume auto: no checkpoint to resume in {args.results_dir}; starting a new run")
+        # Every process validates and builds; they agree before anything is written.
+        built = agree(lambda: build(args, device, world_size, rank, resume_path))
+        checkpoint = built["checkpoint"]
+        run_dir = agree(lambda: open_run_dir(args, resume_path if checkpoint is not None else None, locks),
+                        on_main_only=True)
+    except BaseException:
+        for lock in locks:
+            lock.release()
+        raise
     if dist_info.is_main:
         log.attach_file(os.path.join(run_dir, "log.txt"))
         args_file = os.path.join(run_dir, "args.json")
@@ -332,7 +333,7 @@ def setup_run(args, dist_info, log):
                         args.num_workers, pin_memory=device.type == "cuda")
     run = Run(args=args, device=device, rank=rank, world_size=world_size, log=log, run_dir=run_dir,
               model=built["model"], ema=built["ema"], opt=built["opt"], objective=built["objective"],
-              vae=built["vae"], data=data, model_kwargs=built["model_kwargs"],
+              vae=built["vae"], data=data, model_kwargs=built["model_kwargs"], lock=(locks or [None])[-1],
               loss_file=LossFile(os.path.join(run_dir, "losses.csv")) if dist_info.is_main else None)
     describe(run, resumed=checkpoint is not None)
     progress = Progress()
@@ -341,6 +342,35 @@ def setup_run(args, dist_info, log):
     if run.loss_file is not None:
         run.loss_file.start(resume_step=progress.step if checkpoint is not None else None)
     return run, progress
+
+
+def locate_resume(args, locks):
+    """Rank 0: the checkpoint --resume names, its run folder locked first (so no other job writes
+    a newer checkpoint meanwhile, and two resumes of one run never both go ahead). Checks first that
+    the results folder can be written (errors before work)."""
+    check_writable(args.results_dir, folder=True, keep_folder=False)
+    if not args.resume:
+        return None
+    model_filter = args.model if "model" in args.explicit else None
+    path = find_resume_checkpoint(args.resume, args.results_dir, model_filter)
+    run_dir = run_dir_of(path) if path else None
+    if run_dir is None:
+        return path
+    locks.append(RunLock(run_dir, what="training").acquire())
+    return find_resume_checkpoint(args.resume, args.results_dir, model_filter)   # newest, now that it is ours
+
+
+def open_run_dir(args, resume_path, locks):
+    """Rank 0: the resumed run's folder, or a new `<results>/<NNN>-<model>/`; locked, and cleared of
+    the temp files of writes a killed job left."""
+    run_dir = run_dir_of(resume_path) if resume_path is not None else None
+    if run_dir is None:
+        run_dir = create_run_dir(args.results_dir, args.model)
+        locks.append(RunLock(run_dir, what="training").acquire())
+    removed = remove_stale_temps(os.path.join(run_dir, "checkpoints"))
+    if removed:
+        print(f"Removed {removed} temp file(s) of an interrupted checkpoint write in {run_dir}", flush=True)
+    return run_dir
 
 
 def resume_checkpoint_state(run, checkpoint, path):
@@ -403,6 +433,11 @@ def training_forward(model, run, autocast=True):
     def forward(x, *args, **kwargs):
         return model(fastpath.channels_last_input(x), *args, **kwargs)
     return forward
+
+
+def ema_decay_at(args, step):
+    """The EMA decay of optimizer step `step` (0-based): --ema-decay, or its warmed-up form."""
+    return min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay
 
 
 def log_fast_path(run, compiled, accelerate_precision=None):

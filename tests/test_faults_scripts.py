@@ -1,0 +1,135 @@
+"""The fault rules of helpers/files.py and helpers/locks.py as the scripts use them: one writer per
+run folder, workers that die with their launcher, no leftovers, plain-open() file modes, and errors
+before any work."""
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO_ROOT, subprocess_env
+from test_sample import make_checkpoint
+from test_train import TINY, call_main, latent_args, latents, only_run, run_script  # noqa: F401
+
+import export
+import sample
+import sample_ddp
+from helpers.cli import JobError
+
+
+def start_script(argv, nproc=1):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+           if nproc > 1 else [sys.executable]) + [os.path.join(REPO_ROOT, "train.py"), *map(str, argv)]
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(predicate, timeout=120):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def pids_running(script_dir):
+    """Live processes whose command line runs a train.py of `script_dir`'s tests (from /proc)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            state = open(f"/proc/{pid}/stat").read().split()[2]
+        except OSError:
+            continue
+        if state != "Z" and any(b"train.py" in part for part in cmdline) and \
+                any(str(script_dir).encode() in part for part in cmdline):
+            found.append(int(pid))
+    return found
+
+
+def test_a_second_job_on_a_run_folder_is_refused_and_the_first_finishes_untouched(tmp_path, latents):
+    results = tmp_path / "r"
+    assert call_main(latent_args(latents, results, "--max-steps", "2", "--ckpt-every", "2")) == 0
+    run = only_run(results)
+    first = start_script(latent_args(latents, results, "--max-steps", "400", "--ckpt-every", "200",
+                                     "--log-every", "50", "--resume", "auto"))
+    assert wait_for(lambda: "Resuming from" in open(os.path.join(run, "log.txt")).read())
+    second = run_script(latent_args(latents, results, "--max-steps", "400", "--resume", "auto"))
+    assert second.returncode == 2
+    assert second.stderr.strip().startswith(f"error: {run} is being written by another training job: pid "
+                                            f"{first.pid} on "), second.stderr
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["0000002.pt", "0000200.pt", "0000400.pt"]
+    assert "error" not in open(os.path.join(run, "log.txt")).read()
+
+
+def test_killing_torchrun_of_a_training_run_leaves_no_workers(tmp_path, latents):
+    job = start_script(latent_args(latents, tmp_path / "r", "--max-steps", "100000", "--ckpt-every", "100000",
+                                   "--log-every", "10"), nproc=2)
+    assert wait_for(lambda: len(pids_running(tmp_path)) >= 3), "launcher and two workers did not start"
+    assert wait_for(lambda: "(step=0000010)" in open(only_run(tmp_path / "r") + "/log.txt").read())
+    os.killpg(job.pid, signal.SIGKILL)            # what a scheduler does to the launcher's group
+    job.wait(timeout=30)
+    assert wait_for(lambda: not pids_running(tmp_path), timeout=15), pids_running(tmp_path)
+
+
+def test_a_resumed_run_removes_the_temp_files_of_a_killed_checkpoint_write(tmp_path, latents):
+    results = tmp_path / "r"
+    assert call_main(latent_args(latents, results, "--max-steps", "2", "--ckpt-every", "2")) == 0
+    checkpoints = os.path.join(only_run(results), "checkpoints")
+    with open(os.path.join(checkpoints, ".tmp-killed.pt"), "wb") as f:
+        f.write(b"half a checkpoint")
+    assert call_main(latent_args(latents, results, "--max-steps", "3", "--resume", "auto")) == 0
+    assert sorted(os.listdir(checkpoints)) == ["0000002.pt", "0000003.pt"]
+
+
+def test_sample_py_into_a_read_only_folder_fails_before_sampling(tmp_path, monkeypatch):
+    if os.geteuid() == 0:   # root writes anywhere: make the folder impossible instead of read-only
+        blocked = tmp_path / "file"
+        blocked.write_text("not a folder")
+        out = blocked / "grid.png"
+    else:
+        blocked = tmp_path / "ro"
+        blocked.mkdir()
+        os.chmod(blocked, 0o555)
+        out = blocked / "grid.png"
+    ckpt = make_checkpoint(tmp_path / "c.pt")
+    monkeypatch.setattr(sample, "read_checkpoint", lambda *a: pytest.fail("sampling work started"))
+    with pytest.raises(JobError, match=f"cannot write to {blocked}"):
+        sample.main(sample.parse_args(["--ckpt", ckpt, "--out", str(out)]))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_every_file_a_script_writes_has_the_mode_of_a_plain_open(tmp_path, latents, umask):
+    old = os.umask(umask)
+    try:
+        with open(tmp_path / "plain", "w"):
+            pass
+        plain = stat.S_IMODE(os.stat(tmp_path / "plain").st_mode)
+        assert call_main(latent_args(latents, tmp_path / "r", "--max-steps", "1")) == 0
+        ckpt = os.path.join(only_run(tmp_path / "r"), "checkpoints", "0000001.pt")
+        tiny = make_checkpoint(tmp_path / "tiny.pt")
+        sample.main(sample.parse_args(["--ckpt", tiny, "--num-sampling-steps", "2", "--class-labels", "1",
+                                       "--out", str(tmp_path / "grid.png")]))
+        npz = sample_ddp.main(sample_ddp.parse_args(["--ckpt", tiny, "--num-fid-samples", "2",
+                                                     "--num-sampling-steps", "2", "--sample-dir",
+                                                     str(tmp_path / "samples")]))
+        export.main(export.build_parser().parse_args(["--ckpt", ckpt, "--out", str(tmp_path / "w.safetensors")]))
+        written = [ckpt, tmp_path / "grid.png", npz, tmp_path / "w.safetensors"]
+        written += [os.path.join(only_run(tmp_path / "r"), name) for name in ("log.txt", "args.json", "losses.csv")]
+        folder = npz[:-len(".npz")]
+        written += [os.path.join(folder, name) for name in os.listdir(folder)]
+        modes = {str(p): oct(stat.S_IMODE(os.stat(p).st_mode)) for p in written}
+        assert set(modes.values()) == {oct(plain)}, modes
+        assert torch.load(ckpt)["step"] == 1 and np.load(npz)["arr_0"].shape == (2, 16, 16, 3)
+    finally:
+        os.umask(old)
