@@ -227,8 +227,9 @@ class DiT(dic_models.TapsAndCheckpointing, nn.Module):
         size = (input_size or self.input_size) // self.patch_size
         return (size, size)
 
-    def forward(self, x, t, y, return_features=None):
+    def forward(self, x, t, y, force_drop_ids=None, return_features=None):
         """x: (N, C, H, W) latents, t: (N,) timesteps, y: (N,) labels -> (N, out_channels, H, W);
+        force_drop_ids: optional (N,) with 1 where the label is replaced by the null class (DiT's);
         with return_features (names from feature_names(), e.g. ("block8",)): (output, {name: (N, T, D)})."""
         wanted, features = self.wanted_features(return_features), {}
         if tuple(x.shape[-2:]) != (self.input_size, self.input_size):
@@ -237,7 +238,7 @@ class DiT(dic_models.TapsAndCheckpointing, nn.Module):
             )
         x = self.x_embedder(x) + self.pos_embed   # (N, T, D), where T = H * W / patch_size ** 2
         t = self.t_embedder(t)                    # (N, D)
-        y = self.y_embedder(y, self.training)     # (N, D)
+        y = self.y_embedder(y, self.training, force_drop_ids)   # (N, D)
         c = t + y                                 # (N, D)
         for k, block in enumerate(self.blocks, start=1):
             x = self.run_block(block, x, c)       # (N, T, D)

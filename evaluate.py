@@ -29,16 +29,15 @@ Inception weights: without --inception-weights torch-fidelity downloads its conv
 import argparse
 import os
 import sys
-import tempfile
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from helpers.cli import JobError, one_line, run_main
-from helpers.evaluation import (IS_SPLIT_SIZE, PR_BATCH_SIZE, PR_NEIGHBOURS,
-                                InceptionV3Features, NpzImages, RunningStatistics,
+from helpers.cli import JobError, run_main
+from helpers.evaluation import (IS_SPLIT_SIZE, PR_BATCH_SIZE, PR_NEIGHBOURS, load_extractor,
+                                NpzImages, RunningStatistics,
                                 compute_activations, compute_statistics, frechet_distance,
                                 inception_score, precision_recall, read_npz_statistics,
                                 save_json_atomic, save_npz_atomic)
@@ -63,27 +62,6 @@ def _check_output(path, overwrite):
             check_writable(path, folder=False, keep_folder=False)
         except JobError as e:
             raise JobError(str(e)) from e
-
-
-def load_extractor(weights_path, device):
-    """InceptionV3Features from --inception-weights, unpickled safely: torch-fidelity loads
-    the file with weights_only=False (a pickle can run code), so we load it with
-    weights_only=True and hand torch-fidelity a plain copy."""
-    if weights_path is None or not os.path.isfile(weights_path):
-        return InceptionV3Features(weights_path, device)
-    try:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any refusal of the unpickler: one message
-        raise JobError(f"--inception-weights {weights_path} is not a plain weights file "
-                              f"({one_line(e)}): pass torch-fidelity's weights-inception-2015-12-05"
-                              f" .pth (a state_dict of tensors)") from e
-    fd, plain = tempfile.mkstemp(prefix="inception-", suffix=".pth")
-    os.close(fd)
-    try:
-        torch.save(state, plain)
-        return InceptionV3Features(plain, device)
-    finally:
-        os.remove(plain)
 
 
 def evaluate(args, extractor):

@@ -15,6 +15,7 @@ through Hugging Face accelerate.
 """
 import math
 import sys
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,8 @@ from helpers.cli import EXIT_RUN_FAILED, JobError, run_main
 from helpers.distributed import cleanup_distributed, is_distributed, setup_distributed
 from helpers.fastpath import ema_update
 from helpers.log import RunLogger, ThroughputMeter
+from helpers.monitor import Monitor
+from helpers.objectives import per_sample_draws
 from helpers.runs import checkpoint_path, restore_rng_state, save_checkpoint
 from helpers.seeds import derive_seed, seed_everything
 from helpers.vae import encode
@@ -60,6 +63,10 @@ class DDPEngine:
     def clip_grad_norm_(self, parameters, max_norm):
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
 
+    def no_sync(self, model, sync):
+        """DDP's no_sync for the micro-batches before the last of a step (no gradient all-reduce)."""
+        return model.no_sync() if isinstance(model, DDP) and not sync else nullcontext()
+
     def close(self):
         cleanup_distributed()
 
@@ -82,14 +89,16 @@ def main(args, engine=None):
 def train(args, engine, log):
     # Set-up: every input is checked on every process before anything is written; then the run folder.
     run, progress = training.setup_run(args, engine.dist, log)
+    monitor = Monitor(run, progress.step, resumed=progress.step > 0)   # live samples, FID, TensorBoard/W&B
     try:
-        train_loop(args, engine, log, run, progress)
+        train_loop(args, engine, log, run, progress, monitor)
     finally:
+        monitor.close()
         if run.lock is not None:
             run.lock.release()
 
 
-def train_loop(args, engine, log, run, progress):
+def train_loop(args, engine, log, run, progress, monitor):
     device, world_size = run.device, run.world_size
 
     # Model and optimizer as the launcher runs them (DDP or accelerate), the forward as the objective
@@ -129,21 +138,21 @@ def train_loop(args, engine, log, run, progress):
     local_batch = args.global_batch_size // world_size
 
     while progress.step < target:
-        for batch in run.data.epoch(progress.epoch, start_sample=progress.start_sample):
-            if batch is None:
-                raise JobError(f"every image of a batch on process {run.rank} was unreadable (see the warnings "
-                               f"above): remove the corrupt files")
-            x, y, _ = batch
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if run.vae is not None:
-                x = encode(run.vae, x)   # images -> latents (x 0.18215), as DiT's train.py
-
-            # One training step: the objective's loss, backward, clip, AdamW, EMA.
-            loss = run.objective.training_losses(forward, x, dict(y=y))["loss"].mean()
+        for micro_batches in run.data.steps(progress.epoch, start_sample=progress.start_sample):
+            # One training step: the objective's loss on each of the --grad-accum-steps micro-batches
+            # (gradients synced on the last), backward, clip, AdamW, EMA.
             opt.zero_grad(set_to_none=True)
-            engine.backward(loss)
-            if args.max_grad_norm:
-                engine.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            loss, seen = 0.0, 0
+            for k, batch in enumerate(micro_batches):
+                x, model_kwargs, draws = prepare_batch(run, batch, progress.step)
+                with engine.no_sync(model, sync=k + 1 == len(micro_batches)):
+                    micro_loss = run.objective.training_losses(forward, x, model_kwargs, draws)["loss"].mean()
+                    micro_loss = micro_loss * (x.shape[0] / local_batch)   # its share of the local batch
+                    engine.backward(micro_loss)
+                loss, seen = loss + micro_loss.detach(), seen + x.shape[0]
+            grad_norm = None
+            if args.max_grad_norm or (monitor.tracker.enabled and (progress.step + 1) % args.log_every == 0):
+                grad_norm = engine.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
             opt.step()
             ema_update(run.ema, run.model, training.ema_decay_at(args, progress.step))
             progress.step += 1
@@ -152,7 +161,7 @@ def train_loop(args, engine, log, run, progress):
             # Loss summed over processes, skipped images counted: one small all_reduce and one host
             # sync per step, on purpose: every process must see a NaN at the same step and stop
             # together (one stopping alone would leave the others hanging in DDP's next all_reduce).
-            stats[0], stats[1] = loss.detach().float(), local_batch - x.shape[0]
+            stats[0], stats[1] = loss.float(), local_batch - seen
             if is_distributed():
                 dist.all_reduce(stats)
             loss_sum, skipped = stats.tolist()
@@ -168,9 +177,11 @@ def train_loop(args, engine, log, run, progress):
             meter.update(1, args.global_batch_size - int(skipped))
             bar.update(1)
 
-            # Log loss values and save checkpoints.
+            # Log loss values, show progress (grids, FID, curves) and save checkpoints.
+            scalars = None
             if progress.step % args.log_every == 0:
-                log_window(run, progress, meter)
+                scalars = log_window(run, progress, meter, opt, grad_norm)
+            monitor.after_step(progress.step, scalars)
             if progress.step % args.ckpt_every == 0 or progress.step >= target:
                 save_checkpoint(run, progress, steps_per_epoch, engine.scaler)
             if progress.step >= target:
@@ -187,8 +198,29 @@ def train_loop(args, engine, log, run, progress):
     log.info(f"Done: step {progress.step}, run folder {run.run_dir}")
 
 
-def log_window(run, progress, meter):
-    """DiT's log line (loss averaged over processes and the window's steps) and a losses.csv row."""
+def prepare_batch(run, batch, step):
+    """(x, model_kwargs, draws) of one micro-batch on the device: images VAE-encoded as DiT's
+    train.py, and with --draws per-sample each sample's noise, time and label dropout drawn from
+    (seed, step, its index), so the update is the same for every process count and accumulation."""
+    if batch is None:
+        raise JobError(f"every sample of a batch on process {run.rank} was unreadable (see the warnings above): "
+                       f"remove the corrupt files")
+    x, y, indices = batch
+    x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+    if run.args.data_path and run.vae is not None:
+        x = encode(run.vae, x)   # images -> latents (x 0.18215)
+    model_kwargs, draws = dict(y=y), None
+    if run.args.draws == "per-sample":
+        draws, drop = per_sample_draws(run.objective, x, indices, run.args.global_seed, step,
+                                       run.model.class_dropout_prob)
+        if drop is not None:
+            model_kwargs["force_drop_ids"] = drop
+    return x, model_kwargs, draws
+
+
+def log_window(run, progress, meter, opt, grad_norm):
+    """DiT's log line (loss averaged over processes and the window's steps) and a losses.csv row;
+    returns the scalars a tracker logs."""
     avg_loss = progress.loss_sum / progress.loss_steps
     steps_per_sec, images_per_sec = meter.rates()
     line = (f"(step={progress.step:07d}) Train Loss: {avg_loss:.4f}, Train Steps/Sec: {steps_per_sec:.2f}, "
@@ -200,6 +232,19 @@ def log_window(run, progress, meter):
         run.loss_file.append(progress.step, avg_loss, steps_per_sec, images_per_sec, progress.epoch)
     progress.loss_sum, progress.loss_steps = 0.0, 0
     meter.reset()
+    scalars = {"loss": avg_loss, "lr": opt.param_groups[0]["lr"], "steps_per_sec": steps_per_sec,
+               "images_per_sec": images_per_sec, "peak_memory_gb": peak_memory_gb(run.device)}
+    if grad_norm is not None:
+        scalars["grad_norm"] = float(grad_norm)
+    return scalars
+
+
+def peak_memory_gb(device):
+    """Peak memory of this process so far: the CUDA allocator's, else the peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # KiB on Linux
 
 
 def parse_args(argv=None, description="Train DiC/DiT with PyTorch DDP."):

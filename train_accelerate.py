@@ -13,6 +13,7 @@ Mixed precision comes from `accelerate launch --mixed_precision` (or ACCELERATE_
 saved in the checkpoints and restored on resume.
 """
 import sys
+from contextlib import nullcontext
 
 from accelerate import Accelerator
 
@@ -54,6 +55,10 @@ class AccelerateEngine:
 
     def clip_grad_norm_(self, parameters, max_norm):
         return self.accelerator.clip_grad_norm_(parameters, max_norm)
+
+    def no_sync(self, model, sync):
+        """accelerate's no_sync for the micro-batches before the last of a step."""
+        return nullcontext() if sync else self.accelerator.no_sync(model)
 
     def close(self):
         self.accelerator.free_memory()

@@ -75,14 +75,16 @@ class ResumableDistributedSampler(DistributedSampler):
 
 
 class EpochBatches:
-    """The training batches `(x, y, indices)` of each epoch, in the resumable order above."""
+    """The training batches `(x, y, indices)` of each epoch, in the resumable order above; with
+    gradient accumulation a step's local batch comes as accum_steps consecutive micro-batches."""
 
-    def __init__(self, dataset, rank, world_size, global_batch_size, seed, num_workers, pin_memory):
+    def __init__(self, dataset, rank, world_size, global_batch_size, seed, num_workers, pin_memory, accum_steps=1):
         self.samples = SeededSamples(dataset, seed)
-        self.seed, self.rank = seed, rank
+        self.seed, self.rank, self.accum_steps = seed, rank, accum_steps
         self.steps_per_epoch = len(dataset) // global_batch_size
         self.sampler = ResumableDistributedSampler(self.samples, world_size, rank, global_batch_size, seed)
-        self.loader = DataLoader(self.samples, batch_size=global_batch_size // world_size, shuffle=False,
+        micro_batch = global_batch_size // (world_size * accum_steps)
+        self.loader = DataLoader(self.samples, batch_size=micro_batch, shuffle=False,
                                  sampler=self.sampler, num_workers=num_workers, pin_memory=pin_memory,
                                  drop_last=True, collate_fn=collate_skip_none, generator=torch.Generator())
 
@@ -95,3 +97,12 @@ class EpochBatches:
         self.samples.set_epoch(epoch)
         self.loader.generator.manual_seed(derive_seed(self.seed, epoch, self.rank, 1))
         return iter(self.loader)
+
+    def steps(self, epoch, start_sample=0):
+        """Epoch `epoch`'s optimizer steps of this process: lists of accum_steps micro-batches."""
+        micro_batches = []
+        for batch in self.epoch(epoch, start_sample):
+            micro_batches.append(batch)
+            if len(micro_batches) == self.accum_steps:
+                yield micro_batches
+                micro_batches = []

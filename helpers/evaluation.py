@@ -49,7 +49,7 @@ import zipfile
 import numpy as np
 import torch
 
-from helpers.cli import JobError
+from helpers.cli import JobError, one_line
 from helpers.files import atomic_write, atomic_write_text
 
 # ADM's constants.
@@ -350,6 +350,27 @@ def save_random_inception_weights(path, seed=0, calibration_images=2, calibratio
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     torch.save(state, path)
     return path
+
+
+def load_extractor(weights_path, device):
+    """InceptionV3Features from --inception-weights, unpickled safely: torch-fidelity loads
+    the file with weights_only=False (a pickle can run code), so we load it with
+    weights_only=True and hand torch-fidelity a plain copy."""
+    if weights_path is None or not os.path.isfile(weights_path):
+        return InceptionV3Features(weights_path, device)
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any refusal of the unpickler: one message
+        raise JobError(f"--inception-weights {weights_path} is not a plain weights file "
+                              f"({one_line(e)}): pass torch-fidelity's weights-inception-2015-12-05"
+                              f" .pth (a state_dict of tensors)") from e
+    fd, plain = tempfile.mkstemp(prefix="inception-", suffix=".pth")
+    os.close(fd)
+    try:
+        torch.save(state, plain)
+        return InceptionV3Features(plain, device)
+    finally:
+        os.remove(plain)
 
 
 def compute_activations(batches, extractor, total=None, desc="activations"):

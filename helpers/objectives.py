@@ -15,6 +15,7 @@ import torch
 
 from diffusion import create_diffusion
 from helpers.cli import JobError
+from helpers.seeds import generator
 from transport import create_transport
 
 OBJECTIVES = ("ddpm", "sit")
@@ -43,6 +44,10 @@ class DDPM:
         if t is None:
             t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device)
         return self.diffusion.training_losses(model, x, t, model_kwargs or {}, noise=draws.get("noise"))
+
+    def times(self, u):
+        """Timesteps from uniforms in [0, 1): t ~ U{0..T-1}, as randint."""
+        return (u * self.diffusion.num_timesteps).long().clamp(max=self.diffusion.num_timesteps - 1)
 
     def config(self):
         return {"name": self.name, "learn_sigma": self.learn_sigma, "noise_schedule": self.noise_schedule,
@@ -74,8 +79,26 @@ class SiT:
         return self.transport.training_losses(first_channels(model, x.shape[1]), x, model_kwargs or {},
                                               noise=draws.get("noise"), t=draws.get("t"))
 
+    def times(self, u):
+        """Times from uniforms in [0, 1): t ~ U[t0, t1], SiT's training interval."""
+        t0, t1 = self.transport.check_interval(self.transport.train_eps, self.transport.sample_eps)
+        return u * (t1 - t0) + t0
+
     def config(self):
         return {"name": self.name, **self.settings, "learn_sigma": self.learn_sigma}
+
+
+def per_sample_draws(objective, x, indices, seed, step, class_dropout_prob):
+    """Each sample's random draws from generator(seed, step, its dataset index), in this order: its
+    noise, a uniform for its time, a uniform for its label dropout. They do not depend on the batch,
+    the process count or gradient accumulation, so every layout makes the same update.
+    Returns (draws for training_losses, force_drop_ids for the model or None)."""
+    gens = [generator(seed, step, int(i)) for i in indices]
+    noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens])
+    u = torch.stack([torch.rand((), generator=g) for g in gens])
+    drop = torch.stack([torch.rand((), generator=g) for g in gens]) < class_dropout_prob
+    draws = {"noise": noise.to(x.device, x.dtype), "t": objective.times(u).to(x.device)}
+    return draws, (drop.long().to(x.device) if class_dropout_prob > 0 else None)
 
 
 def first_channels(model, channels):

@@ -24,6 +24,7 @@ from helpers.latents import LatentFeatureDataset
 from helpers.locks import RunLock
 from helpers.log import LossFile
 from helpers.models import create_model, is_dit, model_names, parse_args_with_overrides
+from helpers.monitor import add_monitor_args, check_monitor_args
 from helpers.objectives import add_objective_args, create_objective, objective_from_args
 from helpers.runs import (Progress, check_no_later_checkpoints, create_run_dir, find_resume_checkpoint,
                           load_resume_checkpoint, resume_progress, run_dir_of, saved_args)
@@ -56,7 +57,12 @@ def build_parser(description):
 
     model = p.add_argument_group("model and optimisation")
     model.add_argument("--model", type=str, default="DiC-XL", help=f"one of {', '.join(model_names())}")
-    model.add_argument("--global-batch-size", type=int, default=256)
+    model.add_argument("--global-batch-size", type=int, default=256, help="processes x micro-batch x accumulation")
+    model.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step")
+    model.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
+    model.add_argument("--draws", type=str, default="per-sample", choices=["per-sample", "global"],
+                       help="per-sample: noise/time/label dropout from (seed, step, index), the same on any layout; "
+                            "global: DiT's draws from each process's RNG")
     model.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (weight decay 0)")
     model.add_argument("--precision", type=str, default="tf32", choices=list(fastpath.PRECISIONS),
                        help="tf32 (official), fp32 (strict) or bf16 (autocast)")
@@ -85,6 +91,7 @@ def build_parser(description):
     run.add_argument("--resume", type=str, default=None,
                      help="continue a run exactly: a checkpoint, a run folder, or auto")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_monitor_args(p)
     return p
 
 
@@ -129,7 +136,7 @@ def resolve_args(args, world_size):
                              ("--global-batch-size", args.global_batch_size, 1), ("--epochs", args.epochs, 1),
                              ("--log-every", args.log_every, 1), ("--ckpt-every", args.ckpt_every, 1),
                              ("--num-workers", args.num_workers, 0), ("--max-steps", args.max_steps, 1),
-                             ("--global-seed", args.global_seed, 0)):
+                             ("--global-seed", args.global_seed, 0), ("--grad-accum-steps", args.grad_accum_steps, 1)):
         if value is not None and value < low:
             raise JobError(f"{flag} must be >= {low}, got {value}")
     if not args.lr > 0:
@@ -141,6 +148,11 @@ def resolve_args(args, world_size):
     if args.global_batch_size % world_size:
         raise JobError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world_size} "
                        f"processes: use a multiple of {world_size}")
+    if args.global_batch_size % (world_size * args.grad_accum_steps):
+        raise JobError(f"--global-batch-size {args.global_batch_size} is not divisible by {world_size} processes x "
+                       f"--grad-accum-steps {args.grad_accum_steps}: use a multiple of "
+                       f"{world_size * args.grad_accum_steps}")
+    check_monitor_args(args)
     if args.resume and args.ckpt:
         raise JobError("--resume and --ckpt do not mix: --resume continues a run (weights, optimizer, data "
                        "position), --ckpt starts a new run from weights")
@@ -150,13 +162,15 @@ def resolve_args(args, world_size):
 # Flags a resumed run does not take from its checkpoint.
 _NOT_INHERITED = {"resume", "ckpt", "explicit", "no_progress", "mixed_precision"}
 # Flags that change the training itself: changed on resume, the run goes on, but not as it would have.
-_EXACTNESS = ("data_path", "feature_path", "dataset", "image_size", "vae", "global_batch_size", "global_seed",
+_EXACTNESS = ("data_path", "feature_path", "dataset", "image_size", "vae", "global_batch_size", "global_seed", "draws",
               "lr", "precision", "mixed_precision", "max_grad_norm", "model_overrides", "fused_adamw",
               "channels_last", "compile", "objective")
 
 
 def inherit_args(args, saved):
     """Options not given on the command line come from the resumed run's saved args."""
+    if saved and "draws" not in saved and "draws" not in args.explicit:
+        args.draws = "global"   # runs from before per-sample draws continue as they started
     for key, value in saved.items():
         if key in vars(args) and key not in args.explicit and key not in _NOT_INHERITED:
             if key == "channels_last" and isinstance(value, str):   # format 1 saved auto|on|off
@@ -189,7 +203,7 @@ class Run:
     ema: torch.nn.Module
     opt: torch.optim.Optimizer
     objective: Any                # helpers.objectives: training_losses(model, x, model_kwargs)
-    vae: Optional[Any]            # encodes --data-path images on the fly; None for latents/pixels
+    vae: Optional[Any]            # encodes --data-path images, decodes live samples; None in pixel space
     data: EpochBatches
     model_kwargs: dict
     fast_path: Optional[dict] = None
@@ -276,12 +290,14 @@ def build(args, device, world_size, rank, resume_path):
     if len(dataset) < args.global_batch_size:
         raise JobError(f"the dataset has {len(dataset)} samples, fewer than --global-batch-size "
                        f"{args.global_batch_size}: lower it or add data")
-    vae = load_vae(args.vae, device) if args.data_path and args.vae != "none" else None
+    decodes = args.sample_every or args.fid_every   # live samples and FID decode latents
+    vae = load_vae(args.vae, device) if (args.data_path or decodes) and args.vae != "none" else None
     args.in_channels = latent_channels(vae) if vae is not None else channels
     objective = create_objective(objective_from_args(args))
     model_kwargs = dict(input_size=side, in_channels=args.in_channels, num_classes=args.num_classes,
                         learn_sigma=objective.learn_sigma, **args.model_overrides)
     model = build_model(args, model_kwargs, vae_factor).to(device)
+    model.set_grad_checkpointing(args.grad_checkpointing)
     if args.channels_last:
         fastpath.to_channels_last(model)   # before the optimizer: its buffers follow the layout
     ema = deepcopy(model).requires_grad_(False)   # EMA in fp32, never trained
@@ -330,7 +346,7 @@ def setup_run(args, dist_info, log):
                 json.dump({k: v for k, v in vars(args).items() if k != "explicit"}, f, indent=2, default=str)
 
     data = EpochBatches(built["dataset"], rank, world_size, args.global_batch_size, args.global_seed,
-                        args.num_workers, pin_memory=device.type == "cuda")
+                        args.num_workers, pin_memory=device.type == "cuda", accum_steps=args.grad_accum_steps)
     run = Run(args=args, device=device, rank=rank, world_size=world_size, log=log, run_dir=run_dir,
               model=built["model"], ema=built["ema"], opt=built["opt"], objective=built["objective"],
               vae=built["vae"], data=data, model_kwargs=built["model_kwargs"], lock=(locks or [None])[-1],
@@ -381,9 +397,13 @@ def resume_checkpoint_state(run, checkpoint, path):
     states = checkpoint["rng"]
     if len(states) == run.world_size:
         run.resume_rng = states[run.rank]
+    elif args.draws == "per-sample":
+        log.info(f"the checkpoint was written by {len(states)} processes, this run has {run.world_size}: the "
+                 f"per-sample draws do not depend on it, so the run goes on as it would have (up to float "
+                 f"rounding of the gradient sums)")
     else:
         log.warning(f"the checkpoint was written by {len(states)} processes, this run has {run.world_size}: "
-                    f"random streams are re-seeded, so the run is not bit-identical")
+                    f"random streams are re-seeded, so the run is not bit-identical (--draws global)")
     run.resume_scaler = checkpoint.get("scaler")
     log.info(f"Resuming from {path} at step {progress.step} (epoch {progress.epoch}, batch "
              f"{progress.batch_in_epoch} of {run.data.steps_per_epoch}) in {run.run_dir}")

@@ -38,6 +38,13 @@ def wait_for(predicate, timeout=120):
     return False
 
 
+def log_says(results, text):
+    """Whether the one run folder in `results` has a log.txt containing `text` (False until it exists)."""
+    runs = sorted(os.listdir(results)) if os.path.isdir(results) else []
+    path = os.path.join(results, runs[0], "log.txt") if runs else ""
+    return os.path.exists(path) and text in open(path).read()
+
+
 def pids_running(script_dir):
     """Live processes whose command line runs a train.py of `script_dir`'s tests (from /proc)."""
     found = []
@@ -61,7 +68,7 @@ def test_a_second_job_on_a_run_folder_is_refused_and_the_first_finishes_untouche
     run = only_run(results)
     first = start_script(latent_args(latents, results, "--max-steps", "400", "--ckpt-every", "200",
                                      "--log-every", "50", "--resume", "auto"))
-    assert wait_for(lambda: "Resuming from" in open(os.path.join(run, "log.txt")).read())
+    assert wait_for(lambda: log_says(results, "Resuming from"))
     second = run_script(latent_args(latents, results, "--max-steps", "400", "--resume", "auto"))
     assert second.returncode == 2
     assert second.stderr.strip().startswith(f"error: {run} is being written by another training job: pid "
@@ -76,7 +83,7 @@ def test_killing_torchrun_of_a_training_run_leaves_no_workers(tmp_path, latents)
     job = start_script(latent_args(latents, tmp_path / "r", "--max-steps", "100000", "--ckpt-every", "100000",
                                    "--log-every", "10"), nproc=2)
     assert wait_for(lambda: len(pids_running(tmp_path)) >= 3), "launcher and two workers did not start"
-    assert wait_for(lambda: "(step=0000010)" in open(only_run(tmp_path / "r") + "/log.txt").read())
+    assert wait_for(lambda: log_says(tmp_path / "r", "(step=0000010)"))
     os.killpg(job.pid, signal.SIGKILL)            # what a scheduler does to the launcher's group
     job.wait(timeout=30)
     assert wait_for(lambda: not pids_running(tmp_path), timeout=15), pids_running(tmp_path)

@@ -281,7 +281,7 @@ def test_bad_latents(tmp_path, capsys):
     _bad(tmp_path, capsys, latent_args(root, tmp_path / "x", "--image-size", "128"),
          "are 4x8x8 but --image-size 128 with --vae ema (factor 8) needs 4x16x16: pass --image-size 64")
     _bad(tmp_path, capsys, [*latent_args(root, tmp_path / "x"), "--num-classes", "2"],
-         "have label 2 >= --num-classes 2")
+         "imagenet64_labels/2.npy holds label 2, outside [0, 2): fix the file, or pass a --num-classes above every label")
     os.remove(os.path.join(root, "imagenet64_labels", "5.npy"))
     _bad(tmp_path, capsys, latent_args(root, tmp_path / "x"), "1 feature files have no label file (e.g. 5.npy)")
     no_labels = make_latents(tmp_path / "lat2", n=4)

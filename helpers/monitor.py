@@ -1,0 +1,173 @@
+"""What a run shows while it trains: sample grids from the EMA (--sample-every), FID against a
+reference batch (--fid-every) and TensorBoard / W&B curves (--tensorboard, --wandb).
+
+Grids use fixed noise and fixed classes (the same every time, so grids compare across steps, and a
+resumed run writes the same grid at step N as an uninterrupted one); FID samples are drawn over all
+processes with per-index seeds, as sample_ddp.py does, and scored with evaluate.py's code. Both use
+the run's own reverse process with --sample-steps: DDIM for DDPM runs, SiT's Euler ODE for flow
+matching.
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+from torchvision.utils import make_grid
+
+from helpers.cli import JobError
+from helpers.distributed import gather_objects
+from helpers.evaluation import compute_statistics, frechet_distance, load_extractor, read_npz_statistics
+from helpers.files import atomic_write
+from helpers.samplers import ReverseProcess
+from helpers.sampling import IndexNoise, clips_denoised, draw_labels, generate, make_model_fn, to_uint8_rgb
+from helpers.seeds import derive_seed
+from helpers.tracking import Tracker
+
+GRID_SEED_TAG = 1    # grid noise: IndexNoise(derive_seed(global seed, tag), index), apart from FID's
+FID_SEED_TAG = 2
+
+
+def add_monitor_args(parser):
+    """The trainers' flags for live samples, FID and tracking (all off by default)."""
+    g = parser.add_argument_group("progress: live samples, FID, tracking")
+    g.add_argument("--sample-every", type=int, default=None, help="write an EMA sample grid every N steps")
+    g.add_argument("--sample-steps", type=int, default=50, help="reverse-process steps of live samples and FID")
+    g.add_argument("--sample-count", type=int, default=16, help="images in a live sample grid")
+    g.add_argument("--sample-cfg-scale", type=float, default=1.0, help="guidance of live samples and FID")
+    g.add_argument("--fid-every", type=int, default=None, help="compute FID every N steps")
+    g.add_argument("--fid-ref", type=str, default=None, help="reference batch .npz (images, or ADM's statistics)")
+    g.add_argument("--fid-samples", type=int, default=5000, help="samples per FID")
+    g.add_argument("--fid-batch-size", type=int, default=32, help="samples per process and batch for FID")
+    g.add_argument("--inception-weights", type=str, default=None, help="local torch-fidelity Inception weights")
+    g.add_argument("--tensorboard", action="store_true", help="TensorBoard event files in <run>/tensorboard")
+    g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
+    g.add_argument("--wandb-project", type=str, default=None)
+    g.add_argument("--wandb-entity", type=str, default=None)
+    return g
+
+
+def check_monitor_args(args):
+    """Errors at start-up, not at step N: counts, and the FID reference and weights files."""
+    for flag, value in (("--sample-every", args.sample_every), ("--fid-every", args.fid_every),
+                        ("--sample-steps", args.sample_steps), ("--sample-count", args.sample_count),
+                        ("--fid-samples", args.fid_samples), ("--fid-batch-size", args.fid_batch_size)):
+        if value is not None and value < 1:
+            raise JobError(f"{flag} must be >= 1, got {value}")
+    if args.sample_cfg_scale < 1:
+        raise JobError(f"--sample-cfg-scale must be >= 1 (1 = no guidance), got {args.sample_cfg_scale}")
+    if args.fid_every:
+        if not args.fid_ref or not os.path.isfile(args.fid_ref):
+            raise JobError(f"--fid-every needs --fid-ref REF.npz (a reference batch, e.g. ADM's "
+                           f"VIRTUAL_imagenet256_labeled.npz or evaluate.py --make-ref): {args.fid_ref} is not a file")
+        if args.inception_weights and not os.path.isfile(args.inception_weights):
+            raise JobError(f"--inception-weights {args.inception_weights} is not a file: pass torch-fidelity's "
+                           f"weights-inception-2015-12-05 .pth")
+
+
+def monitor_sampler(objective_config, steps, in_channels, clip_denoised):
+    """The run's reverse process at `steps` steps: DDIM for DDPM, SiT's Euler ODE for flow matching."""
+    settings = argparse.Namespace(sampler="ddim", num_sampling_steps=steps, mode="ode", sampling_method="euler",
+                                  atol=1e-6, rtol=1e-3, reverse=False)
+    return ReverseProcess(settings, objective_config, in_channels, clip_denoised=clip_denoised)
+
+
+class Monitor:
+    """Live grids, FID and tracking of one run; every process calls it, rank 0 writes."""
+
+    def __init__(self, run, progress_step, resumed):
+        self.run, args = run, run.args
+        self.sampler = monitor_sampler(run.objective.config(), args.sample_steps, run.model.in_channels,
+                                       clips_denoised(run.vae))
+        self.shape_args = argparse.Namespace(image_size=args.image_size)
+        self.extractor, self.ref_stats = None, None
+        self.tracker = Tracker(run.run_dir, tensorboard=args.tensorboard, wandb=args.wandb,
+                               wandb_project=args.wandb_project, wandb_entity=args.wandb_entity,
+                               config={k: v for k, v in vars(args).items() if k != "explicit"},
+                               resume_step=progress_step if resumed else None,
+                               enabled=run.is_main and (args.tensorboard or args.wandb))
+
+    def _images(self, noise, labels):
+        """uint8 (N, H, W, 3) images of the EMA for `noise`'s rows."""
+        run = self.run
+        model_fn = make_model_fn(run.ema, self.run.args.sample_cfg_scale)
+        return to_uint8_rgb(generate(run.ema, run.vae, self.sampler, model_fn, noise, labels, self.shape_args,
+                                     run.device))
+
+    @torch.no_grad()
+    def grid(self, step):
+        """Rank 0: <run>/samples/<step:07d>.png, the same noise and classes every time; returns the grid."""
+        args, run = self.run.args, self.run
+        noise = IndexNoise(derive_seed(args.global_seed, GRID_SEED_TAG), range(args.sample_count))
+        labels = torch.arange(args.sample_count) % args.num_classes
+        images = torch.from_numpy(self._images(noise, labels)).permute(0, 3, 1, 2)
+        grid = make_grid(images, nrow=int(np.ceil(np.sqrt(args.sample_count))), padding=2).permute(1, 2, 0).numpy()
+        path = os.path.join(run.run_dir, "samples", f"{step:07d}.png")
+        from PIL import Image
+        atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"), overwrite=True)
+        run.log.info(f"Saved EMA samples to {path}")
+        self.tracker.log_image(step, "samples", grid)
+        return grid
+
+    @torch.no_grad()
+    def fid_images(self):
+        """This process's FID samples: (indices, uint8 images); image i from seed (global seed, i)."""
+        args, run = self.run.args, self.run
+        seed = derive_seed(args.global_seed, FID_SEED_TAG)
+        b, out_indices, out_images = args.fid_batch_size, [], []
+        for start in range(run.rank * b, args.fid_samples, run.world_size * b):
+            indices = list(range(start, min(start + b, args.fid_samples)))
+            noise = IndexNoise(seed, indices, pad_to=b)
+            images = self._images(noise, draw_labels(noise, args.num_classes))[:len(indices)]
+            out_indices += indices
+            out_images.append(images)
+        return out_indices, (np.concatenate(out_images) if out_images else None)
+
+    @torch.no_grad()
+    def fid(self, step):
+        """FID of --fid-samples EMA samples against --fid-ref (every process samples; rank 0 scores)."""
+        run = self.run
+        if self.extractor is None:
+            self.extractor = load_extractor(run.args.inception_weights, run.device)
+        indices, images = self.fid_images()
+        pool = self.extractor(images)["pool"] if images is not None else None
+        gathered = gather_objects((indices, pool))
+        if not run.is_main:
+            return None
+        order = np.argsort(np.concatenate([i for i, p in gathered if p is not None]))
+        features = np.concatenate([p for _, p in gathered if p is not None])[order]
+        value = fid_against(features, self.reference_stats())
+        run.log.info(f"(step={step:07d}) FID-{run.args.fid_samples}: {value:.4f}")
+        self.tracker.log_scalars(step, {"fid": value})
+        return value
+
+    def reference_stats(self):
+        """(mu, sigma) of --fid-ref: its precomputed statistics, else those of its images (once)."""
+        if self.ref_stats is None:
+            saved = read_npz_statistics(self.run.args.fid_ref, "reference batch")
+            if saved is not None:
+                self.ref_stats = saved[0]
+            else:
+                with np.load(self.run.args.fid_ref) as ref:
+                    images = ref["arr_0"]
+                pools = [self.extractor(images[i:i + 64])["pool"] for i in range(0, len(images), 64)]
+                self.ref_stats = compute_statistics(np.concatenate(pools))
+        return self.ref_stats
+
+    def after_step(self, step, scalars=None):
+        """Called by every process after each optimizer step: scalars (rank 0), grids, FID."""
+        args = self.run.args
+        if scalars:
+            self.tracker.log_scalars(step, scalars)
+        if args.sample_every and step % args.sample_every == 0 and self.run.is_main:
+            self.grid(step)
+        if args.fid_every and step % args.fid_every == 0:
+            self.fid(step)
+
+    def close(self):
+        self.tracker.close()
+
+
+def fid_against(features, ref_stats):
+    """Fréchet distance of pool features to reference (mu, sigma), as evaluate.py computes it."""
+    mu, sigma = compute_statistics(features)
+    return float(frechet_distance(mu, sigma, *ref_stats))
