@@ -209,6 +209,11 @@ def main(args):
                        f"downsampling factor {factor}: choose a multiple of {factor}")
 
     info = setup_distributed()
+    if args.global_batch_size is not None:   # fast-DiT's flag: the global batch over the processes
+        if args.global_batch_size < info.world_size or args.global_batch_size % info.world_size:
+            raise JobError(f"--global-batch-size {args.global_batch_size} is not a multiple of the "
+                           f"{info.world_size} processes: use a multiple of {info.world_size}")
+        args.batch_size = args.global_batch_size // info.world_size
     vae = vae.to(info.device)
     side = args.image_size // factor
     latent_shape = (latent_channels(vae), side, side)
@@ -325,8 +330,8 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--data-path", type=str, required=True,
                         help="class-folder dataset (root/<class>/<image>), e.g. ImageNet's train")
-    parser.add_argument("--features-path", type=str, required=True,
-                        help="output root; latents go to <root>/imagenet<size>_features")
+    parser.add_argument("--features-path", type=str, default="features",
+                        help="output root; latents go to <root>/imagenet<size>_features (default: features)")
     parser.add_argument("--image-size", type=int, default=256, help="center-crop side in pixels")
     parser.add_argument("--vae", type=str, default="ema",
                         help="ema | mse (sd-vae-ft-*, from the hub) | a local AutoencoderKL folder")
@@ -346,6 +351,11 @@ def build_parser():
                              "indices) instead of refusing it")
     parser.add_argument("--prefix", type=str, default=None,
                         help="folder prefix (default: imagenet<image-size>, the official name)")
+    fast_dit = parser.add_argument_group("fast-DiT's flags (accepted so its commands run)")
+    fast_dit.add_argument("--global-batch-size", type=int, default=None,
+                          help="images per step over all processes (sets --batch-size to it / processes)")
+    for flag in ("--model", "--num-classes", "--results-dir", "--epochs", "--log-every", "--ckpt-every"):
+        fast_dit.add_argument(flag, type=str, default=None, help="unused here (extraction needs no model)")
     return parser
 
 

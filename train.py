@@ -14,6 +14,7 @@ process at once and names the last good checkpoint. train_accelerate.py runs thi
 through Hugging Face accelerate.
 """
 import math
+import os
 import sys
 from contextlib import nullcontext
 
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from helpers import training
+from helpers import train_flags, training
 from helpers.cli import EXIT_RUN_FAILED, JobError, run_main
 from helpers.distributed import cleanup_distributed, is_distributed, setup_distributed
 from helpers.fastpath import ema_update
@@ -43,6 +44,11 @@ class DDPEngine:
 
     def __init__(self):
         self.dist = setup_distributed()   # device from LOCAL_RANK, data and seeds from the global rank
+        asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if asked != "no" and self.dist.is_main:   # `accelerate launch --mixed_precision fp16 train.py`
+            print(f"warning: accelerate launch asked for --mixed_precision {asked}, which train.py does not use: "
+                  f"run train_accelerate.py for accelerate's mixed precision (or train.py --precision bf16)",
+                  file=sys.stderr, flush=True)
 
     def prepare(self, model, opt):
         """DDP over the processes (`python train.py` is one process: no process group, no DDP)."""
@@ -103,7 +109,7 @@ def train_loop(args, engine, log, run, progress, monitor):
 
     # Model and optimizer as the launcher runs them (DDP or accelerate), the forward as the objective
     # calls it (compile, autocast, channels_last); run.model stays the plain module the EMA follows.
-    model, opt = engine.prepare(run.model, run.opt)
+    model, opt = engine.prepare(run.net, run.opt)
     log.info(engine.describe())
     forward = engine.forward(model, run)
     training.log_fast_path(run, compiled=args.compile or hasattr(model, "_orig_mod"),
@@ -134,7 +140,8 @@ def train_loop(args, engine, log, run, progress, monitor):
                disable=not (run.is_main and not args.no_progress and sys.stdout.isatty()))
     log.set_progress(None if bar.disable else bar)
     meter = ThroughputMeter(device)
-    stats = torch.zeros(2, device=device)
+    terms = run.objective.log_terms   # loss terms logged beside the loss (REPA: denoise, proj)
+    stats = torch.zeros(2 + len(terms), device=device)
     local_batch = args.global_batch_size // world_size
 
     while progress.step < target:
@@ -142,14 +149,16 @@ def train_loop(args, engine, log, run, progress, monitor):
             # One training step: the objective's loss on each of the --grad-accum-steps micro-batches
             # (gradients synced on the last), backward, clip, AdamW, EMA.
             opt.zero_grad(set_to_none=True)
-            loss, seen = 0.0, 0
+            loss, seen, term_values = 0.0, 0, [0.0] * len(terms)
             for k, batch in enumerate(micro_batches):
-                x, model_kwargs, draws = prepare_batch(run, batch, progress.step)
+                x, model_kwargs, draws, images = prepare_batch(run, batch, progress.step)
                 with engine.no_sync(model, sync=k + 1 == len(micro_batches)):
-                    micro_loss = run.objective.training_losses(forward, x, model_kwargs, draws)["loss"].mean()
-                    micro_loss = micro_loss * (x.shape[0] / local_batch)   # its share of the local batch
+                    losses = run.objective.training_losses(forward, x, model_kwargs, draws, images=images)
+                    share = x.shape[0] / local_batch   # this micro-batch's share of the local batch
+                    micro_loss = losses["loss"].mean() * share
                     engine.backward(micro_loss)
                 loss, seen = loss + micro_loss.detach(), seen + x.shape[0]
+                term_values = [v + losses[name].detach().mean() * share for v, name in zip(term_values, terms)]
             grad_norm = None
             if args.max_grad_norm or (monitor.tracker.enabled and (progress.step + 1) % args.log_every == 0):
                 grad_norm = engine.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
@@ -162,9 +171,11 @@ def train_loop(args, engine, log, run, progress, monitor):
             # sync per step, on purpose: every process must see a NaN at the same step and stop
             # together (one stopping alone would leave the others hanging in DDP's next all_reduce).
             stats[0], stats[1] = loss.float(), local_batch - seen
+            for i, value in enumerate(term_values):
+                stats[2 + i] = value
             if is_distributed():
                 dist.all_reduce(stats)
-            loss_sum, skipped = stats.tolist()
+            loss_sum, skipped, *term_sums = stats.tolist()
             loss_value = loss_sum / world_size
             if not math.isfinite(loss_value):
                 last = (f"last good checkpoint: {checkpoint_path(run.run_dir, progress.last_saved)}"
@@ -173,6 +184,8 @@ def train_loop(args, engine, log, run, progress, monitor):
                                f"--resume, e.g. with a lower --lr or a --max-grad-norm)", code=EXIT_RUN_FAILED)
             progress.loss_sum += loss_value
             progress.loss_steps += 1
+            for name, value in zip(terms, term_sums):
+                progress.term_sums[name] = progress.term_sums.get(name, 0.0) + value / world_size
             progress.skipped += int(skipped)
             meter.update(1, args.global_batch_size - int(skipped))
             bar.update(1)
@@ -199,15 +212,17 @@ def train_loop(args, engine, log, run, progress, monitor):
 
 
 def prepare_batch(run, batch, step):
-    """(x, model_kwargs, draws) of one micro-batch on the device: images VAE-encoded as DiT's
-    train.py, and with --draws per-sample each sample's noise, time and label dropout drawn from
-    (seed, step, its index), so the update is the same for every process count and accumulation."""
+    """(x, model_kwargs, draws, images) of one micro-batch on the device: images VAE-encoded as
+    DiT's train.py (the clean images kept for REPA's encoder), and with --draws per-sample each
+    sample's noise, time and label dropout drawn from (seed, step, its index), so the update is the
+    same for every process count and accumulation."""
     if batch is None:
         raise JobError(f"every sample of a batch on process {run.rank} was unreadable (see the warnings above): "
                        f"remove the corrupt files")
-    x, y, indices = batch
+    x, y, indices, *extra = batch
     x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
-    if run.args.data_path and run.vae is not None:
+    images = extra[0].to(run.device, non_blocking=True) if extra else (x if not run.args.feature_path else None)
+    if run.args.data_path and not run.args.feature_path and run.vae is not None:
         x = encode(run.vae, x)   # images -> latents (x 0.18215)
     model_kwargs, draws = dict(y=y), None
     if run.args.draws == "per-sample":
@@ -215,7 +230,7 @@ def prepare_batch(run, batch, step):
                                        run.model.class_dropout_prob)
         if drop is not None:
             model_kwargs["force_drop_ids"] = drop
-    return x, model_kwargs, draws
+    return x, model_kwargs, draws, images
 
 
 def log_window(run, progress, meter, opt, grad_norm):
@@ -223,16 +238,19 @@ def log_window(run, progress, meter, opt, grad_norm):
     returns the scalars a tracker logs."""
     avg_loss = progress.loss_sum / progress.loss_steps
     steps_per_sec, images_per_sec = meter.rates()
-    line = (f"(step={progress.step:07d}) Train Loss: {avg_loss:.4f}, Train Steps/Sec: {steps_per_sec:.2f}, "
-            f"Images/Sec: {images_per_sec:.1f}")
+    terms = {name: total / progress.loss_steps for name, total in progress.term_sums.items()}
+    line = (f"(step={progress.step:07d}) Train Loss: {avg_loss:.4f}"
+            + "".join(f", {name.capitalize()} Loss: {value:.4f}" for name, value in terms.items())
+            + f", Train Steps/Sec: {steps_per_sec:.2f}, Images/Sec: {images_per_sec:.1f}")
     if progress.skipped:
         line += f", Skipped Corrupt Images: {progress.skipped}"
     run.log.info(line)
     if run.loss_file is not None:
         run.loss_file.append(progress.step, avg_loss, steps_per_sec, images_per_sec, progress.epoch)
-    progress.loss_sum, progress.loss_steps = 0.0, 0
+    progress.loss_sum, progress.loss_steps, progress.term_sums = 0.0, 0, {}
     meter.reset()
-    scalars = {"loss": avg_loss, "lr": opt.param_groups[0]["lr"], "steps_per_sec": steps_per_sec,
+    scalars = {"loss": avg_loss, **{f"loss_{name}": v for name, v in terms.items()},
+               "lr": opt.param_groups[0]["lr"], "steps_per_sec": steps_per_sec,
                "images_per_sec": images_per_sec, "peak_memory_gb": peak_memory_gb(run.device)}
     if grad_norm is not None:
         scalars["grad_norm"] = float(grad_norm)
@@ -248,7 +266,7 @@ def peak_memory_gb(device):
 
 
 def parse_args(argv=None, description="Train DiC/DiT with PyTorch DDP."):
-    return training.parse_args(training.build_parser(description), argv)
+    return train_flags.parse_args(train_flags.build_parser(description), argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from helpers.seeds import derive_seed, isolated_rng
 
 class SeededSamples(Dataset):
     """Wraps a dataset so item i of epoch e draws its augmentation from a seed of (seed, e, i),
-    and returns `(x, y, i)` (None for a corrupt image)."""
+    and returns `(x, y, i)` (then any extra of the item, e.g. REPA's image; None for a corrupt one)."""
 
     def __init__(self, dataset, seed):
         self.dataset = dataset
@@ -33,8 +33,7 @@ class SeededSamples(Dataset):
             item = self.dataset[index]
         if item is None:
             return None
-        x, y = item
-        return x, y, index
+        return (item[0], item[1], index, *item[2:])   # (x, y, index[, image for REPA])
 
 
 class ResumableDistributedSampler(DistributedSampler):

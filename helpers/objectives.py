@@ -25,6 +25,8 @@ LOSS_WEIGHTS = ("velocity", "likelihood")
 
 
 class DDPM:
+    log_terms = ()   # loss terms the trainers log beside the loss (REPA: denoise, proj)
+
     """DiT's objective: a timestep drawn uniformly per sample, then the 1000-step linear-schedule
     diffusion's loss (MSE on epsilon, plus the VLB term when the model learns sigma)."""
 
@@ -37,8 +39,9 @@ class DDPM:
         self.diffusion = create_diffusion(timestep_respacing="", noise_schedule=noise_schedule,
                                           learn_sigma=self.learn_sigma, diffusion_steps=self.diffusion_steps)
 
-    def training_losses(self, model, x, model_kwargs=None, draws=None):
-        """DiT's training_losses with t ~ U{0..T-1} drawn first (on x's device), then the noise."""
+    def training_losses(self, model, x, model_kwargs=None, draws=None, images=None):
+        """DiT's training_losses with t ~ U{0..T-1} drawn first (on x's device), then the noise.
+        (`images`, the batch's clean images, are for terms that need them: REPA's.)"""
         draws = draws or {}
         t = draws.get("t")
         if t is None:
@@ -55,6 +58,8 @@ class DDPM:
 
 
 class SiT:
+    log_terms = ()
+
     """SiT's flow matching (transport/): x_t = alpha_t x1 + sigma_t x0 with t ~ U[t0, t1] (t = 0
     noise, t = 1 data), the model called with continuous t and regressing the path's velocity
     (or noise, or score). A model with a learned-sigma head has its extra channels dropped, as
@@ -73,7 +78,7 @@ class SiT:
         self.learn_sigma = bool(learn_sigma)
         self.transport = create_transport(**self.settings)
 
-    def training_losses(self, model, x, model_kwargs=None, draws=None):
+    def training_losses(self, model, x, model_kwargs=None, draws=None, images=None):
         """SiT's training_losses (x0 = randn_like(x1) first, then t) unless `draws` fixes them."""
         draws = draws or {}
         return self.transport.training_losses(first_channels(model, x.shape[1]), x, model_kwargs or {},
@@ -112,6 +117,7 @@ def create_objective(config):
     """The objective a checkpoint's "objective" dict (or a trainer's flags) describes."""
     config = dict(config or {"name": "ddpm"})
     name = config.pop("name", "ddpm")
+    config.pop("repa", None)   # REPA's training term: nothing a sampler or a rebuilt objective needs
     if name == "ddpm":
         return DDPM(**config)
     if name == "sit":
@@ -151,7 +157,7 @@ def add_objective_args(parser, sampling=False):
 def objective_from_args(args, base=None):
     """The objective config the flags ask for; flags left unset keep `base`'s values (a
     checkpoint's config) or the defaults."""
-    base = dict(base or {})
+    base = {k: v for k, v in (base or {}).items() if k != "repa"}
     name = args.objective or base.get("name", "ddpm")
     if name != base.get("name", name):
         base = {}   # another objective than the checkpoint's: its settings do not carry over

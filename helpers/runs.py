@@ -14,7 +14,7 @@ import argparse
 import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -40,6 +40,7 @@ class Progress:
     start_sample: int = 0          # samples of `epoch` to skip when its data starts (after a resume)
     loss_sum: float = 0.0          # losses of the current --log-every window
     loss_steps: int = 0
+    term_sums: dict = field(default_factory=dict)   # the objective's log_terms over the window
     skipped: int = 0               # corrupt images skipped so far
     last_saved: Optional[int] = None
 
@@ -214,11 +215,13 @@ def save_checkpoint(run, progress, steps_per_epoch, scaler=None):
             "global_batch_size": run.args.global_batch_size, "world_size": len(states),
             "rng": states,                                  # one per process, in rank order
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "loss_window": {"sum": progress.loss_sum, "steps": progress.loss_steps},
+            "loss_window": {"sum": progress.loss_sum, "steps": progress.loss_steps, "terms": dict(progress.term_sums)},
             "skipped_images": progress.skipped,
             "fast_path": run.fast_path,                     # which speed options wrote it (information)
             "format": CHECKPOINT_FORMAT,
         }
+        if run.net is not run.model:   # --repa: the projectors are training state (not sampled with)
+            checkpoint["projector"] = fastpath.contiguous_state_dict(run.net.projectors.state_dict())
         atomic_save(checkpoint, path)
         run.log.info(f"Saved checkpoint to {path}")
     progress.last_saved = progress.step
@@ -260,5 +263,6 @@ def resume_progress(checkpoint, global_batch_size, log):
     step = int(checkpoint["step"])
     return Progress(step=step, epoch=int(checkpoint["epoch"]), batch_in_epoch=samples_done // global_batch_size,
                     start_sample=samples_done, loss_sum=float(window.get("sum", 0.0)),
-                    loss_steps=int(window.get("steps", 0)), skipped=int(checkpoint.get("skipped_images", 0)),
+                    loss_steps=int(window.get("steps", 0)), term_sums=dict(window.get("terms", {})),
+                    skipped=int(checkpoint.get("skipped_images", 0)),
                     last_saved=step)

@@ -1,5 +1,5 @@
-"""Setting a training run up: the trainers' flags, their checks, and building the run (data, model,
-EMA, optimizer, objective, run folder, resumed position). The loop itself is in train.py.
+"""Setting a training run up: building the run (data, model, EMA, optimizer, objective, run folder,
+resumed position) once every input is checked (flags: helpers/train_flags.py; the loop: train.py).
 
 Nothing is written until every check has passed on every process: errors are one line (JobError),
 and a run that fails validation leaves no folder behind.
@@ -23,167 +23,14 @@ from helpers.files import check_writable, remove_stale_temps
 from helpers.latents import LatentFeatureDataset
 from helpers.locks import RunLock
 from helpers.log import LossFile
-from helpers.models import create_model, is_dit, model_names, parse_args_with_overrides
-from helpers.monitor import add_monitor_args, check_monitor_args
-from helpers.objectives import add_objective_args, create_objective, objective_from_args
+from helpers.models import create_model, is_dit
+from helpers.repa_training import LatentsWithImages, build_repa
+from helpers.train_flags import inherit_args, resolve_args, warn_changed_settings
+from helpers.objectives import create_objective, objective_from_args
 from helpers.runs import (Progress, check_no_later_checkpoints, create_run_dir, find_resume_checkpoint,
                           load_resume_checkpoint, resume_progress, run_dir_of, saved_args)
 from helpers.seeds import seed_everything
 from helpers.vae import downsample_factor_of_spec, latent_channels, load_vae
-
-
-#################################################################################
-#                                   Arguments                                   #
-#################################################################################
-
-def build_parser(description):
-    """The command line of both trainers (DiT/DiC-compatible names and defaults)."""
-    p = argparse.ArgumentParser(description=description,
-                                epilog="Model constructor overrides: --network_g__<keyword>=<value> "
-                                       "(e.g. --network_g__skip_stride=1), as in the official DiC script.")
-    data = p.add_argument_group("data (exactly one of --data-path, --feature-path, --dataset)")
-    data.add_argument("--data-path", type=str, default=None, help="class folders, VAE-encoded on the fly")
-    data.add_argument("--feature-path", type=str, default=None, help="precomputed latents (extract_features.py)")
-    data.add_argument("--dataset", type=str, default=None, choices=sorted(BUILTIN_DATASETS),
-                      help="a built-in pixel-space dataset (no download)")
-    data.add_argument("--image-size", type=int, default=None, help="pixels (default 256; 16 for --dataset)")
-    data.add_argument("--num-classes", type=int, default=None, help="default 1000 (the dataset's for --dataset)")
-    data.add_argument("--vae", type=str, default=None,
-                      help="ema | mse | a local AutoencoderKL folder | none (default ema; none for --dataset)")
-    data.add_argument("--num-workers", type=int, default=None, help="DataLoader workers per process (default 4)")
-    data.add_argument("--skip-nonfinite", action="store_true", help="skip and count latents holding NaN/inf")
-    data.add_argument("--allow-empty-classes", action="store_true",
-                      help="let empty class folders keep their label index (as torchvision's ImageFolder)")
-
-    model = p.add_argument_group("model and optimisation")
-    model.add_argument("--model", type=str, default="DiC-XL", help=f"one of {', '.join(model_names())}")
-    model.add_argument("--global-batch-size", type=int, default=256, help="processes x micro-batch x accumulation")
-    model.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step")
-    model.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
-    model.add_argument("--draws", type=str, default="per-sample", choices=["per-sample", "global"],
-                       help="per-sample: noise/time/label dropout from (seed, step, index), the same on any layout; "
-                            "global: DiT's draws from each process's RNG")
-    model.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (weight decay 0)")
-    model.add_argument("--precision", type=str, default="tf32", choices=list(fastpath.PRECISIONS),
-                       help="tf32 (official), fp32 (strict) or bf16 (autocast)")
-    model.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient norm (default off)")
-    model.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per step")
-    model.add_argument("--ema-warmup", action="store_true",
-                       help="EMA decay min(--ema-decay, (1 + step) / (10 + step)): short runs average less early")
-    model.add_argument("--global-seed", type=int, default=0)
-    add_objective_args(p)
-
-    fast = p.add_argument_group("fast path (bench/README.md has the timings)")
-    fast.add_argument("--fused-adamw", type=str, default="auto", choices=["auto", "on", "off"],
-                      help="AdamW kernel: fused where available (auto), or not")
-    fast.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
-                      help="NHWC weights and activations (default off)")
-    fast.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                      help="torch.compile the training forward (default off)")
-
-    run = p.add_argument_group("run length, checkpoints and logging")
-    run.add_argument("--results-dir", type=str, default="results")
-    run.add_argument("--epochs", type=int, default=1400)
-    run.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
-    run.add_argument("--log-every", type=int, default=100)
-    run.add_argument("--ckpt-every", type=int, default=50_000)
-    run.add_argument("--ckpt", type=str, default=None, help="start a new run from these weights")
-    run.add_argument("--resume", type=str, default=None,
-                     help="continue a run exactly: a checkpoint, a run folder, or auto")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_monitor_args(p)
-    return p
-
-
-_UNSET = object()
-
-
-def parse_args(parser, argv=None):
-    """Parse known flags plus `--network_g__key=value` overrides; remember which flags were given."""
-    args, overrides = parse_args_with_overrides(parser, argv)
-    args.model_overrides = overrides
-    probe = argparse.Namespace(**{a.dest: _UNSET for a in parser._actions if a.dest != "help"})
-    probe, _ = parser.parse_known_args(argv, namespace=probe)
-    args.explicit = sorted(k for k, v in vars(probe).items() if v is not _UNSET)
-    if args.model_overrides:
-        args.explicit.append("model_overrides")
-    return args
-
-
-def resolve_args(args, world_size):
-    """Fill dataset-dependent defaults and check every flag on its own (no file is touched)."""
-    sources = [name for name, value in (("--data-path", args.data_path), ("--feature-path", args.feature_path),
-                                        ("--dataset", args.dataset)) if value]
-    if len(sources) != 1:
-        raise JobError(f"pass exactly one data source, got {', '.join(sources) or 'none'}: --data-path "
-                       f"<class folders>, --feature-path <latents> or --dataset {'|'.join(sorted(BUILTIN_DATASETS))}")
-    if args.dataset:
-        channels, _, classes = BUILTIN_DATASETS[args.dataset]
-        args.vae = "none" if args.vae is None else args.vae
-        if str(args.vae).lower() != "none":
-            raise JobError(f"--dataset {args.dataset} is {channels}-channel pixel data: drop --vae {args.vae} "
-                           f"(built-in datasets train in pixel space)")
-        args.image_size = 16 if args.image_size is None else args.image_size
-        args.num_classes = classes if args.num_classes is None else args.num_classes
-        args.num_workers = 0 if args.num_workers is None else args.num_workers  # data is in memory
-    args.num_workers = 4 if args.num_workers is None else args.num_workers
-    args.vae = "ema" if args.vae is None else ("none" if str(args.vae).lower() == "none" else args.vae)
-    args.image_size = 256 if args.image_size is None else args.image_size
-    args.num_classes = 1000 if args.num_classes is None else args.num_classes
-    if args.model not in model_names():
-        raise JobError(f"unknown model {args.model!r}: choose one of {', '.join(model_names())}")
-    for flag, value, low in (("--image-size", args.image_size, 1), ("--num-classes", args.num_classes, 1),
-                             ("--global-batch-size", args.global_batch_size, 1), ("--epochs", args.epochs, 1),
-                             ("--log-every", args.log_every, 1), ("--ckpt-every", args.ckpt_every, 1),
-                             ("--num-workers", args.num_workers, 0), ("--max-steps", args.max_steps, 1),
-                             ("--global-seed", args.global_seed, 0), ("--grad-accum-steps", args.grad_accum_steps, 1)):
-        if value is not None and value < low:
-            raise JobError(f"{flag} must be >= {low}, got {value}")
-    if not args.lr > 0:
-        raise JobError(f"--lr must be positive, got {args.lr}")
-    if not 0 <= args.ema_decay < 1:
-        raise JobError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
-    if args.max_grad_norm is not None and not args.max_grad_norm > 0:
-        raise JobError(f"--max-grad-norm must be positive, got {args.max_grad_norm}")
-    if args.global_batch_size % world_size:
-        raise JobError(f"--global-batch-size {args.global_batch_size} is not divisible by the {world_size} "
-                       f"processes: use a multiple of {world_size}")
-    if args.global_batch_size % (world_size * args.grad_accum_steps):
-        raise JobError(f"--global-batch-size {args.global_batch_size} is not divisible by {world_size} processes x "
-                       f"--grad-accum-steps {args.grad_accum_steps}: use a multiple of "
-                       f"{world_size * args.grad_accum_steps}")
-    check_monitor_args(args)
-    if args.resume and args.ckpt:
-        raise JobError("--resume and --ckpt do not mix: --resume continues a run (weights, optimizer, data "
-                       "position), --ckpt starts a new run from weights")
-    return args
-
-
-# Flags a resumed run does not take from its checkpoint.
-_NOT_INHERITED = {"resume", "ckpt", "explicit", "no_progress", "mixed_precision"}
-# Flags that change the training itself: changed on resume, the run goes on, but not as it would have.
-_EXACTNESS = ("data_path", "feature_path", "dataset", "image_size", "vae", "global_batch_size", "global_seed", "draws",
-              "lr", "precision", "mixed_precision", "max_grad_norm", "model_overrides", "fused_adamw",
-              "channels_last", "compile", "objective")
-
-
-def inherit_args(args, saved):
-    """Options not given on the command line come from the resumed run's saved args."""
-    if saved and "draws" not in saved and "draws" not in args.explicit:
-        args.draws = "global"   # runs from before per-sample draws continue as they started
-    for key, value in saved.items():
-        if key in vars(args) and key not in args.explicit and key not in _NOT_INHERITED:
-            if key == "channels_last" and isinstance(value, str):   # format 1 saved auto|on|off
-                value = value == "on"
-            setattr(args, key, value)
-    return args
-
-
-def warn_changed_settings(args, saved, log):
-    for key in _EXACTNESS:
-        if key in saved and saved[key] != getattr(args, key, None):
-            log.warning(f"resuming with {key}={getattr(args, key, None)!r} where the run used {saved[key]!r}: "
-                        f"training goes on, but not as the uninterrupted run would have")
 
 
 #################################################################################
@@ -200,6 +47,7 @@ class Run:
     log: Any                      # helpers.log.RunLogger
     run_dir: str
     model: torch.nn.Module        # the plain module: the EMA follows it, checkpoints save it
+    net: torch.nn.Module          # what trains: the model, or with --repa the model and its projectors
     ema: torch.nn.Module
     opt: torch.optim.Optimizer
     objective: Any                # helpers.objectives: training_losses(model, x, model_kwargs)
@@ -228,6 +76,10 @@ def build_dataset(args, vae_factor):
                            f"with --vae {args.vae} (factor {vae_factor}) needs {c}x{side}x{side}: pass "
                            f"--image-size {h * vae_factor} (or the --vae the latents were made with)")
         dataset.check_labels(args.num_classes)   # every label: an integer in [0, --num-classes)
+        if args.repa:   # each latent with the image it came from, for the encoder
+            images = ImageFolderDataset(args.data_path, args.image_size, random_flip=False, channels=3,
+                                        allow_empty_classes=args.allow_empty_classes)
+            dataset = LatentsWithImages(dataset, images)
         return dataset, c, side
     if args.image_size % vae_factor:
         raise JobError(f"--image-size {args.image_size} is not divisible by the VAE's factor {vae_factor}: "
@@ -291,18 +143,22 @@ def build(args, device, world_size, rank, resume_path):
         raise JobError(f"the dataset has {len(dataset)} samples, fewer than --global-batch-size "
                        f"{args.global_batch_size}: lower it or add data")
     decodes = args.sample_every or args.fid_every   # live samples and FID decode latents
-    vae = load_vae(args.vae, device) if (args.data_path or decodes) and args.vae != "none" else None
+    encodes = args.data_path and not args.feature_path
+    vae = load_vae(args.vae, device) if (encodes or decodes) and args.vae != "none" else None
     args.in_channels = latent_channels(vae) if vae is not None else channels
     objective = create_objective(objective_from_args(args))
     model_kwargs = dict(input_size=side, in_channels=args.in_channels, num_classes=args.num_classes,
                         learn_sigma=objective.learn_sigma, **args.model_overrides)
     model = build_model(args, model_kwargs, vae_factor).to(device)
     model.set_grad_checkpointing(args.grad_checkpointing)
+    net = model
+    if args.repa:   # the projectors train with the model; the encoders stay frozen
+        net, objective = build_repa(args, model, objective, device)
     if args.channels_last:
-        fastpath.to_channels_last(model)   # before the optimizer: its buffers follow the layout
+        fastpath.to_channels_last(net)   # before the optimizer: its buffers follow the layout
     ema = deepcopy(model).requires_grad_(False)   # EMA in fp32, never trained
     try:   # DiT's AdamW (lr 1e-4, no weight decay, torch's betas/eps), fastest kernel available
-        opt = fastpath.make_adamw(model.parameters(), lr=args.lr, weight_decay=0,
+        opt = fastpath.make_adamw(net.parameters(), lr=args.lr, weight_decay=0,
                                   fused=fastpath.fused_choice(args.fused_adamw))
     except ValueError as e:
         raise JobError(f"--fused-adamw {args.fused_adamw}: {one_line(e)}; use --fused-adamw auto or off") from e
@@ -311,12 +167,17 @@ def build(args, device, world_size, rank, resume_path):
     if checkpoint is not None:
         load_model_weights(model, checkpoint["model"], args.model)
         load_model_weights(ema, checkpoint["ema"], args.model)
+        if args.repa:
+            if "projector" not in checkpoint:
+                raise JobError(f"{resume_path} was trained without --repa: it has no projector to resume; start a "
+                               f"REPA run from its weights with --ckpt {resume_path}")
+            net.projectors.load_state_dict(checkpoint["projector"])
         try:   # keeps this run's AdamW kernel (torch would take the checkpoint's fused/foreach flags)
             fastpath.load_optimizer_state(opt, checkpoint["opt"])
         except (ValueError, KeyError) as e:
             raise JobError(f"the optimizer state in {resume_path} does not fit {args.model}: {one_line(e)}") from e
         check_no_later_checkpoints(resume_path, int(checkpoint["step"]))
-    return dict(checkpoint=checkpoint, vae=vae, dataset=dataset, model=model, ema=ema, opt=opt,
+    return dict(checkpoint=checkpoint, vae=vae, dataset=dataset, model=model, net=net, ema=ema, opt=opt,
                 objective=objective, model_kwargs=model_kwargs)
 
 
@@ -348,7 +209,8 @@ def setup_run(args, dist_info, log):
     data = EpochBatches(built["dataset"], rank, world_size, args.global_batch_size, args.global_seed,
                         args.num_workers, pin_memory=device.type == "cuda", accum_steps=args.grad_accum_steps)
     run = Run(args=args, device=device, rank=rank, world_size=world_size, log=log, run_dir=run_dir,
-              model=built["model"], ema=built["ema"], opt=built["opt"], objective=built["objective"],
+              model=built["model"], net=built["net"], ema=built["ema"], opt=built["opt"],
+              objective=built["objective"],
               vae=built["vae"], data=data, model_kwargs=built["model_kwargs"], lock=(locks or [None])[-1],
               loss_file=LossFile(os.path.join(run_dir, "losses.csv")) if dist_info.is_main else None)
     describe(run, resumed=checkpoint is not None)
@@ -428,6 +290,9 @@ def describe(run, resumed):
              f"EMA decay {args.ema_decay}{f'; grad clip {args.max_grad_norm}' if args.max_grad_norm else ''}")
     if args.ckpt:
         log.info(f"Initialised model and EMA weights from {args.ckpt}")
+    if args.model_domain:
+        log.warning(f"--model-domain {args.model_domain} is the official script's flag and unused here: "
+                    f"the model is --model {args.model}")
 
 
 #################################################################################

@@ -14,7 +14,7 @@ import torch
 
 from conftest import REPO_ROOT, subprocess_env
 from test_sample import make_checkpoint
-from test_train import TINY, call_main, latent_args, latents, only_run, run_script  # noqa: F401
+from test_train import call_main, latent_args, latents, only_run, run_script  # noqa: F401
 
 import export
 import sample

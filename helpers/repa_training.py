@@ -1,0 +1,174 @@
+"""REPA in the trainers: the projector beside the model, and the alignment term added to any
+objective through the same training_losses interface (helpers/repa.py holds the encoders, the
+projector and the loss itself).
+
+    --repa --enc-type dinov2-vit-b --enc-weights dinov2_vitb14_pretrain.pth --proj-coeff 0.5
+    loss = denoising loss (DDPM's or SiT's) + proj_coeff * mean over tokens and encoders of -cos
+
+DiT aligns its tokens after block --encoder-depth; DiC aligns a stage's feature map (--repa-stage):
+by default the stage whose grid equals the encoder's token grid, else the middle stage resized to
+that grid after the projector (U-REPA). The projectors train with the model (optimizer, DDP,
+checkpoints under "projector", exact resume); sampling and export.py leave them out. The encoders
+are frozen, in eval mode, get no gradient, run in bf16 on a GPU and are never saved.
+"""
+import torch
+import torch.nn as nn
+
+from helpers.cli import JobError
+from helpers.repa import ENCODERS, Projector, encoder_tokens, load_encoder, preprocess, projection_loss
+
+
+def add_repa_args(parser):
+    g = parser.add_argument_group("REPA (representation alignment; off by default)")
+    g.add_argument("--repa", action="store_true", help="add REPA's projection loss to the objective")
+    g.add_argument("--proj-coeff", type=float, default=0.5, help="weight of the projection loss")
+    g.add_argument("--enc-type", type=str, default="dinov2-vit-b", help=f"encoders, comma-separated: {', '.join(ENCODERS)}")
+    g.add_argument("--enc-weights", type=str, default=None,
+                   help="local weights of each encoder, comma-separated (default: download through timm)")
+    g.add_argument("--projector-embed-dims", type=str, default=None,
+                   help="projector output dims, comma-separated (default: each encoder's token width)")
+    g.add_argument("--encoder-depth", type=int, default=8, help="DiT: align the tokens after this block")
+    g.add_argument("--repa-stage", type=str, default="auto",
+                   help="DiC: the aligned stage (enc0, enc1, mid, dec1, dec0; auto: the encoder's grid, else mid)")
+    return g
+
+
+class RepaNet(nn.Module):
+    """The model and its projectors as one module (what DDP wraps and the optimizer trains): the
+    forward returns the model's output and keeps the projected features for the loss."""
+
+    def __init__(self, model, tap, projectors):
+        super().__init__()
+        self.model, self.tap, self.projectors = model, tap, nn.ModuleList(projectors)
+        self.projected = None
+
+    def forward(self, x, t, y, **kwargs):
+        out, features = self.model(x, t, y, return_features=(self.tap,), **kwargs)
+        self.projected = [projector(features[self.tap]) for projector in self.projectors]
+        return out
+
+
+class RepaObjective:
+    """A base objective (DDPM, SiT) plus proj_coeff x REPA's projection loss; the config a checkpoint
+    records is the base's (what samplers need) with the REPA settings beside it."""
+
+    log_terms = ("denoise", "proj")
+
+    def __init__(self, base, net, encoders, coeff, resolution, settings):
+        self.base, self.net, self.encoders, self.coeff = base, net, encoders, coeff
+        self.resolution, self.settings = resolution, settings
+        self.learn_sigma = base.learn_sigma
+
+    def times(self, u):
+        return self.base.times(u)
+
+    def training_losses(self, model, x, model_kwargs=None, draws=None, images=None):
+        """The base objective's losses through `model` (the wrapped RepaNet), plus the alignment of
+        the features that forward projected with the encoders' tokens of the clean `images`."""
+        if images is None:
+            raise JobError("REPA needs each sample's clean image: train with --data-path (and --feature-path "
+                           "for latents)")
+        losses = self.base.training_losses(model, x, model_kwargs, draws)
+        rgb = images if images.shape[1] == 3 else images.expand(-1, 3, -1, -1)   # grey -> RGB
+        pixels = preprocess(rgb, self.resolution)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=pixels.is_cuda):
+            targets = [encoder_tokens(encoder, pixels).float() for encoder in self.encoders]
+        _, proj = projection_loss(self.net.projected, targets)
+        return {**losses, "denoise": losses["loss"], "proj": proj, "loss": losses["loss"] + self.coeff * proj}
+
+    def config(self):
+        return {**self.base.config(), "repa": dict(self.settings)}
+
+
+def _split(text):
+    return [part.strip() for part in str(text).split(",") if part.strip()] if text else []
+
+
+def check_repa_args(args):
+    """Errors before work: encoder names, weights count, coefficient, and images to align with."""
+    if not args.repa:
+        return
+    names = _split(args.enc_type)
+    unknown = [n for n in names if n not in ENCODERS]
+    if not names or unknown:
+        raise JobError(f"--enc-type {args.enc_type}: unknown encoder {unknown[0] if unknown else '(none)'}; use "
+                       f"one or more of {', '.join(ENCODERS)}")
+    weights = _split(args.enc_weights)
+    if weights and len(weights) != len(names):
+        raise JobError(f"--enc-weights names {len(weights)} files for {len(names)} encoders (--enc-type "
+                       f"{args.enc_type}): pass one per encoder, comma-separated")
+    if not args.proj_coeff >= 0:
+        raise JobError(f"--proj-coeff must be >= 0, got {args.proj_coeff}")
+    if args.feature_path and not args.data_path:
+        raise JobError("--repa with --feature-path needs --data-path too: the encoder sees each latent's own image "
+                       "(the class folders the latents were extracted from)")
+
+
+def build_repa(args, model, base_objective, device):
+    """(RepaNet, RepaObjective) for --repa: encoders loaded (frozen), one projector per encoder on the
+    chosen tap, sized for the encoder's token grid."""
+    names, weights = _split(args.enc_type), _split(args.enc_weights)
+    encoders = [load_encoder(name, weights[i] if weights else None, args.image_size, device)
+                for i, name in enumerate(names)]
+    grid = tuple(encoders[0].patch_embed.grid_size)
+    dims = [int(d) for d in _split(args.projector_embed_dims)] or [e.embed_dim for e in encoders]
+    if len(dims) != len(encoders) or any(d != e.embed_dim for d, e in zip(dims, encoders)):
+        raise JobError(f"--projector-embed-dims {args.projector_embed_dims} must be each encoder's token width "
+                       f"({', '.join(str(e.embed_dim) for e in encoders)}): the loss compares them")
+    tap, out_grid, conv = choose_tap(args, model, grid)
+    projectors = [Projector(model.feature_channels(tap), dim, conv=conv, out_grid=out_grid).to(device)
+                  for dim in dims]
+    net = RepaNet(model, tap, projectors)
+    settings = dict(enc_type=args.enc_type, proj_coeff=args.proj_coeff, tap=tap, token_grid=list(grid))
+    return net, RepaObjective(base_objective, net, encoders, args.proj_coeff, args.image_size, settings)
+
+
+def choose_tap(args, model, grid):
+    """(tap name, projector out_grid or None, conv projector?) for DiT (--encoder-depth) or DiC (--repa-stage)."""
+    names = model.feature_names()
+    if names[0].startswith("block"):   # DiT: tokens after block k
+        tap = f"block{args.encoder_depth}"
+        if tap not in names:
+            raise JobError(f"--encoder-depth {args.encoder_depth}: {args.model} has blocks 1..{len(names)}")
+        if tuple(model.feature_grid(tap)) != grid:
+            raise JobError(f"{args.model}'s {model.feature_grid(tap)} token grid differs from the encoder's {grid}: "
+                           f"REPA compares token by token (use --image-size 256 with 32x32 latents and /2 patches)")
+        return tap, None, False
+    if args.repa_stage == "auto":
+        matching = [n for n in names if tuple(model.feature_grid(n)) == grid]
+        tap = matching[0] if matching else "mid"
+    elif args.repa_stage in names:
+        tap = args.repa_stage
+    else:
+        raise JobError(f"--repa-stage {args.repa_stage}: choose auto or one of {', '.join(names)}")
+    return tap, (None if tuple(model.feature_grid(tap)) == grid else grid), True
+
+
+class LatentsWithImages(torch.utils.data.Dataset):
+    """--feature-path latents each with the image it was extracted from (--data-path): item i is
+    (latent, label, image). extract_features.py names a latent by its image's index in the class
+    folders (<index>.npy, <index>_flip.npy for the flipped image); a name that is no such index or
+    a label that differs from the folder's class is refused at start-up."""
+
+    def __init__(self, latents, images):
+        self.latents, self.images, self.rows = latents, images, []
+        labels = latents.labels
+        for row, name in enumerate(latents.names):
+            stem = name[:-len(".npy")] if name.endswith(".npy") else name
+            base, flip = (stem[:-len("_flip")], True) if stem.endswith("_flip") else (stem, False)
+            if not base.isdigit() or int(base) >= len(images):
+                raise JobError(f"latent {name} of {latents.root} names no image of {images.root} (it has "
+                               f"{len(images)}): pass the --data-path the latents were extracted from")
+            if int(labels[row]) != images.targets[int(base)]:
+                raise JobError(f"latent {name} has label {int(labels[row])} but image {int(base)} of {images.root} is "
+                               f"class {images.targets[int(base)]}: pass the --data-path the latents were extracted from")
+            self.rows.append((int(base), flip))
+
+    def __len__(self):
+        return len(self.latents)
+
+    def __getitem__(self, row):
+        item = self.latents[row]
+        index, flip = self.rows[row]
+        image = self.images.load(index, flip=flip) if item is not None else None
+        return None if item is None or image is None else (*item, image)
