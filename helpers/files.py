@@ -58,7 +58,8 @@ def fsync_folder(folder):
         os.close(fd)
 
 
-def _fsync_file(path):
+def fsync_path(path):
+    """Flush a file (or a folder's entries) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -119,7 +120,7 @@ def atomic_write(path, write, overwrite=False):
     try:
         write(tmp)
         os.chmod(tmp, plain_file_mode())
-        _fsync_file(tmp)
+        fsync_path(tmp)
         _publish(tmp, path, overwrite)
     except BaseException:
         _remove_quietly(tmp)

@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from helpers.cli import JobError
-from helpers.files import atomic_write_text, remove_stale_temps
+from helpers.files import atomic_write_text, fsync_path, remove_stale_temps
 from helpers.locks import LOCK_NAME, RunLock
 
 FEATURES_SUFFIX = "_features"
@@ -526,14 +526,6 @@ class PackedSetExistsError(JobError, FileExistsError):
         self.path = path
 
 
-def _fsync_path(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _lock_folder(folder):
     """An exclusive lock on the packed set being written, held until released (or the process
     dies); a second conversion gets a one-line JobError naming the holder."""
@@ -671,7 +663,7 @@ def pack_latents(feature_path, prefix=None, out_root=None, overwrite=False, work
                 "files": {"latents": PACKED_LATENTS, "labels": PACKED_LABELS,
                           "names": PACKED_NAMES}}
         for name in (PACKED_LATENTS, PACKED_LABELS):
-            _fsync_path(os.path.join(work, name))
+            fsync_path(os.path.join(work, name))
         atomic_write_text(os.path.join(work, PACKED_INFO), json.dumps(info, indent=1) + "\n",
                           overwrite=True)
         os.remove(progress_path)
@@ -689,7 +681,7 @@ def pack_latents(feature_path, prefix=None, out_root=None, overwrite=False, work
         else:
             os.rename(work, final)
         os.remove(os.path.join(final, LOCK_NAME))
-        _fsync_path(out_root)
+        fsync_path(out_root)
     finally:
         lock.release()
     return final

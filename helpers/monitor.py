@@ -4,8 +4,8 @@ reference batch (--fid-every) and TensorBoard / W&B curves (--tensorboard, --wan
 Grids use fixed noise and fixed classes (the same every time, so grids compare across steps, and a
 resumed run writes the same grid at step N as an uninterrupted one); FID samples are drawn over all
 processes with per-index seeds, as sample_ddp.py does, and scored with evaluate.py's code. Both use
-the run's own reverse process with --sample-steps: DDIM for DDPM runs, SiT's Euler ODE for flow
-matching.
+the run's own reverse process with --sample-steps: DPM-Solver++ for DDPM runs, SiT's Heun ODE for
+flow matching.
 """
 import argparse
 import os
@@ -31,7 +31,7 @@ def add_monitor_args(parser):
     """The trainers' flags for live samples, FID and tracking (all off by default)."""
     g = parser.add_argument_group("progress: live samples, FID, tracking")
     g.add_argument("--sample-every", type=int, default=None, help="write an EMA sample grid every N steps")
-    g.add_argument("--sample-steps", type=int, default=50, help="reverse-process steps of live samples and FID")
+    g.add_argument("--sample-steps", type=int, default=25, help="reverse-process steps of live samples and FID")
     g.add_argument("--sample-count", type=int, default=16, help="images in a live sample grid")
     g.add_argument("--sample-cfg-scale", type=float, default=1.0, help="guidance of live samples and FID")
     g.add_argument("--fid-every", type=int, default=None, help="compute FID every N steps")
@@ -65,9 +65,10 @@ def check_monitor_args(args):
 
 
 def monitor_sampler(objective_config, steps, in_channels, clip_denoised):
-    """The run's reverse process at `steps` steps: DDIM for DDPM, SiT's Euler ODE for flow matching."""
-    settings = argparse.Namespace(sampler="ddim", num_sampling_steps=steps, mode="ode", sampling_method="euler",
-                                  atol=1e-6, rtol=1e-3, reverse=False)
+    """The run's reverse process at `steps` steps: DPM-Solver++ for DDPM, SiT's Heun ODE (heun2) for
+    flow matching."""
+    settings = argparse.Namespace(sampler="dpm-solver", num_sampling_steps=steps, mode="ode",
+                                  sampling_method="heun2", atol=1e-6, rtol=1e-3, reverse=False)
     return ReverseProcess(settings, objective_config, in_channels, clip_denoised=clip_denoised)
 
 

@@ -202,3 +202,13 @@ def test_a_folder_from_before_the_seed_rule_is_refused_not_mixed(latent_ckpt, re
     settings_path.write_text(json.dumps(old_pixel_settings))
     with pytest.raises(JobError, match=r"other settings \(clip_denoised: False, now True\)"):
         sample_ddp.check_output(args, str(folder), str(tmp_path / "pixels.npz"), (N, 16, 16, 3))
+
+
+def test_dpm_solver_npz_is_the_same_from_two_processes(latent_ckpt, tmp_path):
+    fast = ["--per-proc-batch-size", "3", "--sampler", "dpm-solver", "--num-sampling-steps", "4"]
+    one = run_in_process(latent_ckpt, tmp_path / "one", *fast)
+    assert one.endswith("-dpm-solver-4.npz")
+    result = run_script(latent_ckpt, tmp_path / "two", *fast, nproc=2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "two" / os.path.basename(one)).read_bytes() == open(one, "rb").read()
+    assert load(one).std() > 0
