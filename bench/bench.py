@@ -4,6 +4,7 @@ latent loading, in one run, with markdown tables (and --json).
     python bench/bench.py                          # CPU quick set: DiC-S vs DiT-S/2, batch 4, 32x32 latents
     python bench/bench.py --models all             # DiC-S/B/XL/H and DiT-S/2, B/2, L/2, XL/2
     python bench/bench.py --device cuda --compile  # GPU defaults (batch 32, full sampling chains)
+    python bench/bench.py --no-train --no-sample --no-data --grad-checkpointing-memory  # new sections + XL
 
 What is timed (warm-up iterations excluded, median of the timed ones):
 - training: one step as train.py does it: t ~ U{0..999}, diffusion.training_losses (eps MSE + VB,
@@ -21,6 +22,15 @@ What is timed (warm-up iterations excluded, median of the timed ones):
   /proc/self/clear_refs before each config) over the resident set before it.
 - GMACs: one forward at batch 1 on the meta device under torch.utils.flop_counter.FlopCounterMode
   (conv, linear and attention matmuls; MACs = FLOPs / 2), checked against the papers' numbers.
+- flow matching: the SiT step (Linear path, velocity, learn_sigma=False model) vs the DDPM step,
+  same batch and config, timed in turns (--extra-configs picks the configs of this and the next two).
+- SiT sampling: helpers.samplers.ReverseProcess, ODE dopri5 / euler-50 / heun2-50 and SDE
+  Euler-250, CFG as above; NFE counted; on CPU a short solve is timed and scaled by the full NFE.
+  With random weights dopri5's NFE says nothing about a trained model's.
+- REPA: SiT step vs SiT + REPA step (DINOv2 encoder with random weights on the batch's images,
+  projector on DiC's enc1 / DiT's block4, projection loss), and the encoder forward alone.
+- gradient checkpointing: peak memory and time of one fp32 forward + backward with and without
+  set_grad_checkpointing(True) (--grad-checkpointing-memory adds DiC-XL and DiT-XL/2).
 - data: random-order batches of latents from the official per-file .npy layout vs one packed,
   memory-mapped .npy array, both written to a temp dir (warm page cache), compared with the
   training step's consumption rate.
@@ -380,6 +390,261 @@ def bench_sample(name, base, cfg, args, device):
 
 
 #################################################################################
+#                     Flow matching, REPA, gradient checkpointing               #
+#################################################################################
+
+def time_alternating(fns, device, warmup, iters):
+    """{name: (median wall s, median process-CPU s)} of callables timed in turns (one call each per
+    round, through time_calls), so load changes on a shared machine hit every one alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+            sync(device)
+    walls, cpus = {k: [] for k in fns}, {k: [] for k in fns}
+    for _ in range(iters):
+        for k, fn in fns.items():
+            wall, cpu, _ = time_calls(fn, device, 0, 1)
+            walls[k].append(wall)
+            cpus[k].append(cpu)
+    return {k: (statistics.median(walls[k]), statistics.median(cpus[k])) for k in fns}
+
+
+def make_trainer(model, cfg, device, extra_params=()):
+    """(forward, step(loss_fn)) for one config: the optimizer over model (+ extra) parameters and
+    the EMA as bench_train's; step(loss_fn) runs loss_fn(forward) + backward + AdamW + EMA."""
+    model.to(device).train()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    if cfg["channels_last"]:
+        to_channels_last(model)
+        to_channels_last(ema)
+    params = list(model.parameters()) + list(extra_params)
+    opt = make_adamw(params, lr=1e-4, weight_decay=0) if cfg["fused_adamw"] else \
+        torch.optim.AdamW(params, lr=1e-4, weight_decay=0)
+    update = ema_update if cfg["foreach_ema"] else ema_update_reference
+    forward = autocast_forward(maybe_compile(model, cfg["compile"]), device, cfg["precision"])
+
+    def step(loss_fn):
+        loss = loss_fn(forward)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        update(ema, model, EMA_DECAY)
+    return forward, step
+
+
+def train_batch(args, device, n, channels_last=False):
+    """The fixed (latents, labels) batch of the training rows."""
+    g = torch.Generator(device="cpu").manual_seed(args.seed)
+    x = torch.randn(n, 4, args.latent_size, args.latent_size, generator=g).to(device)
+    y = torch.randint(0, 1000, (n,), generator=g).to(device)
+    return (channels_last_input(x) if channels_last else x), y
+
+
+def bench_sit_train(name, cfg, args, device):
+    """DDPM step (learned sigma, as train.py) vs SiT flow-matching step (Linear, velocity,
+    learn_sigma=False), same batch and config, timed in turns."""
+    from helpers.objectives import DDPM, SiT
+    torch.manual_seed(args.seed)
+    steps = {}
+    for label, objective, learn_sigma in (("DDPM", DDPM(), True), ("SiT", SiT("Linear", "velocity"), False)):
+        model = create_model(name, input_size=args.latent_size, learn_sigma=learn_sigma)
+        forward, step = make_trainer(model, cfg, device)
+        x, y = train_batch(args, device, args.batch_size, cfg["channels_last"])
+        loss_fn = (lambda obj, x, y: lambda f: obj.training_losses(f, x, dict(y=y))["loss"].mean())(objective, x, y)
+        steps[label] = (lambda step, loss_fn: lambda: step(loss_fn))(step, loss_fn)
+    times = time_alternating(steps, device, args.warmup, args.iters)
+    n = args.batch_size
+    result = {k: dict(step_s=w, cpu_s=c, images_per_s=n / w, images_per_cpu_s=n / c) for k, (w, c) in times.items()}
+    del steps
+    _release_memory(device)
+    print(f"  sit-train {name:9s} {cfg['name']}: DDPM {result['DDPM']['images_per_s']:.2f} img/s, "
+          f"SiT {result['SiT']['images_per_s']:.2f} img/s", flush=True)
+    return result
+
+
+SIT_SOLVERS = (("ODE dopri5", "ode", "dopri5", 50), ("ODE euler-50", "ode", "euler", 50),
+               ("ODE heun2-50", "ode", "heun2", 50), ("SDE Euler-250", "sde", "Euler", 250))
+
+
+def sit_sampler_args(mode, method, steps):
+    """The ReverseProcess settings of sample.py's SiT defaults for one solver."""
+    from types import SimpleNamespace
+    return SimpleNamespace(sampler="ddpm", mode=mode, sampling_method=method, num_sampling_steps=steps,
+                           atol=1e-6, rtol=1e-3, reverse=False, diffusion_form="sigma", diffusion_norm=1.0,
+                           last_step="Mean", last_step_size=0.04)
+
+
+def count_calls(fn):
+    """fn wrapped to count its calls in .calls."""
+    def counted(*a, **k):
+        counted.calls += 1
+        return fn(*a, **k)
+    counted.calls = 0
+    return counted
+
+
+def bench_sit_sample(name, cfg, args, device):
+    """Latency per image of SiT's ODE/SDE solvers (helpers.samplers.ReverseProcess, CFG as the DDPM
+    rows) for a learn_sigma=False model; with --sample-steps-scale < 1 a short solve is timed and
+    scaled by the NFE of the full one (counted on a free zero field where the model's is zero)."""
+    from helpers.objectives import SiT
+    from helpers.samplers import ReverseProcess
+    from helpers.sampling import IndexNoise, make_model_fn
+    torch.manual_seed(args.seed)
+    model = create_model(name, input_size=args.latent_size, learn_sigma=False).to(device).eval()
+    model_fn = make_model_fn(model, CFG_SCALE, precision=cfg["precision"], channels_last=cfg["channels_last"],
+                             compile=cfg["compile"])
+    n, shape, objective = args.sample_batch, (4, args.latent_size, args.latent_size), SiT("Linear", "velocity").config()
+    noise = IndexNoise(args.seed, range(n))
+    labels = noise.labels(1000)
+    result = dict(images=n)
+    with torch.no_grad():
+        x0 = noise.randn(shape, device=device)
+        t0 = torch.zeros(n, device=device)
+        result["zero_field"] = bool(model_fn(x0, t0, labels.to(device)).abs().max() == 0)   # also the warm-up
+        zero_fn = lambda x, t, y: torch.zeros_like(x)  # noqa: E731
+        per_nfe = None
+        for label, mode, method, steps in sorted(SIT_SOLVERS, key=lambda s: s[2] == "dopri5"):  # euler first
+            adaptive = method == "dopri5"
+            full = args.sample_steps_scale >= 1
+            counter = count_calls(model_fn if (full or (adaptive and not result["zero_field"])) else zero_fn)
+            sampler = ReverseProcess(sit_sampler_args(mode, method, steps), objective, 4)
+            solve = lambda s=sampler, f=counter: s(f, noise, labels, shape, device)  # noqa: E731
+            if full or (adaptive and not result["zero_field"]):
+                wall, cpu, _ = time_calls(solve, device, 0, 1)
+                nfe = counter.calls
+                result[label] = dict(nfe=nfe, timed_nfe=nfe, batch_latency_s=wall, cpu_s=cpu, extrapolated=False)
+            else:
+                solve()
+                nfe = counter.calls                                            # the full solve's NFE
+                if adaptive:                                                   # per-NFE cost of euler's short run
+                    wall, cpu, timed = per_nfe[0] * nfe, per_nfe[1] * nfe, 0
+                else:
+                    k = max(args.min_sample_steps, math.ceil(args.sample_steps_scale * (steps - 1)))
+                    short = ReverseProcess(sit_sampler_args(mode, method, k + 1), objective, 4)
+                    counter_short = count_calls(model_fn)
+                    w, c, _ = time_calls(lambda: short(counter_short, noise, labels, shape, device), device, 0, 1)
+                    timed = counter_short.calls
+                    wall, cpu = w / timed * nfe, c / timed * nfe
+                    if method == "euler":
+                        per_nfe = (w / timed, c / timed)
+                result[label] = dict(nfe=nfe, timed_nfe=timed, batch_latency_s=wall, cpu_s=cpu, extrapolated=True)
+            r = result[label]
+            r.update(per_image_s=r["batch_latency_s"] / n, per_image_cpu_s=r["cpu_s"] / n,
+                     ms_per_nfe=1000 * r["batch_latency_s"] / r["nfe"])
+    del model, model_fn
+    _release_memory(device)
+    print(f"  sit-sample {name:9s} {cfg['name']}: " + "  ".join(
+        f"{label} {result[label]['per_image_s']:.2f} s/img (NFE {result[label]['nfe']})" for label, *_ in SIT_SOLVERS),
+        flush=True)
+    return result
+
+
+def repa_stage(name):
+    """REPA's alignment point: DiC's enc1 stage (16x16 at 32x32 latents), DiT's block 4."""
+    return "block4" if name.startswith("DiT") else "enc1"
+
+
+def bench_repa(name, cfg, args, device):
+    """SiT step vs SiT + REPA step (encoder on the batch's images, 256 px -> 224, projector on the
+    stage's features from the same forward, projection loss x 0.5, backward through model and
+    projector), and the encoder forward alone, timed in turns on the same batch."""
+    import timm
+
+    from helpers.objectives import SiT
+    from helpers.repa import ENCODERS, Projector, encoder_input_size, encoder_tokens, preprocess, projection_loss
+    timm_name, z_dim, _ = ENCODERS[args.repa_encoder]
+    side = args.image_size                                   # encoder input 224 px per 256 px of image
+    encoder = timm.create_model(timm_name, pretrained=False, img_size=encoder_input_size(side),
+                                num_classes=0)               # random weights: the same cost as DINOv2's
+    encoder = encoder.to(device).eval().requires_grad_(False)
+    encode = autocast_forward(lambda im: encoder_tokens(encoder, preprocess(im, side)).float(), device,
+                              cfg["precision"])
+    objective, stage, n = SiT("Linear", "velocity"), repa_stage(name), args.repa_batch
+    x, y = train_batch(args, device, n, cfg["channels_last"])
+    images = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(args.seed)).to(device)
+    torch.manual_seed(args.seed)
+    base = create_model(name, input_size=args.latent_size, learn_sigma=False)
+    _, plain_step = make_trainer(copy.deepcopy(base), cfg, device)
+    model = copy.deepcopy(base)
+    projector = Projector(model.feature_channels(stage), z_dim, conv=stage.startswith(("enc", "mid", "dec")))
+    projector.to(device).train()
+    _, repa_step = make_trainer(model, cfg, device, extra_params=projector.parameters())
+    project = autocast_forward(projector, device, cfg["precision"])
+    del base
+
+    def plain_loss(f):
+        return objective.training_losses(f, x, dict(y=y))["loss"].mean()
+
+    feats = {}
+
+    def tapped(x_t, t, y):                      # one forward: output for the loss, features for REPA
+        out, feats["h"] = model(x_t, t, y, return_features=(stage,))
+        return out
+    tapped = autocast_forward(tapped, device, cfg["precision"])
+
+    def repa_loss(_):
+        loss = objective.training_losses(tapped, x, dict(y=y))["loss"].mean()
+        z = encode(images)
+        proj, _ = projection_loss([project(feats.pop("h")[stage])], [z])
+        return loss + 0.5 * proj
+
+    times = time_alternating({"plain": lambda: plain_step(plain_loss), "REPA": lambda: repa_step(repa_loss),
+                              "encoder": lambda: encode(images)}, device, args.warmup, args.iters)
+    result = {k: dict(step_s=w, cpu_s=c) for k, (w, c) in times.items()}
+    result.update(batch=n, encoder_name=f"{args.repa_encoder} ({timm_name}, random weights)", stage=stage,
+                  projector_params=sum(p.numel() for p in projector.parameters()),
+                  encoder_precision="bf16 autocast" if cfg["precision"] == "bf16" else "fp32")
+    del encoder, encode, model, projector, tapped, plain_step, repa_step, project
+    _release_memory(device)
+    print(f"  repa {name:9s} {cfg['name']}: plain {result['plain']['step_s'] * 1000:.0f} ms, REPA "
+          f"{result['REPA']['step_s'] * 1000:.0f} ms, encoder {result['encoder']['step_s'] * 1000:.0f} ms "
+          f"(batch {n})", flush=True)
+    return result
+
+
+def bench_grad_checkpointing(name, args, device):
+    """Peak memory and time of one fp32 forward + backward (DDPM loss, no optimizer) with and without
+    model.set_grad_checkpointing(True), at --gc-batch; weights and grads are allocated before the
+    measured step, so the peak rise is activations and temporaries."""
+    diffusion = create_diffusion(timestep_respacing="")
+    torch.manual_seed(args.seed)
+    model = create_model(name, input_size=args.latent_size).to(device).train()
+    x, y = train_batch(args, device, args.gc_batch)
+    t = torch.randint(0, diffusion.num_timesteps, (args.gc_batch,), generator=torch.Generator().manual_seed(0))
+    t = t.to(device)
+
+    def fwd_bwd(checkpointing):
+        def run():
+            model.set_grad_checkpointing(checkpointing)
+            diffusion.training_losses(model, x, t, dict(y=y))["loss"].mean().backward()
+        return run
+    result = dict(batch=args.gc_batch, params=sum(p.numel() for p in model.parameters()))
+    try:
+        fwd_bwd(False)()                                                     # allocates the grads
+        for label, on in (("off", False), ("on", True)):
+            fwd_bwd(on)()                                                    # warm-up of this variant
+            mem = PeakMemory(device).start()
+            fwd_bwd(on)()
+            result[f"peak_mib_{label}"] = mem.stop()
+            result["memory_method"] = mem.method
+        times = time_alternating({"off": fwd_bwd(False), "on": fwd_bwd(True)}, device, 0, args.gc_iters)
+        result.update({f"step_s_{k}": w for k, (w, c) in times.items()},
+                      **{f"cpu_s_{k}": c for k, (w, c) in times.items()})
+    except torch.cuda.OutOfMemoryError:
+        result["error"] = "out of memory"
+    model.set_grad_checkpointing(False)
+    del model
+    _release_memory(device)
+    if "error" not in result:
+        print(f"  grad-ckpt {name:9s} batch {args.gc_batch}: peak {fmt(result['peak_mib_off'], '.0f')} -> "
+              f"{fmt(result['peak_mib_on'], '.0f')} MiB, step {result['step_s_off']:.2f} -> "
+              f"{result['step_s_on']:.2f} s", flush=True)
+    return result
+
+
+#################################################################################
 #                                 Data loading                                  #
 #################################################################################
 
@@ -509,6 +774,100 @@ def sample_latency(r, basis, sampler="DDPM-250"):
     return s.get("per_image_cpu_s" if basis == "cpu" else "per_image_s")
 
 
+def extras_report(res, basis, by):
+    """Markdown of the flow-matching, SiT sampling, REPA and gradient checkpointing sections."""
+    a, lines = res["settings"], []
+    key = "cpu_s" if basis == "cpu" else "step_s"
+    sit_train = [(n, c, r) for n, e in res["models"].items() for c, r in e.get("sit_train", {}).items()]
+    if sit_train:
+        lines += ["### Flow-matching (SiT) training step", "",
+                  f"SiT objective (Linear path, velocity, model with learn_sigma=False) vs DDPM (eps + VB, "
+                  f"learned sigma), batch {a['batch_size']}, the same config, steps timed in turns.", "",
+                  "| model | config | DDPM img/s (wall) | SiT img/s (wall) | DDPM img/s (CPU time) | "
+                  "SiT img/s (CPU time) | SiT step / DDPM step |", "|---|---|---:|---:|---:|---:|---:|"]
+        for n, c, r in sit_train:
+            d, s = r["DDPM"], r["SiT"]
+            lines.append(f"| {n} | {c} | {d['images_per_s']:.2f} | {s['images_per_s']:.2f} | "
+                         f"{d['images_per_cpu_s']:.2f} | {s['images_per_cpu_s']:.2f} | "
+                         f"{fmt(ratio(s[key], d[key]))}x |")
+        lines += ["", f"Step-time ratio {by}; < 1 means the SiT step is cheaper.", ""]
+    sit_sample = [(n, c, r) for n, e in res["models"].items() for c, r in e.get("sit_sample", {}).items()]
+    if sit_sample:
+        lines += ["### SiT ODE/SDE sampling latency per image", "",
+                  f"helpers.samplers.ReverseProcess with sample.py's SiT defaults (atol 1e-6, rtol 1e-3; SDE "
+                  f"diffusion 'sigma', last step Mean 0.04), learn_sigma=False model, {a['sample_batch']} images "
+                  f"+ as many null-label rows, CFG {CFG_SCALE}. Each cell: s/img (wall) and NFE (model calls).", "",
+                  "| model | config | " + " | ".join(label for label, *_ in SIT_SOLVERS) +
+                  " | ms per NFE (batch, wall) | s/img by CPU time (" + SIT_SOLVERS[-1][0] + ") |",
+                  "|---|---|" + "---:|" * (len(SIT_SOLVERS) + 2)]
+        for n, c, r in sit_sample:
+            cells = []
+            for label, *_ in SIT_SOLVERS:
+                s = r[label]
+                mark = "" if not s["extrapolated"] else \
+                    (" (extrapolated from euler's s/NFE)" if s["timed_nfe"] == 0 else
+                     f" (extrapolated from {s['timed_nfe']} NFE)")
+                cells.append(f"{s['per_image_s']:.2f}, NFE {s['nfe']}{mark}")
+            last = r[SIT_SOLVERS[-1][0]]
+            lines.append(f"| {n} | {c} | " + " | ".join(cells) + f" | {last['ms_per_nfe']:.0f} | "
+                         f"{last['per_image_cpu_s']:.2f} |")
+        zero = all(r.get("zero_field") for _, _, r in sit_sample)
+        lines += ["", "Every NFE is one guided forward (batch 2n), the cost of a DDPM step, so latency ~ NFE x "
+                  "ms per NFE / n. **dopri5's NFE here is not representative of a trained model**: "
+                  + ("these models are randomly initialised with a zero-initialised final layer (adaLN-Zero), "
+                     "so their velocity field is exactly 0 and dopri5's NFE comes from its step-size control "
+                     "alone (counted on a zero field, identical for it); " if zero else
+                     "with random weights the field is not a trained model's; ")
+                  + "a trained model's NFE, and so its latency, is set by the learned field (rerun with a "
+                  "checkpoint through sample.py, which reports the NFE). The fixed-step rows do not depend "
+                  "on the weights: euler-50 49 NFE, heun2-50 98, SDE Euler-250 500 (SiT's SDE drift calls "
+                  "the model twice per step on the same input, once for the velocity and once for the "
+                  "score: transport.Sampler.sample_sde).", ""]
+    repa = [(n, c, r) for n, e in res["models"].items() for c, r in e.get("repa", {}).items()]
+    if repa:
+        r0 = repa[0][2]
+        lines += ["### REPA step cost", "",
+                  f"SiT step vs SiT + REPA step on the same batch ({r0['batch']} latents + their "
+                  f"{a['image_size']} px images), "
+                  f"timed in turns: encoder {r0['encoder_name']} on preprocess(images) "
+                  f"({a['image_size'] * 224 // 256} px), projector "
+                  f"(REPA's MLP 2048-2048, 1x1 convs on DiC's map) on the stage's features from the same "
+                  f"forward, -cos projection loss x 0.5, backward through model and projector, AdamW over "
+                  f"both, EMA.", "",
+                  "| model | config | stage | encoder precision | projector params (M) | plain step ms (wall) | "
+                  "REPA step ms (wall) | encoder forward ms (wall) | REPA / plain | encoder / plain |",
+                  "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        for n, c, r in repa:
+            lines.append(f"| {n} | {c} | {r['stage']} | {r['encoder_precision']} | {r['projector_params'] / 1e6:.1f} | "
+                         f"{r['plain']['step_s'] * 1000:.0f} | {r['REPA']['step_s'] * 1000:.0f} | "
+                         f"{r['encoder']['step_s'] * 1000:.0f} | {fmt(ratio(r['REPA'][key], r['plain'][key]))}x | "
+                         f"{fmt(ratio(r['encoder'][key], r['plain'][key]))}x |")
+        lines += ["", f"Ratios {by}. The encoder has random weights (DINOv2's cannot be downloaded here): "
+                  "the same cost as the real ones. On GPU the encoder may run in bf16 (it runs under the "
+                  "config's autocast here: fp32 in eager rows, bf16 in fast rows).", ""]
+    gc = res.get("grad_checkpointing")
+    if gc:
+        lines += ["### Gradient checkpointing", "",
+                  "One fp32 forward + backward (DDPM loss, no optimizer step) with and without "
+                  "`model.set_grad_checkpointing(True)` (per block, non-reentrant), same batch; weights and "
+                  "grads are allocated before the measured step, so the peak is activations and temporaries "
+                  f"({next(iter(gc.values())).get('memory_method', '-')}).", "",
+                  "| model | params (M) | batch | weights + grads MiB | peak MiB off | peak MiB on | on / off | "
+                  "step s off (wall) | step s on (wall) | step time on / off |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        key_off, key_on = ("cpu_s_off", "cpu_s_on") if basis == "cpu" else ("step_s_off", "step_s_on")
+        for n, r in gc.items():
+            if "error" in r:
+                lines.append(f"| {n} | {r['params'] / 1e6:.0f} | {r['batch']} | | {r['error']} | | | | | |")
+                continue
+            lines.append(f"| {n} | {r['params'] / 1e6:.1f} | {r['batch']} | {8 * r['params'] / 2**20:.0f} | "
+                         f"{fmt(r['peak_mib_off'], '.0f')} | {fmt(r['peak_mib_on'], '.0f')} | "
+                         f"{fmt(ratio(r['peak_mib_on'], r['peak_mib_off']))} | {r['step_s_off']:.2f} | "
+                         f"{r['step_s_on']:.2f} | {fmt(ratio(r[key_on], r[key_off]))}x |")
+        lines += ["", f"Step-time ratio {by} (checkpointing recomputes each block's forward in the backward).", ""]
+    return lines
+
+
 def markdown_report(res):
     m, a = res["machine"], res["settings"]
     basis = timing_basis(res)
@@ -605,6 +964,7 @@ def markdown_report(res):
                          f"{fmt(tr('fast'))}x | {fmt(sp('eager fp32'))}x | {fmt(sp('fast'))}x |")
         lines.append("")
 
+    lines += extras_report(res, basis, by)
     if res.get("data"):
         d = res["data"]
         consume = res.get("consumption")
@@ -662,6 +1022,26 @@ def parse_args(argv=None):
     p.add_argument("--no-data", dest="data", action="store_false", help="skip the latent loading benchmark")
     p.add_argument("--data-samples", type=int, default=5000, help="synthetic latents for the loading benchmark")
     p.add_argument("--data-batch", type=int, default=256, help="batch of the loading benchmark")
+    p.add_argument("--extra-configs", default=None,
+                   help="comma list of training configs (names of the training rows) for the flow-matching, "
+                        "SiT sampling and REPA sections (default cpu 'eager fp32': bf16 is emulated, so "
+                        "slow, on CPUs without AVX512-BF16; cuda 'eager fp32,fast')")
+    p.add_argument("--no-sit", dest="sit", action="store_false",
+                   help="skip the flow-matching (SiT) training step and ODE/SDE sampling sections")
+    p.add_argument("--no-repa", dest="repa", action="store_false", help="skip the REPA step cost section")
+    p.add_argument("--repa-encoder", default=None,
+                   help="REPA encoder (helpers.repa.ENCODERS; random weights, same cost; default cpu "
+                        "dinov2-vit-s, cuda dinov2-vit-b as REPA)")
+    p.add_argument("--repa-batch", type=int, default=None, help="REPA section batch (default cpu 2, cuda 32)")
+    p.add_argument("--no-grad-checkpointing", dest="grad_checkpointing", action="store_false",
+                   help="skip the gradient checkpointing section")
+    p.add_argument("--grad-checkpointing-memory", action="store_true",
+                   help="also measure gradient checkpointing on DiC-XL and DiT-XL/2 (CPU: ~3 GB and "
+                        "~10 s per step each; --models all includes them)")
+    p.add_argument("--gc-batch", type=int, default=None,
+                   help="batch of the gradient checkpointing forward + backward (default cpu 1, cuda 32)")
+    p.add_argument("--gc-iters", type=int, default=None,
+                   help="timed forward + backward pairs of the gradient checkpointing rows (default cpu 2, cuda 5)")
     p.add_argument("--tf32", choices=["on", "off"], default="on",
                    help="CUDA: TF32 for the fp32 rows (on = the official DiT/DiC training setting)")
     p.add_argument("--seed", type=int, default=0)
@@ -677,7 +1057,9 @@ def parse_args(argv=None):
     cuda = args.device == "cuda"
     defaults = dict(batch_size=32 if cuda else 4, warmup=5 if cuda else 1, iters=20 if cuda else 3,
                     sample_batch=32 if cuda else 2, sample_steps_scale=1.0 if cuda else 0.01,
-                    threads=None if cuda else 1)
+                    threads=None if cuda else 1, extra_configs="eager fp32,fast" if cuda else "eager fp32",
+                    repa_encoder="dinov2-vit-b" if cuda else "dinov2-vit-s", repa_batch=32 if cuda else 2,
+                    gc_batch=32 if cuda else 1, gc_iters=5 if cuda else 2)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -694,7 +1076,17 @@ def parse_args(argv=None):
         p.error(f"--image-size {args.image_size} is not a multiple of 8 (the VAE downsamples by 8)")
     args.latent_size = args.image_size // 8
     args.fast_channels_last = args.channels_last == "on"
-    for key in ("batch_size", "iters", "sample_batch", "data_samples", "data_batch"):
+    args.extra_config_list = [c.strip() for c in args.extra_configs.split(",") if c.strip()]
+    known = [c for c in train_configs(args) if c != "fast + compile"]
+    if any(c not in known for c in args.extra_config_list):
+        p.error(f"--extra-configs {args.extra_configs!r}: choose from {', '.join(known)}")
+    from helpers.repa import ENCODERS
+    if args.repa_encoder not in ENCODERS:
+        p.error(f"--repa-encoder {args.repa_encoder!r}: choose from {', '.join(ENCODERS)}")
+    args.gc_model_list = list(args.model_list) + [m for m in ("DiC-XL", "DiT-XL/2") if
+                                                  args.grad_checkpointing_memory and m not in args.model_list]
+    for key in ("batch_size", "iters", "sample_batch", "data_samples", "data_batch", "repa_batch", "gc_batch",
+                "gc_iters"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
     if args.warmup < 0 or not 0 < args.sample_steps_scale:
@@ -727,7 +1119,8 @@ def main(argv=None):
     machine = describe_machine(device, torch.get_num_threads())
     res = {"command": " ".join(["python", "bench/bench.py"] + (sys.argv[1:] if argv is None else list(argv))),
            "machine": machine,
-           "settings": {k: v for k, v in vars(args).items() if k != "model_list"} | {"models": args.model_list},
+           "settings": {k: v for k, v in vars(args).items() if k not in ("model_list", "extra_config_list")}
+           | {"models": args.model_list},
            "models": {}}
     print(f"machine: {machine}", flush=True)
     diffusion = create_diffusion(timestep_respacing="")
@@ -745,12 +1138,20 @@ def main(argv=None):
         if args.sample:
             for cfg_name, cfg in sample_configs(args).items():
                 entry["sample"][cfg_name] = bench_sample(name, base, cfg, args, device)
-        res["models"][name] = entry
         del base
         _release_memory(device)
+        configs = train_configs(args)
+        for key, bench, wanted in (("sit_train", bench_sit_train, args.sit),
+                                   ("sit_sample", bench_sit_sample, args.sit),
+                                   ("repa", bench_repa, args.repa)):
+            if wanted:
+                entry[key] = {c: bench(name, {**configs[c], "name": c}, args, device) for c in args.extra_config_list}
+        res["models"][name] = entry
+    if args.grad_checkpointing:
+        res["grad_checkpointing"] = {name: bench_grad_checkpointing(name, args, device) for name in args.gc_model_list}
 
     # the fastest measured training row of the first model: what a loader has to keep up with
-    first = res["models"][args.model_list[0]]["train"]
+    first = res["models"][args.model_list[0]]["train"]  # empty with --no-train
     basis = timing_basis(res)
     rows = [(cfg, train_rate(r, basis)) for cfg, r in first.items() if train_rate(r, basis)]
     if rows:
