@@ -26,9 +26,9 @@ def nan_at_step(step):
     original = objectives.DDPM.training_losses
     calls = {"n": 0}
 
-    def training_losses(self, model, x, model_kwargs=None, draws=None):
+    def training_losses(self, model, x, model_kwargs=None, draws=None, **kwargs):
         calls["n"] += 1
-        losses = original(self, model, x, model_kwargs, draws)
+        losses = original(self, model, x, model_kwargs, draws, **kwargs)
         if calls["n"] == step and rank() == 0:
             losses["loss"] = losses["loss"] * float("nan")
         return losses

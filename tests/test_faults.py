@@ -426,7 +426,6 @@ def test_evaluate_refuses_a_pickle_that_runs_code_and_checks_the_output_first(tm
     import numpy as np
     import torch
     import evaluate
-    from helpers.evaluation import EvaluationError
     weights = tmp_path / "evil.pth"
     torch.save({"w": _Exploit(str(tmp_path / "pwned"))}, weights)
     images = np.zeros((6, 8, 8, 3), dtype=np.uint8)
@@ -437,10 +436,10 @@ def test_evaluate_refuses_a_pickle_that_runs_code_and_checks_the_output_first(tm
             ["--make-ref", str(tmp_path / "real.npz"), "--out", str(out), "--image-size", "8",
              "--inception-weights", str(weights), "--device", "cpu"]))
 
-    with pytest.raises(EvaluationError, match=r"evil\.pth is not a plain weights file .*"
+    with pytest.raises(JobError, match=r"evil\.pth is not a plain weights file .*"
                                               r"weights-inception-2015-12-05"):
         make_ref(tmp_path / "ref.npz")
     assert not (tmp_path / "pwned").exists()
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(EvaluationError, match=r"cannot write to .*afile"):   # before any loading
+    with pytest.raises(JobError, match=r"cannot write to .*afile"):   # before any loading
         make_ref(tmp_path / "afile" / "ref.npz")

@@ -140,3 +140,18 @@ def test_every_file_a_script_writes_has_the_mode_of_a_plain_open(tmp_path, laten
         assert torch.load(ckpt)["step"] == 1 and np.load(npz)["arr_0"].shape == (2, 16, 16, 3)
     finally:
         os.umask(old)
+
+
+def test_a_nan_latent_is_named_and_skip_nonfinite_trains_past_it(tmp_path, capsys):
+    from test_train import make_latents
+    root = make_latents(tmp_path / "lat", n=48)
+    bad = os.path.join(root, "imagenet64_features", "37.npy")
+    values = np.load(bad)
+    values[0, 0, 0] = np.nan
+    np.save(bad, values)
+    argv = latent_args(root, tmp_path / "r", "--max-steps", "6", "--ckpt-every", "6", "--log-every", "6")
+    assert call_main(argv) == 2   # a data error, not an optimisation failure
+    assert f"latent file {bad} holds non-finite values (NaN or inf)" in capsys.readouterr().err
+    assert call_main([*argv[:argv.index("--results-dir")], "--results-dir", tmp_path / "s", "--max-steps", "6",
+                      "--ckpt-every", "6", "--log-every", "6", "--skip-nonfinite"]) == 0   # one epoch: all 48 seen
+    assert "Skipped Corrupt Images: 1" in capsys.readouterr().out

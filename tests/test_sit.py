@@ -173,3 +173,22 @@ def test_guidance_interval_guides_only_inside_it():
         want = guided(x, tt, y) if inside else plain(x, tt, y)
         assert torch.equal(interval(x, tt, y), want)
     assert not torch.equal(guided(x, torch.full((2,), 0.2), y), plain(x, torch.full((2,), 0.2), y))
+
+
+@pytest.mark.slow
+def test_a_dit_xl_2_shaped_sit_release_samples_without_a_model_flag(tmp_path, tiny_vae_dir, capsys):
+    """The shape of SiT's SiT-XL-2-256x256.pt (DiT-XL/2, 4 latent channels in, 8 out, 1000 classes),
+    random values stored in fp16 to keep the file small: identified as DiT-XL/2 with a learned-sigma
+    head, and sampled with SiT's ODE on 32x32 latents (64 px through the tiny factor-2 VAE)."""
+    with torch.device("meta"):
+        shapes = create_model("DiT-XL/2", input_size=32, in_channels=4, num_classes=1000, learn_sigma=True).state_dict()
+    generator = torch.Generator().manual_seed(0)
+    state = {k: (torch.randn(v.shape, generator=generator) * 0.02).half() for k, v in shapes.items()}
+    ckpt = tmp_path / "SiT-XL-2-256x256.pt"
+    torch.save(state, ckpt)
+    args = sample.parse_args(["--ckpt", str(ckpt), "--objective", "sit", "--image-size", "64", "--vae", tiny_vae_dir,
+                              "--class-labels", "207", "--cfg-scale", "1", "--mode", "ode", "--sampling-method",
+                              "euler", "--num-sampling-steps", "2", "--out", str(tmp_path / "a.png")])
+    sample.main(args)
+    assert args.model == "DiT-XL/2" and args.objective_config["learn_sigma"] is True
+    assert "The ODE solver (euler) made 1 function evaluations" in capsys.readouterr().out

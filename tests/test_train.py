@@ -379,7 +379,8 @@ def test_new_runs_never_reuse_a_folder(tmp_path, capsys):
     assert sorted(os.listdir(results / "004-DiC-Tiny")) == ["args.json", "checkpoints", "log.txt", "losses.csv"]
     assert os.listdir(results / "004-DiC-Tiny" / "checkpoints") == ["0000001.pt"]
     ckpt = load(results / "004-DiC-Tiny" / "checkpoints" / "0000001.pt")   # the override reached the model
-    assert ckpt["model_kwargs"] == {"input_size": 16, "in_channels": 1, "num_classes": 10, "skip_stride": 1}
+    assert ckpt["model_kwargs"] == {"input_size": 16, "in_channels": 1, "num_classes": 10, "learn_sigma": True,
+                                    "skip_stride": 1}
     assert ckpt["args"]["model_overrides"] == {"skip_stride": 1} and ckpt["args"]["dataset"] == "digits"
     # DiT's number (count of entries), moved past every number in use.
     assert os.path.basename(runs.create_run_dir(str(results), "DiT-XL/2")) == "005-DiT-XL-2"

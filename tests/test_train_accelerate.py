@@ -72,6 +72,7 @@ class GradScalerEngine(train.DDPEngine):
         class ScaledStep:
             def __init__(self, inner):
                 self.inner = inner
+                self.param_groups = inner.param_groups
 
             def zero_grad(self, set_to_none=True):
                 self.inner.zero_grad(set_to_none=set_to_none)
