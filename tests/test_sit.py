@@ -1,6 +1,7 @@
 """Flow matching (SiT's transport) through the trainers and the samplers: exact 2-process resume,
 byte-identical ODE/SDE .npz files from 1 and 2 processes, SiT-style releases (learned-sigma head,
 no recorded objective) and the one-line errors for wrong combinations."""
+import argparse
 import os
 import subprocess
 import sys
@@ -192,3 +193,33 @@ def test_a_dit_xl_2_shaped_sit_release_samples_without_a_model_flag(tmp_path, ti
     sample.main(args)
     assert args.model == "DiT-XL/2" and args.objective_config["learn_sigma"] is True
     assert "The ODE solver (euler) made 1 function evaluations" in capsys.readouterr().out
+
+
+@torch.no_grad()
+def test_the_sde_asks_the_model_once_per_point_with_the_same_samples():
+    """SiT's SDE drift calls the model for the velocity and again for the score at the same point;
+    reusing the first output gives the same sample for half the model calls."""
+    from helpers.sampling import IndexNoise
+    from helpers.samplers import ReverseProcess
+    model = create_model("DiC-Tiny", input_size=8, in_channels=4, num_classes=10, learn_sigma=False).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    calls = {"n": 0}
+
+    def model_fn(x, t, y):
+        calls["n"] += 1
+        return model(x, t, y)
+    args = argparse.Namespace(mode="sde", sampling_method="Euler", num_sampling_steps=6, diffusion_form="sigma",
+                              diffusion_norm=1.0, last_step="Mean", last_step_size=0.04)
+    process = ReverseProcess(args, SIT, 4)
+    labels = torch.tensor([1, 2])
+    cached = process(model_fn, IndexNoise(0, range(2)), labels, (4, 8, 8), "cpu")
+    assert calls["n"] == 6          # 5 Euler-Maruyama points + the last step, one model call each
+    import helpers.samplers as samplers_module
+    original, samplers_module.reuse_last_call = samplers_module.reuse_last_call, lambda fn: fn
+    try:
+        calls["n"] = 0
+        twice = process(model_fn, IndexNoise(0, range(2)), labels, (4, 8, 8), "cpu")
+    finally:
+        samplers_module.reuse_last_call = original
+    assert calls["n"] == 12 and torch.equal(cached, twice)
