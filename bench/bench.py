@@ -10,7 +10,7 @@ What is timed (warm-up iterations excluded, median of the timed ones):
 - training: one step as train.py does it: t ~ U{0..999}, diffusion.training_losses (eps MSE + VB,
   learned sigma), backward, AdamW step, EMA update. "eager" is DiT's recipe (fp32, NCHW,
   torch.optim.AdamW defaults, per-parameter EMA); "fast" is helpers/fastpath.py's path (bf16
-  autocast + fused AdamW + foreach EMA; + channels_last with --channels-last on; + a
+  autocast + fused AdamW + foreach EMA; + channels_last with --channels-last; + a
   torch.compile row with --compile). The ablation rows add one component at a time to eager,
   and time the fast path with the other memory format.
 - sampling: DDPM-250 and DDIM-50 with classifier-free guidance (scale 1.5; the batch holds n images
@@ -887,7 +887,7 @@ def markdown_report(res):
                  f"latency per image = batch latency / images"
                  + ("; **extrapolated** = median step time x steps" if a["sample_steps_scale"] < 1 else ""))
     lines.append("- fast = bf16 autocast + fused AdamW + foreach EMA"
-                 + (" + channels_last" if a["fast_channels_last"] else " (NCHW; --channels-last on adds channels_last)")
+                 + (" + channels_last" if a["fast_channels_last"] else " (NCHW; --channels-last adds channels_last)")
                  + (" (+ torch.compile row)" if a["compile"] else ""))
     if basis == "cpu":
         lines.append("- **ratios (`vs eager`, DiC/DiT) use process CPU time**: with one thread it counts the "
@@ -1010,10 +1010,8 @@ def parse_args(argv=None):
     p.add_argument("--min-sample-steps", type=int, default=5, help="timed steps at least, when extrapolating")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default 1 on cpu for steady numbers; torch's default on cuda)")
-    p.add_argument("--channels-last", choices=["on", "off"], default="off",
-                   help="channels_last in the fast path (default off: slower for DiC on CPU, where "
-                        "GroupNorm's NHWC kernels are slow; unmeasured on CUDA); the ablation rows time "
-                        "the other choice")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="channels_last in the fast path (default off; the ablation rows time the other choice)")
     p.add_argument("--compile", action="store_true", help="also time fast path + torch.compile")
     p.add_argument("--no-ablation", dest="ablation", action="store_false",
                    help="skip the one-component-at-a-time training rows")
@@ -1042,8 +1040,8 @@ def parse_args(argv=None):
                    help="batch of the gradient checkpointing forward + backward (default cpu 1, cuda 32)")
     p.add_argument("--gc-iters", type=int, default=None,
                    help="timed forward + backward pairs of the gradient checkpointing rows (default cpu 2, cuda 5)")
-    p.add_argument("--tf32", choices=["on", "off"], default="on",
-                   help="CUDA: TF32 for the fp32 rows (on = the official DiT/DiC training setting)")
+    p.add_argument("--precision", choices=["tf32", "fp32"], default="tf32",
+                   help="the eager rows' precision, as the trainers' --precision (fast rows: bf16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="dense bf16 peak of the device for the MFU column (default: known GPUs, e.g. H100 989)")
@@ -1075,7 +1073,7 @@ def parse_args(argv=None):
     if args.image_size % 8:
         p.error(f"--image-size {args.image_size} is not a multiple of 8 (the VAE downsamples by 8)")
     args.latent_size = args.image_size // 8
-    args.fast_channels_last = args.channels_last == "on"
+    args.fast_channels_last = bool(args.channels_last)
     args.extra_config_list = [c.strip() for c in args.extra_configs.split(",") if c.strip()]
     known = [c for c in train_configs(args) if c != "fast + compile"]
     if any(c not in known for c in args.extra_config_list):
@@ -1115,7 +1113,7 @@ def main(argv=None):
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    configure_tf32(args.tf32 == "on")
+    configure_tf32(args.precision == "tf32")
     machine = describe_machine(device, torch.get_num_threads())
     res = {"command": " ".join(["python", "bench/bench.py"] + (sys.argv[1:] if argv is None else list(argv))),
            "machine": machine,
