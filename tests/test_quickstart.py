@@ -69,7 +69,7 @@ def check_figures(figures, out, num_samples, steps):
 
 def test_quickstart_writes_grid_curve_and_figures(tmp_path):
     import quickstart
-    out, run_dir = run_quickstart(tmp_path, "--steps", "6", "--log-every", "2", "--batch-size", "16",
+    out, run_dir = run_quickstart(tmp_path, "--objective", "ddpm", "--steps", "6", "--log-every", "2", "--batch-size", "16",
                                   "--samples-per-class", "2", "--sampling-steps", "3")
     assert (run_dir / "checkpoints" / "0000006.pt").is_file()
 
@@ -82,7 +82,7 @@ def test_quickstart_writes_grid_curve_and_figures(tmp_path):
 
     figures = json.loads((run_dir / "quality.json").read_text())
     check_figures(figures, out, num_samples=20, steps=6)
-    # The defaults of the DDPM objective are recorded.
+    # The DDPM objective's sampler defaults are recorded.
     assert figures["objective"] == "ddpm" and figures["sampler"] == quickstart.SAMPLER_DEFAULTS["ddpm"][0]
     assert figures["cfg_scale"] == quickstart.CFG_DEFAULTS["ddpm"] and figures["sampling_steps"] == 3
 
@@ -105,10 +105,11 @@ def test_quickstart_trains_and_samples_flow_matching(tmp_path):
 
 def test_quickstart_sampler_follows_the_objective():
     import quickstart
-    ddpm, sit = quickstart.parse_args([]), quickstart.parse_args(["--objective", "sit"])
+    assert quickstart.parse_args([]).objective == "sit"
+    ddpm, sit = quickstart.parse_args(["--objective", "ddpm"]), quickstart.parse_args(["--objective", "sit"])
     assert (ddpm.sampler, ddpm.sampling_steps) == quickstart.SAMPLER_DEFAULTS["ddpm"]
     assert (sit.sampler, sit.sampling_steps) == quickstart.SAMPLER_DEFAULTS["sit"]
     assert quickstart.parse_args(["--objective", "sit", "--sampler", "euler", "--cfg-scale", "3"]).cfg_scale == 3.0
-    for wrong in (["--objective", "sit", "--sampler", "ddim"], ["--sampler", "heun"]):
+    for wrong in (["--objective", "sit", "--sampler", "ddim"], ["--objective", "ddpm", "--sampler", "heun"]):
         with pytest.raises(SystemExit):
             quickstart.parse_args(wrong)
