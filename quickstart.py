@@ -4,8 +4,8 @@ Quick start: DiC learns a class-conditional distribution on a laptop CPU, measur
     python quickstart.py
 
 Trains the tiny DiC (DiC-Tiny, not a paper variant) with the real train.py on scikit-learn's
-built-in digits (16x16 grey, 10 classes, pixel space: no VAE, no download) with flow matching
-(--objective sit, the default) or DDPM (--objective ddpm), samples every class through the same
+built-in digits (16x16 grey, 10 classes, pixel space: no VAE, no download) with DDPM
+(the default) or flow matching (--objective sit), samples every class through the same
 code as sample.py (no guidance by default; --cfg-scale adds it), and judges the samples with a
 classifier that never saw a generated image (helpers/quality.py). It writes, in the run folder
 `<results-dir>/<NNN>-DiC-Tiny/`:
@@ -185,10 +185,9 @@ def parse_args(argv=None):
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--model", default="DiC-Tiny")
     parser.add_argument("--image-size", type=int, default=16)
-    parser.add_argument("--objective", choices=["ddpm", "sit"], default="sit",
-                        help="sit (default): SiT's flow matching, better samples at equal steps and a 25-step "
-                             "ODE sampler; ddpm: DiT's diffusion (the sampler follows)")
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--objective", choices=["ddpm", "sit"], default="ddpm",
+                        help="ddpm: DiT's diffusion; sit: SiT's flow matching (the sampler follows)")
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3,
                         help="higher than the paper's 1e-4: a 1M-parameter model on 1,438 images")

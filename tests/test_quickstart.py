@@ -105,7 +105,7 @@ def test_quickstart_trains_and_samples_flow_matching(tmp_path):
 
 def test_quickstart_sampler_follows_the_objective():
     import quickstart
-    assert quickstart.parse_args([]).objective == "sit"
+    assert quickstart.parse_args([]).objective == "ddpm"
     ddpm, sit = quickstart.parse_args(["--objective", "ddpm"]), quickstart.parse_args(["--objective", "sit"])
     assert (ddpm.sampler, ddpm.sampling_steps) == quickstart.SAMPLER_DEFAULTS["ddpm"]
     assert (sit.sampler, sit.sampling_steps) == quickstart.SAMPLER_DEFAULTS["sit"]
