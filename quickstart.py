@@ -4,8 +4,9 @@ Quick start: DiC learns a class-conditional distribution on a laptop CPU, measur
     python quickstart.py
 
 Trains the tiny DiC (DiC-Tiny, not a paper variant) with the real train.py on scikit-learn's
-built-in digits (16x16 grey, 10 classes, pixel space: no VAE, no download), samples every class
-with classifier-free guidance through the same code as sample.py, and judges the samples with a
+built-in digits (16x16 grey, 10 classes, pixel space: no VAE, no download) with DDPM
+(the default) or flow matching (--objective sit), samples every class through the same
+code as sample.py (no guidance by default; --cfg-scale adds it), and judges the samples with a
 classifier that never saw a generated image (helpers/quality.py). It writes, in the run folder
 `<results-dir>/<NNN>-DiC-Tiny/`:
     samples.png       one row per class (0..9), --samples-per-class images each
@@ -13,8 +14,9 @@ classifier that never saw a generated image (helpers/quality.py). It writes, in 
     quality.json      the figures printed at the end
 and prints the judge's held-out accuracy, the class accuracy of the samples and the Fréchet
 distance (judge's feature space) of the samples to real held-out digits, next to the same
-distance between two real splits (the floor). Every step is seeded: a rerun prints the same
-figures on the same machine.
+distance between two real splits (the floor), and how close the samples lie to their nearest
+training digit next to real held-out digits (copies of the training set would lie much closer).
+Every step is seeded: a rerun prints the same figures on the same machine.
 """
 import argparse
 import json
@@ -30,17 +32,33 @@ from helpers.files import atomic_write_text
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+# The quick start's recipe for DiC-Tiny on digits (see parse_args for the tunable flags).
+# Objective-dependent defaults: the sampler and its steps, and the guidance scale.
+SAMPLER_DEFAULTS = {"ddpm": ("ddpm", 100), "sit": ("euler", 25)}
+CFG_DEFAULTS = {"ddpm": 1.0, "sit": 1.0}
+# --sampler for each objective: DDPM checkpoints use sample.py's --sampler; flow-matching (SiT)
+# checkpoints its ODE (--mode ode --sampling-method ...) or SDE (--mode sde) sampler.
+SIT_SAMPLERS = {"euler": ["--mode", "ode", "--sampling-method", "euler"],
+                "heun": ["--mode", "ode", "--sampling-method", "heun2"],
+                "dopri5": ["--mode", "ode", "--sampling-method", "dopri5"],
+                "sde": ["--mode", "sde", "--sampling-method", "Euler"]}
+DDPM_SAMPLERS = ("ddpm", "ddim", "dpm-solver")
+# Model width: DiC-Tiny's own (overrides would go here as --network_g__<keyword>=<value>).
+MODEL_OVERRIDES = []
+
+
 def train_model(args):
     """Run train.py exactly as a user would; returns the new run folder."""
     from helpers.runs import list_runs
     before = set(list_runs(args.results_dir))
     command = [sys.executable, os.path.join(HERE, "train.py"), "--dataset", args.dataset,
                "--model", args.model, "--image-size", str(args.image_size),
+               "--objective", args.objective,
                "--global-batch-size", str(args.batch_size), "--lr", str(args.lr),
-               "--ema-decay", str(args.ema_decay), "--max-steps", str(args.steps),
+               "--ema-decay", str(args.ema_decay), "--ema-warmup", "--max-steps", str(args.steps),
                "--ckpt-every", str(args.steps), "--log-every", str(args.log_every),
                "--results-dir", args.results_dir, "--global-seed", str(args.seed),
-               "--num-workers", "0", "--precision", "fp32"]
+               "--num-workers", "0", "--precision", "fp32", *MODEL_OVERRIDES]
     print("$ " + " ".join(command[1:]), flush=True)
     subprocess.run(command, check=True)
     new_runs = [run for run in list_runs(args.results_dir) if run not in before]
@@ -55,7 +73,7 @@ def sample_every_class(checkpoint_path, args):
     import sample
     from helpers.sampling import build_model, generate, grid_noise, make_sampling, read_checkpoint, resolve_settings
     settings = sample.parse_args(["--ckpt", checkpoint_path, "--cfg-scale", str(args.cfg_scale),
-                                  "--sampler", args.sampler, "--num-sampling-steps", str(args.sampling_steps)])
+                                  *sampler_flags(args), "--num-sampling-steps", str(args.sampling_steps)])
     checkpoint, state_dict = read_checkpoint(checkpoint_path, "ema")
     resolve_settings(settings, checkpoint, state_dict, log=lambda message: None)
     model, vae = build_model(settings, state_dict, torch.device("cpu"))
@@ -67,6 +85,24 @@ def sample_every_class(checkpoint_path, args):
     return images.clamp(-1, 1), labels
 
 
+def sampler_flags(args):
+    """sample.py's flags for the quick start's --sampler."""
+    return SIT_SAMPLERS[args.sampler] if args.objective == "sit" else ["--sampler", args.sampler]
+
+
+def nearest_neighbours(images, args):
+    """Memorisation check: median L2 distance (pixels in [-1, 1]) from each sample to its nearest
+    training digit, next to the same for real held-out digits. Samples much closer to the
+    training set than held-out digits are would be copies of it."""
+    from helpers.images import builtin_dataset
+    train = builtin_dataset(args.dataset, "train", args.image_size).images
+    test = builtin_dataset(args.dataset, "test", args.image_size).images
+    flat = lambda x: torch.as_tensor(x).reshape(len(x), -1).double()  # noqa: E731
+    nearest = lambda x: torch.cdist(flat(x), flat(train)).min(dim=1).values.median().item()  # noqa: E731
+    return {"nn_train_distance_samples": round(nearest(images), 4),
+            "nn_train_distance_heldout": round(nearest(test), 4)}
+
+
 def save_grid(images, samples_per_class, path, upscale=4):
     """One row per class, each image enlarged `upscale` times (nearest) so digits are visible."""
     from torchvision.utils import save_image
@@ -75,7 +111,7 @@ def save_grid(images, samples_per_class, path, upscale=4):
                pad_value=1.0)
 
 
-def plot_losses(losses_csv, path):
+def plot_losses(losses_csv, path, objective="ddpm"):
     """The loss logged by train.py (averaged over each --log-every window), on a log scale."""
     import matplotlib
     matplotlib.use("Agg")
@@ -85,10 +121,10 @@ def plot_losses(losses_csv, path):
     figure, axis = plt.subplots(figsize=(6, 3.5), dpi=100)
     axis.plot(steps, losses, marker=".")
     axis.set_xlabel("step")
-    axis.set_ylabel("train loss (mse + vb)")
+    axis.set_ylabel("train loss (mse + vb)" if objective == "ddpm" else "train loss (velocity mse)")
     axis.set_yscale("log")
     axis.grid(alpha=0.3)
-    axis.set_title("DiC-Tiny on digits")
+    axis.set_title(f"DiC-Tiny on digits ({objective})")
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -111,18 +147,20 @@ def main(args):
     trained = time.time()
 
     print(f"Sampling {args.samples_per_class} images of each class "
-          f"({args.sampler}, {args.sampling_steps} steps, cfg {args.cfg_scale}) ...", flush=True)
+          f"({args.objective}: {args.sampler}, {args.sampling_steps} steps, cfg {args.cfg_scale}) ...", flush=True)
     images, labels = sample_every_class(checkpoint_path, args)
     grid_path = os.path.join(run_dir, "samples.png")
     save_grid(images, args.samples_per_class, grid_path)
     curve_path = os.path.join(run_dir, "loss_curve.png")
-    plot_losses(os.path.join(run_dir, "losses.csv"), curve_path)
+    plot_losses(os.path.join(run_dir, "losses.csv"), curve_path, args.objective)
     sampled = time.time()
 
     figures = judge(images, labels, args)
+    figures.update(nearest_neighbours(images, args))
     figures.update(train_seconds=round(trained - start, 1), sample_seconds=round(sampled - trained, 1),
-                   total_seconds=round(time.time() - start, 1), steps=args.steps,
-                   cfg_scale=args.cfg_scale, sampler=args.sampler, sampling_steps=args.sampling_steps)
+                   total_seconds=round(time.time() - start, 1), objective=args.objective, steps=args.steps,
+                   batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay, cfg_scale=args.cfg_scale,
+                   sampler=args.sampler, sampling_steps=args.sampling_steps)
     quality_path = os.path.join(run_dir, "quality.json")
     atomic_write_text(quality_path, json.dumps(figures, indent=2) + "\n")
 
@@ -133,6 +171,9 @@ def main(args):
     print(f"Frechet distance in the judge's features: samples vs real held-out "
           f"{figures['frechet_samples_vs_test']:.2f}; floor, real train vs real held-out "
           f"{figures['frechet_train_vs_test']:.2f}")
+    print(f"Nearest training digit (median L2 distance): samples "
+          f"{figures['nn_train_distance_samples']:.2f}; real held-out {figures['nn_train_distance_heldout']:.2f} "
+          f"(samples much closer than held-out digits would be copies)")
     print(f"Wrote {grid_path}, {curve_path} and {quality_path} "
           f"({figures['total_seconds']:.0f} s in all)")
     return figures
@@ -144,7 +185,9 @@ def parse_args(argv=None):
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--model", default="DiC-Tiny")
     parser.add_argument("--image-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--objective", choices=["ddpm", "sit"], default="ddpm",
+                        help="ddpm: DiT's diffusion; sit: SiT's flow matching (the sampler follows)")
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3,
                         help="higher than the paper's 1e-4: a 1M-parameter model on 1,438 images")
@@ -152,11 +195,25 @@ def parse_args(argv=None):
                         help="shorter than the paper's 0.9999, which averages over ~10k steps")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--samples-per-class", type=int, default=10)
-    parser.add_argument("--cfg-scale", type=float, default=4.0)
-    parser.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    parser.add_argument("--sampling-steps", type=int, default=100)
+    parser.add_argument("--cfg-scale", type=float, default=None,
+                        help="classifier-free guidance; 1 = none (default: " +
+                             ", ".join(f"{k} {v}" for k, v in CFG_DEFAULTS.items()) + ")")
+    parser.add_argument("--sampler", default=None,
+                        help=f"ddpm: {'|'.join(DDPM_SAMPLERS)}; sit: {'|'.join(SIT_SAMPLERS)} (ODE, or SDE) "
+                             "(default: " + ", ".join(f"{k} {v[0]}" for k, v in SAMPLER_DEFAULTS.items()) + ")")
+    parser.add_argument("--sampling-steps", type=int, default=None,
+                        help="default: " + ", ".join(f"{k} {v[1]}" for k, v in SAMPLER_DEFAULTS.items()))
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    sampler, steps = SAMPLER_DEFAULTS[args.objective]
+    args.sampler = args.sampler or sampler
+    args.sampling_steps = args.sampling_steps or steps
+    args.cfg_scale = CFG_DEFAULTS[args.objective] if args.cfg_scale is None else args.cfg_scale
+    allowed = DDPM_SAMPLERS if args.objective == "ddpm" else tuple(SIT_SAMPLERS)
+    if args.sampler not in allowed:
+        parser.error(f"--sampler {args.sampler} does not sample --objective {args.objective}: "
+                     f"choose one of {', '.join(allowed)}")
+    return args
 
 
 if __name__ == "__main__":
