@@ -57,8 +57,10 @@ def repa_args(paired, weights, results, *extra):
             "--log-every", "1", "--ckpt-every", "2", *map(str, extra)]
 
 
-@pytest.mark.parametrize("script,objective", [("train.py", "ddpm"), ("train.py", "sit"),
-                                              ("train_accelerate.py", "ddpm"), ("train_accelerate.py", "sit")])
+@pytest.mark.parametrize("script,objective", [
+    ("train.py", "ddpm"), ("train_accelerate.py", "sit"),
+    pytest.param("train.py", "sit", marks=pytest.mark.slow),             # the other two pairs: slow (CI time)
+    pytest.param("train_accelerate.py", "ddpm", marks=pytest.mark.slow)])
 def test_repa_two_process_resume_is_bit_identical(tmp_path, paired, vit_weights, script, objective):
     env = {"ACCELERATE_USE_CPU": "true"} if script == "train_accelerate.py" else None
     common = ["--objective", objective]
