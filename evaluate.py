@@ -58,10 +58,7 @@ def _check_output(path, overwrite):
         raise JobError(f"{path} already exists: refusing to overwrite it (pass --overwrite "
                               f"or choose another output)")
     if path is not None:
-        try:
-            check_writable(path, folder=False, keep_folder=False)
-        except JobError as e:
-            raise JobError(str(e)) from e
+        check_writable(path, folder=False, keep_folder=False)
 
 
 def evaluate(args, extractor):

@@ -25,20 +25,8 @@ def create_transport(path_type="Linear", prediction="velocity", loss_weight=None
         sample_eps default applies only when train_eps is None too: passing train_eps alone
         leaves sample_eps None, which breaks sampling with that transport.
     """
-    if prediction == "noise":
-        model_type = ModelType.NOISE
-    elif prediction == "score":
-        model_type = ModelType.SCORE
-    else:
-        model_type = ModelType.VELOCITY
-
-    if loss_weight == "velocity":
-        loss_type = WeightType.VELOCITY
-    elif loss_weight == "likelihood":
-        loss_type = WeightType.LIKELIHOOD
-    else:
-        loss_type = WeightType.NONE
-
+    model_type = {"noise": ModelType.NOISE, "score": ModelType.SCORE}.get(prediction, ModelType.VELOCITY)
+    loss_type = {"velocity": WeightType.VELOCITY, "likelihood": WeightType.LIKELIHOOD}.get(loss_weight, WeightType.NONE)
     path_type = {"Linear": PathType.LINEAR, "GVP": PathType.GVP, "VP": PathType.VP}[path_type]
 
     if path_type == PathType.VP:
