@@ -23,8 +23,8 @@ Examples:
 import argparse
 import sys
 
-from helpers.cli import JobError, one_line, run_main
-from helpers.latents import PackedSetExistsError, pack_latents, read_packed_info
+from helpers.utils.cli import JobError, one_line, run_main
+from helpers.data.latents import PackedSetExistsError, pack_latents, read_packed_info
 
 
 def main(args):

@@ -2,7 +2,7 @@
 
 The metrics are those of ADM's evaluation suite (openai/guided-diffusion, evaluations/
 evaluator.py), which DiT and DiC report, computed in PyTorch with torch-fidelity's port of the
-same TF InceptionV3; see helpers/evaluation.py for how each maps to ADM and where it differs.
+same TF InceptionV3; see helpers/evaluation/metrics.py for how each maps to ADM and where it differs.
 
 Evaluate (prints ADM's five lines; --json also writes them, atomically, never over a file):
     python evaluate.py VIRTUAL_imagenet256_labeled.npz samples.npz \\
@@ -35,14 +35,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from helpers.cli import JobError, run_main
-from helpers.evaluation import (IS_SPLIT_SIZE, PR_BATCH_SIZE, PR_NEIGHBOURS, load_extractor,
+from helpers.utils.cli import JobError, run_main
+from helpers.evaluation.metrics import (IS_SPLIT_SIZE, PR_BATCH_SIZE, PR_NEIGHBOURS, load_extractor,
                                 NpzImages, RunningStatistics,
                                 compute_activations, compute_statistics, frechet_distance,
                                 inception_score, precision_recall, read_npz_statistics,
                                 save_json_atomic, save_npz_atomic)
-from helpers.files import check_writable
-from helpers.images import IMG_EXTENSIONS, center_crop_arr, load_image
+from helpers.utils.files import check_writable
+from helpers.data.images import IMG_EXTENSIONS, center_crop_arr, load_image
 
 METRIC_NAMES = ("Inception Score", "FID", "sFID", "Precision", "Recall")  # ADM's printed names
 MIN_IMAGES = PR_NEIGHBOURS + 1   # a k=3 manifold needs 4 points; covariances need 2
@@ -127,7 +127,7 @@ def evaluate(args, extractor):
 
 def list_images(root):
     """Image files under `root` (recursively, sorted; flat folders and class folders alike, unlike
-    helpers.images.find_images, which needs class folders)."""
+    helpers.data.images.find_images, which needs class folders)."""
     files = []
     for folder, dirs, names in os.walk(root, followlinks=True):
         dirs.sort()

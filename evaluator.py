@@ -12,7 +12,7 @@ import argparse
 import sys
 
 import evaluate
-from helpers.cli import run_main
+from helpers.utils.cli import run_main
 
 
 def build_parser():

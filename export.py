@@ -20,12 +20,12 @@ import sys
 import numpy as np
 import torch
 
-from helpers.checkpoint import SAFETENSORS_EXT, atomic_save, extract_state_dict, load_checkpoint_file
-from helpers.cli import JobError, one_line, run_main
-from helpers.files import atomic_write
-from helpers.models import model_names
-from helpers.objectives import create_objective, objective_of_checkpoint
-from helpers.runs import plain_rng_state, saved_args
+from helpers.utils.checkpoint import SAFETENSORS_EXT, atomic_save, extract_state_dict, load_checkpoint_file
+from helpers.utils.cli import JobError, one_line, run_main
+from helpers.utils.files import atomic_write
+from helpers.utils.models import model_names
+from helpers.training.objectives import create_objective, objective_of_checkpoint
+from helpers.training.runs import plain_rng_state, saved_args
 
 EXPORT_FORMAT = "dic-export-1"
 # The saved training flags a sampler needs to rebuild the model and its data space.

@@ -51,21 +51,21 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from helpers.cli import JobError, agree, one_line, run_main
-from helpers.distributed import barrier, cleanup_distributed, is_distributed, setup_distributed
-from helpers.files import atomic_write_text, check_writable, remove_stale_temps
-from helpers.images import ImageFolderDataset
-from helpers.locks import RunLock
-from helpers.seeds import generator
-from helpers.latents import PACKED_INFO, file_names, layout_dirs, layout_prefix, pack_latents, \
+from helpers.utils.cli import JobError, agree, one_line, run_main
+from helpers.utils.distributed import barrier, cleanup_distributed, is_distributed, setup_distributed
+from helpers.utils.files import atomic_write_text, check_writable, remove_stale_temps
+from helpers.data.images import ImageFolderDataset
+from helpers.utils.locks import RunLock
+from helpers.utils.seeds import generator
+from helpers.data.latents import PACKED_INFO, file_names, layout_dirs, layout_prefix, pack_latents, \
     packed_dir, pair_is_complete, read_packed_names, remove_partial_files, write_latent
-from helpers.vae import downsample_factor, encode, latent_channels, latent_scale, load_vae
+from helpers.data.vae import downsample_factor, encode, latent_channels, latent_scale, load_vae
 
 META_SUFFIX = "_extract.json"   # <features-path>/<prefix>_extract.json: what the latents were made with
 # Settings that change the latents: a resumed run must use the same ones.
 META_KEYS = ("seed_rule", "vae", "image_size", "global_seed", "latent_shape", "latent_scale",
              "num_images", "classes")
-SEED_RULE = "derive_seed"       # each image's noise: helpers.seeds.generator(seed, index, flipped)
+SEED_RULE = "derive_seed"       # each image's noise: helpers.utils.seeds.generator(seed, index, flipped)
 
 
 #################################################################################
@@ -74,7 +74,7 @@ SEED_RULE = "derive_seed"       # each image's noise: helpers.seeds.generator(se
 
 def image_generator(global_seed, index, flipped):
     """A CPU generator for one image's posterior noise, the same on every run and device (the
-    project's one seed rule, helpers.seeds.derive_seed)."""
+    project's one seed rule, helpers.utils.seeds.derive_seed)."""
     return generator(global_seed, index, int(flipped))
 
 

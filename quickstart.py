@@ -7,7 +7,7 @@ Trains the tiny DiC (DiC-Tiny, not a paper variant) with the real train.py on sc
 built-in digits (16x16 grey, 10 classes, pixel space: no VAE, no download) with DDPM
 (the default) or flow matching (--objective sit), samples every class through the same
 code as sample.py (no guidance by default; --cfg-scale adds it), and judges the samples with a
-classifier that never saw a generated image (helpers/quality.py). It writes, in the run folder
+classifier that never saw a generated image (helpers/evaluation/quality.py). It writes, in the run folder
 `<results-dir>/<NNN>-DiC-Tiny/`:
     samples.png       one row per class (0..9), --samples-per-class images each
     loss_curve.png    the training loss logged by train.py
@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from helpers.files import atomic_write_text
+from helpers.utils.files import atomic_write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -49,7 +49,7 @@ MODEL_OVERRIDES = []
 
 def train_model(args):
     """Run train.py exactly as a user would; returns the new run folder."""
-    from helpers.runs import list_runs
+    from helpers.training.runs import list_runs
     before = set(list_runs(args.results_dir))
     command = [sys.executable, os.path.join(HERE, "train.py"), "--dataset", args.dataset,
                "--model", args.model, "--image-size", str(args.image_size),
@@ -71,7 +71,7 @@ def train_model(args):
 def sample_every_class(checkpoint_path, args):
     """(images (N, C, H, W) in [-1, 1], labels (N,)): --samples-per-class of each class, class-major."""
     import sample
-    from helpers.sampling import build_model, generate, grid_noise, make_sampling, read_checkpoint, resolve_settings
+    from helpers.sampling.setup import build_model, generate, grid_noise, make_sampling, read_checkpoint, resolve_settings
     settings = sample.parse_args(["--ckpt", checkpoint_path, "--cfg-scale", str(args.cfg_scale),
                                   *sampler_flags(args), "--num-sampling-steps", str(args.sampling_steps)])
     checkpoint, state_dict = read_checkpoint(checkpoint_path, "ema")
@@ -94,7 +94,7 @@ def nearest_neighbours(images, args):
     """Memorisation check: median L2 distance (pixels in [-1, 1]) from each sample to its nearest
     training digit, next to the same for real held-out digits. Samples much closer to the
     training set than held-out digits are would be copies of it."""
-    from helpers.images import builtin_dataset
+    from helpers.data.images import builtin_dataset
     train = builtin_dataset(args.dataset, "train", args.image_size).images
     test = builtin_dataset(args.dataset, "test", args.image_size).images
     flat = lambda x: torch.as_tensor(x).reshape(len(x), -1).double()  # noqa: E731
@@ -116,7 +116,7 @@ def plot_losses(losses_csv, path, objective="ddpm"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from helpers.log import read_losses
+    from helpers.utils.log import read_losses
     steps, losses = read_losses(losses_csv)
     figure, axis = plt.subplots(figsize=(6, 3.5), dpi=100)
     axis.plot(steps, losses, marker=".")
@@ -131,9 +131,9 @@ def plot_losses(losses_csv, path, objective="ddpm"):
 
 
 def judge(images, labels, args):
-    """Quality figures of the samples against the real digits (helpers/quality.py)."""
-    from helpers.images import builtin_dataset
-    from helpers.quality import evaluate_samples
+    """Quality figures of the samples against the real digits (helpers/evaluation/quality.py)."""
+    from helpers.data.images import builtin_dataset
+    from helpers.evaluation.quality import evaluate_samples
     train = builtin_dataset(args.dataset, "train", args.image_size)
     test = builtin_dataset(args.dataset, "test", args.image_size)
     return evaluate_samples(images, labels, train.images, train.labels, test.images, test.labels,

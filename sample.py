@@ -17,11 +17,11 @@ import sys
 import torch
 from torchvision.utils import save_image
 
-from helpers.cli import JobError, run_main
-from helpers.distributed import setup_distributed
-from helpers.files import atomic_write
-from helpers.files import check_writable
-from helpers.sampling import (DIT_DEFAULT_LABELS, add_model_args, add_sampling_args, add_speed_args,
+from helpers.utils.cli import JobError, run_main
+from helpers.utils.distributed import setup_distributed
+from helpers.utils.files import atomic_write
+from helpers.utils.files import check_writable
+from helpers.sampling.setup import (DIT_DEFAULT_LABELS, add_model_args, add_sampling_args, add_speed_args,
                               build_model, check_common_args, generate, grid_noise, make_sampling,
                               parse_with_model_overrides, read_checkpoint, resolve_settings, setup_speed)
 

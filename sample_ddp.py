@@ -31,13 +31,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from helpers.cli import JobError, agree, run_main
-from helpers.distributed import barrier, cleanup_distributed, setup_distributed
-from helpers.files import atomic_write, atomic_write_text, check_writable, remove_stale_temps
-from helpers.locks import RunLock
-from helpers.sample_files import npz_shape, png_name, write_npz_from_pngs
-from helpers.samplers import sampler_name, sampler_settings
-from helpers.sampling import (IndexNoise, add_model_args, add_sampling_args, add_speed_args, build_model,
+from helpers.utils.cli import JobError, agree, run_main
+from helpers.utils.distributed import barrier, cleanup_distributed, setup_distributed
+from helpers.utils.files import atomic_write, atomic_write_text, check_writable, remove_stale_temps
+from helpers.utils.locks import RunLock
+from helpers.sampling.sample_files import npz_shape, png_name, write_npz_from_pngs
+from helpers.sampling.samplers import sampler_name, sampler_settings
+from helpers.sampling.setup import (IndexNoise, add_model_args, add_sampling_args, add_speed_args, build_model,
                               check_common_args, clips_denoised, describe_speed, draw_labels, generate,
                               make_sampling, parse_with_model_overrides, read_checkpoint, resolve_settings,
                               setup_speed, to_uint8_rgb)
@@ -45,7 +45,7 @@ from helpers.sampling import (IndexNoise, add_model_args, add_sampling_args, add
 SETTINGS_FILE = "sampling_settings.json"
 # What older settings files implied for keys they lack (their noise came from another seed rule).
 LEGACY_SETTINGS = {"precision": "tf32", "clip_denoised": False, "seed_rule": "seedsequence"}
-SEED_RULE = "derive_seed"   # helpers.seeds: image i's generator is generator(global seed, i)
+SEED_RULE = "derive_seed"   # helpers.utils.seeds: image i's generator is generator(global seed, i)
 
 
 def folder_name(args):

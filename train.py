@@ -23,16 +23,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from helpers import train_flags, training
-from helpers.cli import EXIT_RUN_FAILED, JobError, run_main
-from helpers.distributed import cleanup_distributed, is_distributed, setup_distributed
-from helpers.fastpath import ema_update
-from helpers.log import RunLogger, ThroughputMeter
-from helpers.monitor import Monitor
-from helpers.objectives import per_sample_draws
-from helpers.runs import checkpoint_path, restore_rng_state, save_checkpoint
-from helpers.seeds import derive_seed, seed_everything
-from helpers.vae import encode
+from helpers.training import flags as train_flags, setup as training
+from helpers.utils.cli import EXIT_RUN_FAILED, JobError, run_main
+from helpers.utils.distributed import cleanup_distributed, is_distributed, setup_distributed
+from helpers.utils.fastpath import ema_update
+from helpers.utils.log import RunLogger, ThroughputMeter
+from helpers.training.monitor import Monitor
+from helpers.training.objectives import per_sample_draws
+from helpers.training.runs import checkpoint_path, restore_rng_state, save_checkpoint
+from helpers.utils.seeds import derive_seed, seed_everything
+from helpers.data.vae import encode
 
 
 class DDPEngine:

@@ -18,9 +18,9 @@ from contextlib import nullcontext
 from accelerate import Accelerator
 
 import train
-from helpers import training
-from helpers.cli import run_main
-from helpers.distributed import DistInfo, cleanup_distributed
+from helpers.training import setup as training
+from helpers.utils.cli import run_main
+from helpers.utils.distributed import DistInfo, cleanup_distributed
 
 
 class AccelerateEngine:

@@ -9,7 +9,7 @@ latent loading, in one run, with markdown tables (and --json).
 What is timed (warm-up iterations excluded, median of the timed ones):
 - training: one step as train.py does it: t ~ U{0..999}, diffusion.training_losses (eps MSE + VB,
   learned sigma), backward, AdamW step, EMA update. "eager" is DiT's recipe (fp32, NCHW,
-  torch.optim.AdamW defaults, per-parameter EMA); "fast" is helpers/fastpath.py's path (bf16
+  torch.optim.AdamW defaults, per-parameter EMA); "fast" is helpers/utils/fastpath.py's path (bf16
   autocast + fused AdamW + foreach EMA; + channels_last with --channels-last; + a
   torch.compile row with --compile). The ablation rows add one component at a time to eager,
   and time the fast path with the other memory format.
@@ -24,7 +24,7 @@ What is timed (warm-up iterations excluded, median of the timed ones):
   (conv, linear and attention matmuls; MACs = FLOPs / 2), checked against the papers' numbers.
 - flow matching: the SiT step (Linear path, velocity, learn_sigma=False model) vs the DDPM step,
   same batch and config, timed in turns (--extra-configs picks the configs of this and the next two).
-- SiT sampling: helpers.samplers.ReverseProcess, ODE dopri5 / euler-50 / heun2-50 and SDE
+- SiT sampling: helpers.sampling.samplers.ReverseProcess, ODE dopri5 / euler-50 / heun2-50 and SDE
   Euler-250, CFG as above; NFE counted; on CPU a short solve is timed and scaled by the full NFE.
   With random weights dopri5's NFE says nothing about a trained model's.
 - REPA: SiT step vs SiT + REPA step (DINOv2 encoder with random weights on the batch's images,
@@ -57,11 +57,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from diffusion import create_diffusion  # noqa: E402
-from helpers.fastpath import (adamw_implementation, autocast_forward, channels_last_input,  # noqa: E402
+from helpers.utils.fastpath import (adamw_implementation, autocast_forward, channels_last_input,  # noqa: E402
                               configure_tf32, ema_update, ema_update_reference, make_adamw,
                               maybe_compile, to_channels_last)
-from helpers.files import atomic_write_text  # noqa: E402
-from helpers.models import create_model, model_names  # noqa: E402
+from helpers.utils.files import atomic_write_text  # noqa: E402
+from helpers.utils.models import create_model, model_names  # noqa: E402
 
 QUICK_MODELS = ["DiC-S", "DiT-S/2"]
 ALL_MODELS = ["DiC-S", "DiC-B", "DiC-XL", "DiC-H", "DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2"]
@@ -443,7 +443,7 @@ def train_batch(args, device, n, channels_last=False):
 def bench_sit_train(name, cfg, args, device):
     """DDPM step (learned sigma, as train.py) vs SiT flow-matching step (Linear, velocity,
     learn_sigma=False), same batch and config, timed in turns."""
-    from helpers.objectives import DDPM, SiT
+    from helpers.training.objectives import DDPM, SiT
     torch.manual_seed(args.seed)
     steps = {}
     for label, objective, learn_sigma in (("DDPM", DDPM(), True), ("SiT", SiT("Linear", "velocity"), False)):
@@ -484,12 +484,12 @@ def count_calls(fn):
 
 
 def bench_sit_sample(name, cfg, args, device):
-    """Latency per image of SiT's ODE/SDE solvers (helpers.samplers.ReverseProcess, CFG as the DDPM
+    """Latency per image of SiT's ODE/SDE solvers (helpers.sampling.samplers.ReverseProcess, CFG as the DDPM
     rows) for a learn_sigma=False model; with --sample-steps-scale < 1 a short solve is timed and
     scaled by the NFE of the full one (counted on a free zero field where the model's is zero)."""
-    from helpers.objectives import SiT
-    from helpers.samplers import ReverseProcess
-    from helpers.sampling import IndexNoise, make_model_fn
+    from helpers.training.objectives import SiT
+    from helpers.sampling.samplers import ReverseProcess
+    from helpers.sampling.setup import IndexNoise, make_model_fn
     torch.manual_seed(args.seed)
     model = create_model(name, input_size=args.latent_size, learn_sigma=False).to(device).eval()
     model_fn = make_model_fn(model, CFG_SCALE, precision=cfg["precision"], channels_last=cfg["channels_last"],
@@ -551,8 +551,8 @@ def bench_repa(name, cfg, args, device):
     projector), and the encoder forward alone, timed in turns on the same batch."""
     import timm
 
-    from helpers.objectives import SiT
-    from helpers.repa import ENCODERS, Projector, encoder_input_size, encoder_tokens, preprocess, projection_loss
+    from helpers.training.objectives import SiT
+    from helpers.training.repa import ENCODERS, Projector, encoder_input_size, encoder_tokens, preprocess, projection_loss
     timm_name, z_dim, _ = ENCODERS[args.repa_encoder]
     side = args.image_size                                   # encoder input 224 px per 256 px of image
     encoder = timm.create_model(timm_name, pretrained=False, img_size=encoder_input_size(side),
@@ -667,7 +667,7 @@ def bench_data(args):
             np.save(os.path.join(label_dir, file_name), labels[i])   # (1,) int64
         write_files_s = time.perf_counter() - t0
         bytes_per_file = os.path.getsize(os.path.join(feat_dir, names[0]))   # header + 4*L*L float32
-        # Packed: plain numpy (the repo's own packed format is timed below, via helpers.latents)
+        # Packed: plain numpy (the repo's own packed format is timed below, via helpers.data.latents)
         t0 = time.perf_counter()
         np.save(os.path.join(root, "latents.npy"), latents.reshape(num, 4, L, L))
         np.save(os.path.join(root, "labels.npy"), labels.reshape(num))
@@ -690,11 +690,11 @@ def bench_data(args):
 
         readers = {"per-file .npy (official layout), np.load per item": per_file,
                    "packed .npy (plain numpy), np.load(mmap_mode='r'), fancy-indexed batch": packed}
-        # The repo's own readers: helpers.latents.LatentFeatureDataset on both layouts, items
-        # collated into a batch as a DataLoader does (layout written by helpers.latents.pack_latents).
+        # The repo's own readers: helpers.data.latents.LatentFeatureDataset on both layouts, items
+        # collated into a batch as a DataLoader does (layout written by helpers.data.latents.pack_latents).
         from torch.utils.data import default_collate
 
-        from helpers.latents import LatentFeatureDataset, pack_latents
+        from helpers.data.latents import LatentFeatureDataset, pack_latents
         files_ds = LatentFeatureDataset(root, layout="files")
         files_ds.labels  # noqa: B018  (read the label files once, as training would)
         t0 = time.perf_counter()
@@ -704,9 +704,9 @@ def bench_data(args):
 
         def collate_from(dataset):
             return lambda idx: default_collate([dataset[int(i)] for i in idx])
-        readers["per-file via helpers.latents.LatentFeatureDataset (layout=files), per item + collate"] = \
+        readers["per-file via helpers.data.latents.LatentFeatureDataset (layout=files), per item + collate"] = \
             collate_from(files_ds)
-        readers["packed via helpers.latents.LatentFeatureDataset (layout=packed), per item + collate"] = \
+        readers["packed via helpers.data.latents.LatentFeatureDataset (layout=packed), per item + collate"] = \
             collate_from(packed_ds)
 
         for label, read in readers.items():
@@ -794,7 +794,7 @@ def extras_report(res, basis, by):
     sit_sample = [(n, c, r) for n, e in res["models"].items() for c, r in e.get("sit_sample", {}).items()]
     if sit_sample:
         lines += ["### SiT ODE/SDE sampling latency per image", "",
-                  f"helpers.samplers.ReverseProcess with sample.py's SiT defaults (atol 1e-6, rtol 1e-3; SDE "
+                  f"helpers.sampling.samplers.ReverseProcess with sample.py's SiT defaults (atol 1e-6, rtol 1e-3; SDE "
                   f"diffusion 'sigma', last step Mean 0.04), learn_sigma=False model, {a['sample_batch']} images "
                   f"+ as many null-label rows, CFG {CFG_SCALE}. Each cell: s/img (wall) and NFE (model calls).", "",
                   "| model | config | " + " | ".join(label for label, *_ in SIT_SOLVERS) +
@@ -972,7 +972,7 @@ def markdown_report(res):
                   f"{d['samples']:,} synthetic (1, 4, {a['latent_size']}, {a['latent_size']}) float32 latents, "
                   f"random-order batches of {d['batch']}, {d['note']}. Writing them took "
                   f"{d['write_per_file_s']:.1f} s as per-file .npy vs {d['write_packed_s']:.2f} s as one "
-                  f"plain-numpy packed array; helpers.latents.pack_latents converted the per-file set in "
+                  f"plain-numpy packed array; helpers.data.latents.pack_latents converted the per-file set in "
                   f"{fmt(d.get('pack_latents_s'), '.1f')} s.", "",
                   "| reader | samples/s (wall) | vs training consumption |", "|---|---:|---:|"]
         for label, r in d["readers"].items():
@@ -1028,7 +1028,7 @@ def parse_args(argv=None):
                    help="skip the flow-matching (SiT) training step and ODE/SDE sampling sections")
     p.add_argument("--no-repa", dest="repa", action="store_false", help="skip the REPA step cost section")
     p.add_argument("--repa-encoder", default=None,
-                   help="REPA encoder (helpers.repa.ENCODERS; random weights, same cost; default cpu "
+                   help="REPA encoder (helpers.training.repa.ENCODERS; random weights, same cost; default cpu "
                         "dinov2-vit-s, cuda dinov2-vit-b as REPA)")
     p.add_argument("--repa-batch", type=int, default=None, help="REPA section batch (default cpu 2, cuda 32)")
     p.add_argument("--no-grad-checkpointing", dest="grad_checkpointing", action="store_false",
@@ -1078,7 +1078,7 @@ def parse_args(argv=None):
     known = [c for c in train_configs(args) if c != "fast + compile"]
     if any(c not in known for c in args.extra_config_list):
         p.error(f"--extra-configs {args.extra_configs!r}: choose from {', '.join(known)}")
-    from helpers.repa import ENCODERS
+    from helpers.training.repa import ENCODERS
     if args.repa_encoder not in ENCODERS:
         p.error(f"--repa-encoder {args.repa_encoder!r}: choose from {', '.join(ENCODERS)}")
     args.gc_model_list = list(args.model_list) + [m for m in ("DiC-XL", "DiT-XL/2") if

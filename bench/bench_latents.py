@@ -3,7 +3,7 @@ How fast can training read its latents? Per-file .npy layout vs the packed layou
 one training step consumes.
 
 Writes N synthetic latents (default 5,000 of 4x32x32, the latents of 256px images) in the
-official per-file layout into a temp folder, packs them with helpers.latents.pack_latents, and
+official per-file layout into a temp folder, packs them with helpers.data.latents.pack_latents, and
 reads each layout through LatentFeatureDataset and a DataLoader the way train.py does (random
 order, batches of --batch-size, no workers), timing whole epochs (best of --repeats). Then it
 times DiC training steps (forward + backward + AdamW, DiT's diffusion loss) at --train-batch on
@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from helpers.latents import LatentFeatureDataset, layout_dirs, pack_latents  # noqa: E402
+from helpers.data.latents import LatentFeatureDataset, layout_dirs, pack_latents  # noqa: E402
 
 
 def write_per_file(root, num, shape, num_classes, prefix, seed=0):
@@ -65,7 +65,7 @@ def read_rate(dataset, batch_size, repeats, seed=0):
 def train_rate(model_name, shape, batch_size, steps, num_classes, device="cpu", seed=0):
     """Samples/s of DiC/DiT training steps (DiT's loss, AdamW), after one warm-up step."""
     from diffusion import create_diffusion
-    from helpers.models import create_model
+    from helpers.utils.models import create_model
     torch.manual_seed(seed)
     model = create_model(model_name, input_size=shape[-1], in_channels=shape[0],
                          num_classes=num_classes).to(device)

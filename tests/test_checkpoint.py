@@ -4,10 +4,10 @@ import os
 import pytest
 import torch
 
-from helpers.checkpoint import (atomic_save, extract_state_dict,
+from helpers.utils.checkpoint import (atomic_save, extract_state_dict,
                                 identify_variant, load_checkpoint_file, load_model_weights)
-from helpers.cli import JobError
-from helpers.models import create_model, model_names, parse_model_overrides
+from helpers.utils.cli import JobError
+from helpers.utils.models import create_model, model_names, parse_model_overrides
 
 
 def test_every_registered_name_is_reachable_from_one_lookup():
@@ -117,7 +117,7 @@ def test_checkpoint_of_another_size_or_family_is_described():
 
 
 def test_atomic_write_keeps_the_extension_and_leaves_nothing_on_failure(tmp_path):
-    from helpers.files import atomic_write, atomic_write_text
+    from helpers.utils.files import atomic_write, atomic_write_text
     seen = []
     atomic_write(tmp_path / "a.npz", lambda tmp: seen.append(tmp) or open(tmp, "wb").write(b"x"))
     assert seen[0].endswith(".npz") and os.path.basename(seen[0]).startswith(".tmp-")
@@ -137,7 +137,7 @@ def test_atomic_write_keeps_the_extension_and_leaves_nothing_on_failure(tmp_path
 
 def test_scripts_parse_official_overrides_and_reject_other_leftovers(capsys):
     import argparse
-    from helpers.models import parse_args_with_overrides
+    from helpers.utils.models import parse_args_with_overrides
     parser = argparse.ArgumentParser(prog="train.py")
     parser.add_argument("--model", default="DiC-S")
     args, overrides = parse_args_with_overrides(parser, ["--model", "DiC-B", "--network_g__skip_stride=2"])

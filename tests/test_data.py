@@ -1,4 +1,4 @@
-"""Tests of helpers/images.py (crop, class folders, built-in datasets) and helpers/latents.py."""
+"""Tests of helpers/data/images.py (crop, class folders, built-in datasets) and helpers/data/latents.py."""
 import os
 
 import numpy as np
@@ -8,9 +8,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from conftest import make_image_folder
-from helpers.images import (BUILTIN_DATASETS, CorruptImageWarning, ImageFolderDataset,
+from helpers.data.images import (BUILTIN_DATASETS, CorruptImageWarning, ImageFolderDataset,
                             builtin_dataset, center_crop_arr, collate_skip_none, split_indices)
-from helpers.latents import (LatentFeatureDataset, layout_dirs, pair_is_complete,
+from helpers.data.latents import (LatentFeatureDataset, layout_dirs, pair_is_complete,
                              remove_partial_files, write_latent)
 
 

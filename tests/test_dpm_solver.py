@@ -1,4 +1,4 @@
-"""helpers/dpm_solver.py on Gaussian data, where the exact epsilon and the exact probability-flow
+"""helpers/sampling/dpm_solver.py on Gaussian data, where the exact epsilon and the exact probability-flow
 ODE solution are known in closed form, against the repo's DDIM (diffusion package)."""
 import numpy as np
 import pytest
@@ -6,8 +6,8 @@ import torch
 
 from diffusion import create_diffusion, gaussian_diffusion as gd
 from diffusion.respace import SpacedDiffusion
-from helpers.cli import JobError
-from helpers.dpm_solver import (check_num_steps, dit_betas, dpm_solver_sample,
+from helpers.utils.cli import JobError
+from helpers.sampling.dpm_solver import (check_num_steps, dit_betas, dpm_solver_sample,
                                 eps_from_model_output, make_scheduler, model_eps_fn)
 
 MU, S = 0.5, 0.3                                   # data x0 ~ N(MU, S^2) in every dimension

@@ -1,4 +1,4 @@
-"""evaluate.py and helpers/evaluation.py: ADM's metric math against independent computations,
+"""evaluate.py and helpers/evaluation/metrics.py: ADM's metric math against independent computations,
 the Inception taps, and the script end to end on a randomly initialised InceptionV3 (no network).
 """
 import json
@@ -16,12 +16,12 @@ from scipy import linalg
 from conftest import REPO_ROOT, make_image_folder, subprocess_env
 
 import evaluate
-from helpers.cli import JobError
-from helpers.evaluation import (SPATIAL_DIM, InceptionV3Features,
+from helpers.utils.cli import JobError
+from helpers.evaluation.metrics import (SPATIAL_DIM, InceptionV3Features,
                                 RunningStatistics, compute_statistics, frechet_distance,
                                 inception_score, manifold_radii, precision_recall,
                                 save_random_inception_weights)
-from helpers.images import center_crop_arr
+from helpers.data.images import center_crop_arr
 
 
 def random_spd(rng, dim, rank=None):

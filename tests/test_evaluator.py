@@ -4,8 +4,8 @@ import pytest
 
 import evaluate
 import evaluator
-from helpers.cli import run_main
-from helpers.evaluation import InceptionV3Features, save_random_inception_weights
+from helpers.utils.cli import run_main
+from helpers.evaluation.metrics import InceptionV3Features, save_random_inception_weights
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import pytest
 
 from conftest import make_image_folder, subprocess_env
 import extract_features
-from helpers.images import CorruptImageWarning, ImageFolderDataset
-from helpers.latents import LatentFeatureDataset
-from helpers.vae import encode, load_vae
+from helpers.data.images import CorruptImageWarning, ImageFolderDataset
+from helpers.data.latents import LatentFeatureDataset
+from helpers.data.vae import encode, load_vae
 
 NUM_CLASSES, PER_CLASS, SIZE = 2, 5, 32
 

@@ -1,4 +1,4 @@
-"""helpers/fastpath.py: the speed switches keep the numbers (or change them by a measured bound).
+"""helpers/utils/fastpath.py: the speed switches keep the numbers (or change them by a measured bound).
 
 Relative error below is ||out - ref|| / ||ref|| over the whole output tensor.
 Models get small random perturbations of every parameter first: DiC and DiT zero-initialise
@@ -11,12 +11,12 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from helpers.fastpath import (adamw_implementation, autocast_context, autocast_forward,
+from helpers.utils.fastpath import (adamw_implementation, autocast_context, autocast_forward,
                               channels_last_input, check_precision, configure_tf32, contiguous_optimizer_state,
                               contiguous_state_dict, describe, ema_update,
                               ema_update_reference, fused_choice, load_optimizer_state, make_adamw,
                               maybe_compile, optimizer_implementation, to_channels_last, unwrap_compiled)
-from helpers.models import create_model
+from helpers.utils.models import create_model
 
 
 def rel_err(out, ref):

@@ -11,10 +11,11 @@ import time
 import pytest
 
 from conftest import REPO_ROOT, subprocess_env
-from helpers.cli import JobError
-from helpers.files import (OutputExistsError, atomic_write, atomic_write_text, check_writable,
+from helpers.utils.cli import JobError
+from helpers.utils.files import (OutputExistsError, atomic_write, atomic_write_text, check_writable,
                            remove_stale_temps)
-from helpers.locks import RunLock, exit_with_parent
+from helpers.utils.distributed import exit_with_parent
+from helpers.utils.locks import RunLock
 
 
 def _gone(pid):
@@ -34,7 +35,7 @@ def _wait_gone(pids, seconds=10.0):
 
 
 #################################################################################
-#                                 helpers.files                                 #
+#                                 helpers.utils.files                                 #
 #################################################################################
 
 @pytest.mark.parametrize("umask", [0o022, 0o002])
@@ -91,12 +92,12 @@ def test_check_writable_creates_the_folder_and_names_an_impossible_one(tmp_path)
 
 
 #################################################################################
-#                                 helpers.locks                                 #
+#                                 helpers.utils.locks                                 #
 #################################################################################
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from helpers.locks import RunLock
+    from helpers.utils.locks import RunLock
     lock = RunLock(sys.argv[1], what="training run").acquire()
     print("locked", flush=True)
     time.sleep(120)
@@ -144,7 +145,7 @@ PARENT = textwrap.dedent("""
 """)
 CHILD = textwrap.dedent("""
     import time
-    from helpers.locks import exit_with_parent
+    from helpers.utils.distributed import exit_with_parent
     exit_with_parent()
     time.sleep(120)
 """)
@@ -154,7 +155,7 @@ def test_a_child_in_its_own_session_dies_with_its_killed_parent():
     parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD], stdout=subprocess.PIPE,
                               text=True, env=subprocess_env(), cwd=REPO_ROOT)
     child = int(parent.stdout.readline())
-    time.sleep(3.0)                          # the child has imported helpers.locks and called it
+    time.sleep(3.0)                          # the child has imported helpers.utils.locks and called it
     assert not _gone(child)
     parent.send_signal(signal.SIGKILL)
     parent.wait()
@@ -170,7 +171,7 @@ def test_exit_with_parent_reports_its_mechanism():
 
 WORKER = textwrap.dedent("""
     import os, sys, time
-    from helpers.locks import exit_with_parent
+    from helpers.utils.distributed import exit_with_parent
     exit_with_parent()
     with open(os.path.join(sys.argv[1], os.environ["RANK"]), "w") as f:
         f.write(str(os.getpid()))
@@ -204,13 +205,13 @@ def test_killing_torchrun_leaves_no_live_workers(tmp_path):
 
 
 #################################################################################
-#                                 helpers.images                                #
+#                                 helpers.data.images                                #
 #################################################################################
 
 def test_a_16_bit_grey_png_is_scaled_not_saturated(tmp_path):
     import numpy as np
     from PIL import Image
-    from helpers.images import load_image
+    from helpers.data.images import load_image
     Image.fromarray(np.full((6, 6), 30000, dtype=np.uint16)).save(tmp_path / "g16.png")
     assert Image.open(tmp_path / "g16.png").mode in ("I;16", "I")
     rgb = np.asarray(load_image(tmp_path / "g16.png"))
@@ -221,7 +222,7 @@ def test_a_16_bit_grey_png_is_scaled_not_saturated(tmp_path):
 def test_every_mode_converts_to_the_expected_rgb(tmp_path):
     import numpy as np
     from PIL import Image
-    from helpers.images import to_mode, to_rgb
+    from helpers.data.images import to_mode, to_rgb
     assert np.asarray(to_rgb(Image.fromarray(np.full((2, 2), 0.5, np.float32), "F")))[0, 0, 0] == 128
     assert np.asarray(to_rgb(Image.new("I", (2, 2), 65535)))[0, 0, 0] == 255
     assert tuple(np.asarray(to_rgb(Image.new("LA", (2, 2), (90, 0))))[0, 0]) == (90, 90, 90)
@@ -239,7 +240,7 @@ def test_every_mode_converts_to_the_expected_rgb(tmp_path):
 
 def test_an_empty_class_folder_is_named_or_keeps_its_index(tmp_path):
     from PIL import Image
-    from helpers.images import ImageFolderDataset
+    from helpers.data.images import ImageFolderDataset
     for name in ("a", "b", "c"):
         (tmp_path / name).mkdir()
     for name in ("a", "c"):
@@ -251,13 +252,13 @@ def test_an_empty_class_folder_is_named_or_keeps_its_index(tmp_path):
 
 
 #################################################################################
-#                            helpers.latents: bad data                          #
+#                            helpers.data.latents: bad data                          #
 #################################################################################
 
 def _latent_set(root, count=40, nan_at=None):
     """A per-file set of `count` (4, 2, 2) latents, labels index % 10, NaN in latent `nan_at`."""
     import numpy as np
-    from helpers.latents import write_latent
+    from helpers.data.latents import write_latent
     for i in range(count):
         latent = np.full((4, 2, 2), i, dtype=np.float32)
         if i == nan_at:
@@ -268,8 +269,8 @@ def _latent_set(root, count=40, nan_at=None):
 
 def test_a_nan_latent_is_named_on_read_and_skip_nonfinite_trains_past_it(tmp_path):
     import torch
-    from helpers.images import collate_skip_none
-    from helpers.latents import LatentFeatureDataset
+    from helpers.data.images import collate_skip_none
+    from helpers.data.latents import LatentFeatureDataset
     _latent_set(tmp_path, nan_at=37)
     data = LatentFeatureDataset(tmp_path)
     assert data[36][0][0, 0, 0].item() == 36.0
@@ -285,7 +286,7 @@ def test_a_nan_latent_is_named_on_read_and_skip_nonfinite_trains_past_it(tmp_pat
 
 def test_a_nan_latent_stops_packing_and_a_packed_nan_is_found_at_start_up(tmp_path):
     import numpy as np
-    from helpers.latents import LatentFeatureDataset, pack_latents
+    from helpers.data.latents import LatentFeatureDataset, pack_latents
     _latent_set(tmp_path, nan_at=37)
     with pytest.raises(JobError, match=r"latent file .*features/37\.npy holds non-finite"):
         pack_latents(tmp_path, progress=False, log=lambda *a: None)
@@ -311,7 +312,7 @@ def test_a_nan_latent_stops_packing_and_a_packed_nan_is_found_at_start_up(tmp_pa
 ])
 def test_bad_label_files_are_refused_naming_the_file(tmp_path, value, dtype, message):
     import numpy as np
-    from helpers.latents import LatentFeatureDataset
+    from helpers.data.latents import LatentFeatureDataset
     _latent_set(tmp_path, count=12)
     np.save(tmp_path / "imagenet256_labels" / "7.npy", np.array([value], dtype=dtype))
     data = LatentFeatureDataset(tmp_path)
@@ -323,7 +324,7 @@ def test_bad_label_files_are_refused_naming_the_file(tmp_path, value, dtype, mes
 
 def test_a_packed_label_out_of_range_is_named_with_its_row(tmp_path):
     import numpy as np
-    from helpers.latents import LatentFeatureDataset, pack_latents
+    from helpers.data.latents import LatentFeatureDataset, pack_latents
     _latent_set(tmp_path, count=12)
     packed = pack_latents(tmp_path, progress=False, log=lambda *a: None)
     labels = np.load(os.path.join(packed, "labels.npy"), mmap_mode="r+")
@@ -342,7 +343,7 @@ def test_a_packed_label_out_of_range_is_named_with_its_row(tmp_path):
 
 def test_convert_says_nothing_to_do_and_never_publishes_a_temp_file(tmp_path, capsys, monkeypatch):
     import convert_features
-    from helpers.latents import LatentFeatureDataset, pack_latents
+    from helpers.data.latents import LatentFeatureDataset, pack_latents
     _latent_set(tmp_path, count=12)
     real_read = LatentFeatureDataset._read_latent
 

@@ -1,4 +1,4 @@
-"""The fault rules of helpers/files.py and helpers/locks.py as the scripts use them: one writer per
+"""The fault rules of helpers/utils/files.py and helpers/utils/locks.py as the scripts use them: one writer per
 run folder, workers that die with their launcher, no leftovers, plain-open() file modes, and errors
 before any work."""
 import os
@@ -19,7 +19,7 @@ from test_train import call_main, latent_args, latents, only_run, run_script  # 
 import export
 import sample
 import sample_ddp
-from helpers.cli import JobError
+from helpers.utils.cli import JobError
 
 
 def start_script(argv, nproc=1):

@@ -10,8 +10,8 @@ import torch
 from test_train import (assert_opt_equal, assert_state_dicts_equal, call_main, latent_args, latents,  # noqa: F401
                         load, only_run, run_script, weights_rel_err)
 
-from helpers.log import read_losses
-from helpers.training import ema_decay_at
+from helpers.utils.log import read_losses
+from helpers.training.setup import ema_decay_at
 
 BOUND = 1e-5
 

@@ -10,10 +10,10 @@ import torch
 from test_train import call_main, only_run
 
 import evaluate
-from helpers.evaluation import save_random_inception_weights
-from helpers.models import create_model
-from helpers.monitor import Monitor
-from helpers.objectives import DDPM
+from helpers.evaluation.metrics import save_random_inception_weights
+from helpers.utils.models import create_model
+from helpers.training.monitor import Monitor
+from helpers.training.objectives import DDPM
 
 DIGITS = ["--model", "DiC-Tiny", "--dataset", "digits", "--global-batch-size", "8", "--no-progress",
           "--sample-every", "2", "--sample-steps", "3", "--sample-count", "4", "--ckpt-every", "2",

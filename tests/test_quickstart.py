@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from conftest import REPO_ROOT, subprocess_env
-from helpers.images import builtin_dataset
-from helpers.quality import evaluate_samples, feature_frechet, train_classifier
+from helpers.data.images import builtin_dataset
+from helpers.evaluation.quality import evaluate_samples, feature_frechet, train_classifier
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""helpers/repa.py: encoder names and loading (timm and official DINOv2 layouts, safetensors, folders,
+"""helpers/training/repa.py: encoder names and loading (timm and official DINOv2 layouts, safetensors, folders,
 position-embedding resampling, one-line errors), preprocessing numbers, target tokens, the projector,
 the alignment loss and its averaging, and that generator and encoder tokens share one order."""
 import time
@@ -9,8 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import timm
 
-from helpers.cli import JobError
-from helpers.repa import (ENCODERS, Projector, encoder_tokens, load_encoder, preprocess,
+from helpers.utils.cli import JobError
+from helpers.training.repa import (ENCODERS, Projector, encoder_tokens, load_encoder, preprocess,
                           projection_loss, read_encoder_weights)
 
 TINY = dict(depth=2, embed_dim=32, num_heads=2)   # a DINOv2-shaped ViT small enough for CPU tests

@@ -16,10 +16,10 @@ from test_train import (assert_opt_equal, assert_state_dicts_equal, call_main, l
 
 import export
 import sample
-from helpers.latents import write_latent
-from helpers.models import create_model
-from helpers.objectives import DDPM
-from helpers.repa_training import build_repa
+from helpers.data.latents import write_latent
+from helpers.utils.models import create_model
+from helpers.training.objectives import DDPM
+from helpers.training.repa_objective import build_repa
 
 N_PER_CLASS, CLASSES = 6, 3       # 18 images: 2 steps per epoch at global batch 8
 
@@ -82,9 +82,9 @@ def test_repa_two_process_resume_is_bit_identical(tmp_path, paired, vit_weights,
 
 
 def test_latents_are_paired_with_their_own_images(tmp_path, paired, vit_weights):
-    from helpers.images import ImageFolderDataset
-    from helpers.latents import LatentFeatureDataset
-    from helpers.repa_training import LatentsWithImages
+    from helpers.data.images import ImageFolderDataset
+    from helpers.data.latents import LatentFeatureDataset
+    from helpers.training.repa_objective import LatentsWithImages
     images, latents = paired
     pairs = LatentsWithImages(LatentFeatureDataset(latents), ImageFolderDataset(images, 64, random_flip=False))
     for row in range(len(pairs)):

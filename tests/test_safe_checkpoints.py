@@ -11,8 +11,8 @@ from safetensors import safe_open
 from conftest import REPO_ROOT, subprocess_env
 
 import export
-from helpers.checkpoint import load_checkpoint_file
-from helpers.cli import JobError
+from helpers.utils.checkpoint import load_checkpoint_file
+from helpers.utils.cli import JobError
 from test_sample import make_checkpoint
 
 

@@ -1,4 +1,4 @@
-"""sample.py and helpers/sampling.py: grids, checkpoint handling, CFG, per-sample noise, bad input."""
+"""sample.py and helpers/sampling/setup.py: grids, checkpoint handling, CFG, per-sample noise, bad input."""
 import argparse
 import os
 import subprocess
@@ -12,13 +12,13 @@ from conftest import REPO_ROOT, subprocess_env
 
 import dic_models
 import sample
-from helpers.checkpoint import atomic_save
-from helpers.cli import JobError
-from helpers.models import create_model
-from helpers.samplers import ReverseProcess
-from helpers.sampling import IndexNoise, clips_denoised, draw_labels, generate, make_model_fn
-from helpers.seeds import derive_seed
-from helpers.vae import decode, load_vae
+from helpers.utils.checkpoint import atomic_save
+from helpers.utils.cli import JobError
+from helpers.utils.models import create_model
+from helpers.sampling.samplers import ReverseProcess
+from helpers.sampling.setup import IndexNoise, clips_denoised, draw_labels, generate, make_model_fn
+from helpers.utils.seeds import derive_seed
+from helpers.data.vae import decode, load_vae
 
 
 DDPM = {"name": "ddpm", "learn_sigma": True}
@@ -219,7 +219,7 @@ def test_bare_state_dict_needs_settings_on_the_command_line(tmp_path):
         assert image.size == grid_size(1, 4, 16) == (16, 16)
 
 
-# ------------------------------------------------------------------ helpers/sampling.py
+# ------------------------------------------------------------------ helpers/sampling/setup.py
 
 def tiny_latent_model(seed=0):
     """DiC-Tiny on 4x8x8 latents, 10 classes."""

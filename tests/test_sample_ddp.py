@@ -13,7 +13,7 @@ from conftest import REPO_ROOT, subprocess_env
 from test_sample import make_checkpoint
 
 import sample_ddp
-from helpers.cli import JobError
+from helpers.utils.cli import JobError
 
 N = 10  # not a multiple of any batch size used here
 FOLDER = "DiC-Tiny-0000100-size-16-vae-vae-cfg-1.5-seed-0-ddpm-5"

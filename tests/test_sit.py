@@ -16,11 +16,11 @@ from test_train import logged_losses, run_script
 
 import sample
 import sample_ddp
-from helpers.checkpoint import atomic_save
-from helpers.cli import JobError
-from helpers.models import create_model
-from helpers.objectives import SiT, create_objective
-from helpers.sampling import make_model_fn
+from helpers.utils.checkpoint import atomic_save
+from helpers.utils.cli import JobError
+from helpers.utils.models import create_model
+from helpers.training.objectives import SiT, create_objective
+from helpers.sampling.setup import make_model_fn
 from transport import create_transport
 
 SIT = {"name": "sit", "path_type": "Linear", "prediction": "velocity", "loss_weight": None, "train_eps": None,
@@ -199,8 +199,8 @@ def test_a_dit_xl_2_shaped_sit_release_samples_without_a_model_flag(tmp_path, ti
 def test_the_sde_asks_the_model_once_per_point_with_the_same_samples():
     """SiT's SDE drift calls the model for the velocity and again for the score at the same point;
     reusing the first output gives the same sample for half the model calls."""
-    from helpers.sampling import IndexNoise
-    from helpers.samplers import ReverseProcess
+    from helpers.sampling.setup import IndexNoise
+    from helpers.sampling.samplers import ReverseProcess
     model = create_model("DiC-Tiny", input_size=8, in_channels=4, num_classes=10, learn_sigma=False).eval()
     for p in model.parameters():
         p.data.normal_(0, 0.05)
@@ -215,7 +215,7 @@ def test_the_sde_asks_the_model_once_per_point_with_the_same_samples():
     labels = torch.tensor([1, 2])
     cached = process(model_fn, IndexNoise(0, range(2)), labels, (4, 8, 8), "cpu")
     assert calls["n"] == 6          # 5 Euler-Maruyama points + the last step, one model call each
-    import helpers.samplers as samplers_module
+    import helpers.sampling.samplers as samplers_module
     original, samplers_module.reuse_last_call = samplers_module.reuse_last_call, lambda fn: fn
     try:
         calls["n"] = 0

@@ -1,4 +1,4 @@
-"""helpers/tracking.py: TensorBoard event files and W&B offline run folders read back, across a
+"""helpers/training/tracking.py: TensorBoard event files and W&B offline run folders read back, across a
 killed and resumed run."""
 import glob
 import io
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers.cli import JobError
-from helpers.tracking import STATE_FILE, Tracker
+from helpers.utils.cli import JobError
+from helpers.training.tracking import STATE_FILE, Tracker
 
 
 def read_events(run_dir):

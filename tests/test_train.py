@@ -1,4 +1,4 @@
-"""train.py and helpers/training.py: exact resume, data order, bad inputs, NaN stop, checkpoint layout.
+"""train.py and helpers/training/setup.py: exact resume, data order, bad inputs, NaN stop, checkpoint layout.
 
 Multi-process behaviour runs through real `torchrun --nproc_per_node 2` (gloo on CPU); single-process
 checks call train.main() in-process (same code path, no interpreter start-up).
@@ -15,12 +15,13 @@ import torch
 from conftest import REPO_ROOT, make_image_folder, subprocess_env
 
 import train
-from helpers import data_order, runs
-from helpers.cli import run_main
-from helpers.images import ImageFolderDataset
-from helpers.latents import write_latent
-from helpers.log import read_losses
-from helpers.models import create_model
+from helpers.data import order as data_order
+from helpers.training import runs
+from helpers.utils.cli import run_main
+from helpers.data.images import ImageFolderDataset
+from helpers.data.latents import write_latent
+from helpers.utils.log import read_losses
+from helpers.utils.models import create_model
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 TINY = ["--model", "DiC-Tiny", "--num-workers", "0", "--no-progress"]

@@ -9,8 +9,8 @@ from test_train import (assert_opt_equal, assert_state_dicts_equal, call_main, l
                         load, logged_losses, only_run, run_script, weights_rel_err)
 
 import train
-from helpers.log import read_losses
-from helpers.models import create_model
+from helpers.utils.log import read_losses
+from helpers.utils.models import create_model
 
 CPU = {"ACCELERATE_USE_CPU": "true"}
 

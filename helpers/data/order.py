@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from helpers.images import collate_skip_none
-from helpers.seeds import derive_seed, isolated_rng
+from helpers.data.images import collate_skip_none
+from helpers.utils.seeds import derive_seed, isolated_rng
 
 
 class SeededSamples(Dataset):

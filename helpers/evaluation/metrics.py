@@ -49,8 +49,8 @@ import zipfile
 import numpy as np
 import torch
 
-from helpers.cli import JobError, one_line
-from helpers.files import atomic_write, atomic_write_text
+from helpers.utils.cli import JobError, one_line
+from helpers.utils.files import atomic_write, atomic_write_text
 
 # ADM's constants.
 POOL_DIM = 2048                 # pool_3 features

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from diffusion import gaussian_diffusion as gd
-from helpers.cli import JobError
+from helpers.utils.cli import JobError
 
 ALGORITHM = "dpmsolver++"   # the ODE solver; "sde-dpmsolver++" would draw noise at every step
 SOLVER_ORDER = 2            # DPM-Solver++(2M), the variant recommended for guided sampling

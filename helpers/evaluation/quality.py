@@ -9,7 +9,7 @@ would reach with that many images, so the two numbers are read side by side.
 import numpy as np
 import torch
 
-from helpers.evaluation import compute_statistics, frechet_distance
+from helpers.evaluation.metrics import compute_statistics, frechet_distance
 
 
 def _flatten(images):

@@ -14,14 +14,14 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid
 
-from helpers.cli import JobError
-from helpers.distributed import gather_objects
-from helpers.evaluation import compute_statistics, frechet_distance, load_extractor, read_npz_statistics
-from helpers.files import atomic_write
-from helpers.samplers import ReverseProcess
-from helpers.sampling import IndexNoise, clips_denoised, draw_labels, generate, make_model_fn, to_uint8_rgb
-from helpers.seeds import derive_seed
-from helpers.tracking import Tracker
+from helpers.utils.cli import JobError
+from helpers.utils.distributed import gather_objects
+from helpers.evaluation.metrics import compute_statistics, frechet_distance, load_extractor, read_npz_statistics
+from helpers.utils.files import atomic_write
+from helpers.sampling.samplers import ReverseProcess
+from helpers.sampling.setup import IndexNoise, clips_denoised, draw_labels, generate, make_model_fn, to_uint8_rgb
+from helpers.utils.seeds import derive_seed
+from helpers.training.tracking import Tracker
 
 GRID_SEED_TAG = 1    # grid noise: IndexNoise(derive_seed(global seed, tag), index), apart from FID's
 FID_SEED_TAG = 2

@@ -13,7 +13,7 @@ import sys
 
 import torch.distributed as dist
 
-from helpers.distributed import broadcast_object, gather_objects, is_distributed
+from helpers.utils.distributed import broadcast_object, gather_objects, is_distributed
 
 EXIT_BAD_INPUT = 2    # the user must change a flag or a file (argparse uses 2 too)
 EXIT_RUN_FAILED = 1   # the job itself failed (e.g. a NaN loss); the input was fine

@@ -1,5 +1,5 @@
 """REPA in the trainers: the projector beside the model, and the alignment term added to any
-objective through the same training_losses interface (helpers/repa.py holds the encoders, the
+objective through the same training_losses interface (helpers/training/repa.py holds the encoders, the
 projector and the loss itself).
 
     --repa --enc-type dinov2-vit-b --enc-weights dinov2_vitb14_pretrain.pth --proj-coeff 0.5
@@ -14,8 +14,8 @@ are frozen, in eval mode, get no gradient, run in bf16 on a GPU and are never sa
 import torch
 import torch.nn as nn
 
-from helpers.cli import JobError
-from helpers.repa import ENCODERS, Projector, encoder_tokens, load_encoder, preprocess, projection_loss
+from helpers.utils.cli import JobError
+from helpers.training.repa import ENCODERS, Projector, encoder_tokens, load_encoder, preprocess, projection_loss
 
 
 def add_repa_args(parser):

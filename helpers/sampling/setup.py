@@ -1,6 +1,6 @@
 """What sample.py and sample_ddp.py share: the model and objective from a checkpoint, labels,
 per-sample noise, the guided model function and decoding to uint8 (the reverse processes of each
-objective are in helpers/samplers.py).
+objective are in helpers/sampling/samplers.py).
 
 Determinism: every sample index i owns a CPU torch.Generator seeded from (seed, i). It draws, in
 this order, the random class label, the initial noise x_T and every per-step noise of the reverse
@@ -16,17 +16,17 @@ import argparse
 
 import torch
 
-from helpers.checkpoint import extract_state_dict, identify_variant, load_checkpoint_file, load_model_weights
-from helpers.cli import JobError
-from helpers.fastpath import (PRECISIONS, autocast_forward, channels_last_input, configure_tf32,
+from helpers.utils.checkpoint import extract_state_dict, identify_variant, load_checkpoint_file, load_model_weights
+from helpers.utils.cli import JobError
+from helpers.utils.fastpath import (PRECISIONS, autocast_forward, channels_last_input, configure_tf32,
                               maybe_compile, to_channels_last)
-from helpers.images import BUILTIN_DATASETS
-from helpers.models import create_model, model_names, parse_args_with_overrides
-from helpers.objectives import add_objective_args, objective_from_args, objective_of_checkpoint
-from helpers.runs import saved_args
-from helpers.samplers import ReverseProcess, add_sampler_args, resolve_sampler_args
-from helpers.seeds import generator
-from helpers.vae import decode, downsample_factor, downsample_factor_of_spec, latent_channels, load_vae, to_uint8
+from helpers.data.images import BUILTIN_DATASETS
+from helpers.utils.models import create_model, model_names, parse_args_with_overrides
+from helpers.training.objectives import add_objective_args, objective_from_args, objective_of_checkpoint
+from helpers.training.runs import saved_args
+from helpers.sampling.samplers import ReverseProcess, add_sampler_args, resolve_sampler_args
+from helpers.utils.seeds import generator
+from helpers.data.vae import decode, downsample_factor, downsample_factor_of_spec, latent_channels, load_vae, to_uint8
 
 # The labels DiT's sample.py conditions on (ImageNet ids).
 DIT_DEFAULT_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
@@ -324,7 +324,7 @@ def make_model_fn(model, cfg_scale, guide_channels="official", precision="fp32",
     cfg_scale == 1: the plain forward, as DiT's sample_ddp.py. guidance_interval (low, high), for
     SiT's time t in [0, 1]: guide only where REPA's time 1 - t lies in [low, high], as REPA's sampler.
 
-    Fast path (helpers/fastpath.py): precision "bf16" runs the call (network and guidance) under
+    Fast path (helpers/utils/fastpath.py): precision "bf16" runs the call (network and guidance) under
     bf16 autocast and casts its output back to fp32; channels_last stores the model's weights NHWC
     (in place) and feeds it NHWC input; compile wraps the whole call in torch.compile.
     """
@@ -373,7 +373,7 @@ def latent_shape(model, vae, args):
 
 
 def generate(model, vae, sampler, model_fn, noise, labels, args, device, progress=False):
-    """Latents for `noise`'s indices from `sampler` (helpers.samplers.ReverseProcess), decoded to
+    """Latents for `noise`'s indices from `sampler` (helpers.sampling.samplers.ReverseProcess), decoded to
     images in about [-1, 1]: (N, C_img, H, W)."""
     latents = sampler(model_fn, noise, labels, latent_shape(model, vae, args), device, progress)
     return decode(vae, latents)
@@ -389,7 +389,7 @@ def make_sampling(model, vae, args, speed):
 
 
 def to_uint8_rgb(images):
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, 3) uint8 numpy with DiT's rounding (helpers.vae.to_uint8);
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, 3) uint8 numpy with DiT's rounding (helpers.data.vae.to_uint8);
     grey repeated to RGB, as the .npz batches of the metrics are RGB."""
     images = to_uint8(images)
     if images.shape[-1] == 1:

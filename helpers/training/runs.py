@@ -20,10 +20,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from helpers import fastpath
-from helpers.checkpoint import atomic_save, load_checkpoint_file
-from helpers.cli import JobError
-from helpers.distributed import barrier, gather_objects
+from helpers.utils import fastpath
+from helpers.utils.checkpoint import atomic_save, load_checkpoint_file
+from helpers.utils.cli import JobError
+from helpers.utils.distributed import barrier, gather_objects
 
 CHECKPOINT_FORMAT = "dic-train-2"   # 2: args as a dict, RNG states as tensors, the objective recorded
 RESUME_KEYS = ("model", "ema", "opt", "args", "step", "epoch", "batch_in_epoch", "rng")

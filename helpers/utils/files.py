@@ -10,7 +10,7 @@ import os
 import tempfile
 import threading
 
-from helpers.cli import JobError
+from helpers.utils.cli import JobError
 
 TMP_PATTERN = ".tmp-*"          # atomic_write's temp files: hidden, so readers never list them
 _UMASK_LOCK = threading.Lock()
@@ -139,7 +139,7 @@ def atomic_write_text(path, text, overwrite=False):
 
 def remove_stale_temps(folder, pattern=TMP_PATTERN):
     """Delete the temp files (names matching `pattern`) that killed writers left in `folder`;
-    returns how many. Call it only while holding the folder's lock (helpers.locks.RunLock), so
+    returns how many. Call it only while holding the folder's lock (helpers.utils.locks.RunLock), so
     no live writer's temp file is taken."""
     removed = 0
     if not os.path.isdir(folder):

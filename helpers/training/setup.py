@@ -1,5 +1,5 @@
 """Setting a training run up: building the run (data, model, EMA, optimizer, objective, run folder,
-resumed position) once every input is checked (flags: helpers/train_flags.py; the loop: train.py).
+resumed position) once every input is checked (flags: helpers/training/flags.py; the loop: train.py).
 
 Nothing is written until every check has passed on every process: errors are one line (JobError),
 and a run that fails validation leaves no folder behind.
@@ -14,23 +14,23 @@ from typing import Any, Optional
 
 import torch
 
-from helpers import fastpath
-from helpers.checkpoint import extract_state_dict, load_checkpoint_file, load_model_weights
-from helpers.cli import JobError, agree, one_line
-from helpers.data_order import EpochBatches
-from helpers.images import BUILTIN_DATASETS, ImageFolderDataset, builtin_dataset
-from helpers.files import check_writable, remove_stale_temps
-from helpers.latents import LatentFeatureDataset
-from helpers.locks import RunLock
-from helpers.log import LossFile
-from helpers.models import create_model, is_dit
-from helpers.repa_training import LatentsWithImages, build_repa
-from helpers.train_flags import inherit_args, resolve_args, warn_changed_settings
-from helpers.objectives import create_objective, objective_from_args
-from helpers.runs import (Progress, check_no_later_checkpoints, create_run_dir, find_resume_checkpoint,
+from helpers.utils import fastpath
+from helpers.utils.checkpoint import extract_state_dict, load_checkpoint_file, load_model_weights
+from helpers.utils.cli import JobError, agree, one_line
+from helpers.data.order import EpochBatches
+from helpers.data.images import BUILTIN_DATASETS, ImageFolderDataset, builtin_dataset
+from helpers.utils.files import check_writable, remove_stale_temps
+from helpers.data.latents import LatentFeatureDataset
+from helpers.utils.locks import RunLock
+from helpers.utils.log import LossFile
+from helpers.utils.models import create_model, is_dit
+from helpers.training.repa_objective import LatentsWithImages, build_repa
+from helpers.training.flags import inherit_args, resolve_args, warn_changed_settings
+from helpers.training.objectives import create_objective, objective_from_args
+from helpers.training.runs import (Progress, check_no_later_checkpoints, create_run_dir, find_resume_checkpoint,
                           load_resume_checkpoint, resume_progress, run_dir_of, saved_args)
-from helpers.seeds import seed_everything
-from helpers.vae import downsample_factor_of_spec, latent_channels, load_vae
+from helpers.utils.seeds import seed_everything
+from helpers.data.vae import downsample_factor_of_spec, latent_channels, load_vae
 
 
 #################################################################################
@@ -44,13 +44,13 @@ class Run:
     device: torch.device
     rank: int
     world_size: int
-    log: Any                      # helpers.log.RunLogger
+    log: Any                      # helpers.utils.log.RunLogger
     run_dir: str
     model: torch.nn.Module        # the plain module: the EMA follows it, checkpoints save it
     net: torch.nn.Module          # what trains: the model, or with --repa the model and its projectors
     ema: torch.nn.Module
     opt: torch.optim.Optimizer
-    objective: Any                # helpers.objectives: training_losses(model, x, model_kwargs)
+    objective: Any                # helpers.training.objectives: training_losses(model, x, model_kwargs)
     vae: Optional[Any]            # encodes --data-path images, decodes live samples; None in pixel space
     data: EpochBatches
     model_kwargs: dict

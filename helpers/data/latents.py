@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from helpers.cli import JobError
-from helpers.files import atomic_write_text, fsync_path, remove_stale_temps
-from helpers.locks import LOCK_NAME, RunLock
+from helpers.utils.cli import JobError
+from helpers.utils.files import atomic_write_text, fsync_path, remove_stale_temps
+from helpers.utils.locks import LOCK_NAME, RunLock
 
 FEATURES_SUFFIX = "_features"
 LABELS_SUFFIX = "_labels"
@@ -75,7 +75,7 @@ def _list_npy(folder):
 def _atomic_npy(array, path):
     """np.save to a hidden temp file beside `path`, then rename: readers never see half a file.
 
-    Not helpers.files.atomic_write, on purpose: no fsync per file (an extraction writes two
+    Not helpers.utils.files.atomic_write, on purpose: no fsync per file (an extraction writes two
     small files per image, millions for ImageNet; a file a crash left short fails
     pair_is_complete's size check and is rewritten on resume), and the temp name starts with
     TMP_PREFIX, which remove_partial_files clears after a killed run.
@@ -573,7 +573,7 @@ def pack_latents(feature_path, prefix=None, out_root=None, overwrite=False, work
     renamed into place only when complete; an interrupted conversion of the same source
     resumes there from its last saved row (saved every `chunk_size` rows). A packed set of exactly
     these latents is left as it is ("nothing to do"); another raises PackedSetExistsError unless
-    `overwrite`. The set being written is locked (helpers.locks.RunLock), stale temp files of
+    `overwrite`. The set being written is locked (helpers.utils.locks.RunLock), stale temp files of
     killed writes in it are removed, and only the four packed files are ever published. Bad input (missing folders, unpaired
     files, different latent shapes, unreadable files) raises a one-line ValueError.
     """

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from helpers.files import atomic_write_text
+from helpers.utils.files import atomic_write_text
 
 LOSS_FIELDS = ("step", "loss", "steps_per_sec", "images_per_sec", "epoch")
 

@@ -14,8 +14,8 @@ import argparse
 import torch
 
 from diffusion import create_diffusion
-from helpers.cli import JobError
-from helpers.seeds import generator
+from helpers.utils.cli import JobError
+from helpers.utils.seeds import generator
 from transport import create_transport
 
 OBJECTIVES = ("ddpm", "sit")

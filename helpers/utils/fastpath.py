@@ -33,7 +33,7 @@ from contextlib import nullcontext
 
 import torch
 
-from helpers.checkpoint import strip_wrapper_prefixes
+from helpers.utils.checkpoint import strip_wrapper_prefixes
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 

@@ -1,4 +1,4 @@
-"""One writer per folder, and no worker outliving its launcher.
+"""One writer per folder.
 
 RunLock: an exclusive advisory lock (flock on `<folder>/.lock`) held for the life of a job that
 writes a folder (a run folder, a sample folder, a feature folder, a packed set). The kernel drops
@@ -8,28 +8,19 @@ later job. A second job on the same folder is refused in one line naming the hol
     with RunLock(run_dir, what="training run"):      # or lock.acquire() ... lock.release()
         ...
 
-In a multi-process job only global rank 0 takes it (e.g. inside helpers.cli.agree(...,
+In a multi-process job only global rank 0 takes it (e.g. inside helpers.utils.cli.agree(...,
 on_main_only=True)), so every rank hears of a refusal. flock is per node: on a network file
 system the lock keeps out jobs started on the same node only.
-
-exit_with_parent: torchrun starts each worker in its own session (start_new_session=True), so
-killing torchrun's process group leaves the workers running. A worker calls exit_with_parent()
-first thing and receives SIGTERM when its launcher dies. train.py and sample_ddp.py call both
-(wired in by their owners).
 """
-import ctypes
 import json
 import os
-import signal
 import socket
 import sys
-import threading
 import time
 
-from helpers.cli import JobError
+from helpers.utils.cli import JobError
 
 LOCK_NAME = ".lock"
-PR_SET_PDEATHSIG = 1            # <linux/prctl.h>
 
 
 def _holder_info():
@@ -123,36 +114,3 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
-
-
-def _poll_parent(parent, sig, interval):
-    """Non-Linux fallback: signal ourselves once the parent process is gone."""
-    while os.getppid() == parent:
-        time.sleep(interval)
-    os.kill(os.getpid(), sig)
-
-
-def exit_with_parent(sig=signal.SIGTERM, parent=None, interval=1.0):
-    """Make this process get `sig` when its parent (the launcher, e.g. torchrun) dies.
-
-    Linux: prctl(PR_SET_PDEATHSIG); then, in case the parent died before that call, a check
-    that the parent is still `parent` (default: the parent now; orphans have ppid 1). Elsewhere
-    a daemon thread polls os.getppid() every `interval` seconds. Returns the mechanism used.
-    """
-    expected = os.getppid() if parent is None else int(parent)
-    if expected == 1:           # already orphaned (adopted by init)
-        os.kill(os.getpid(), sig)
-        return "orphaned"
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0:
-                if os.getppid() != expected:       # died between our start and prctl
-                    os.kill(os.getpid(), sig)
-                return "prctl"
-        except (OSError, AttributeError):
-            pass
-    thread = threading.Thread(target=_poll_parent, args=(expected, sig, interval),
-                              name="exit_with_parent", daemon=True)
-    thread.start()
-    return "poll"

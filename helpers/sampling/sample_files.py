@@ -7,8 +7,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from helpers.cli import JobError
-from helpers.files import atomic_write
+from helpers.utils.cli import JobError
+from helpers.utils.files import atomic_write
 
 
 def png_name(index):

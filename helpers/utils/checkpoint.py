@@ -16,9 +16,9 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from helpers.cli import JobError, one_line
-from helpers.files import atomic_write
-from helpers.models import all_models
+from helpers.utils.cli import JobError, one_line
+from helpers.utils.files import atomic_write
+from helpers.utils.models import all_models
 
 SAFETENSORS_EXT = ".safetensors"
 # What checkpoints of this project written before the safe format hold besides tensors.

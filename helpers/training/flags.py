@@ -2,13 +2,13 @@
 on its own (no file touched), and what a resumed run takes from its checkpoint's saved flags."""
 import argparse
 
-from helpers import fastpath
-from helpers.cli import JobError
-from helpers.images import BUILTIN_DATASETS
-from helpers.models import model_names, parse_args_with_overrides
-from helpers.monitor import add_monitor_args, check_monitor_args
-from helpers.objectives import add_objective_args
-from helpers.repa_training import add_repa_args, check_repa_args
+from helpers.utils import fastpath
+from helpers.utils.cli import JobError
+from helpers.data.images import BUILTIN_DATASETS
+from helpers.utils.models import model_names, parse_args_with_overrides
+from helpers.training.monitor import add_monitor_args, check_monitor_args
+from helpers.training.objectives import add_objective_args
+from helpers.training.repa_objective import add_repa_args, check_repa_args
 
 
 #################################################################################

@@ -19,8 +19,8 @@ import secrets
 
 import numpy as np
 
-from helpers.cli import JobError
-from helpers.files import atomic_write_text
+from helpers.utils.cli import JobError
+from helpers.utils.files import atomic_write_text
 
 STATE_FILE = "tracking.json"   # {"wandb_run_id": str, "wandb_last_step": int}
 FLUSH_SECS = 30                # at most this much TensorBoard history is lost to a kill
@@ -58,7 +58,7 @@ def as_image(image):
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise JobError(f"an image to log must be uint8 (H, W, 3), got {array.dtype} "
-                       f"{tuple(array.shape)}: convert it (e.g. helpers.images) before logging")
+                       f"{tuple(array.shape)}: convert it (e.g. helpers.data.images) before logging")
     return array
 
 

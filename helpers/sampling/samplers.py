@@ -1,5 +1,5 @@
 """The reverse process of each training objective, every random draw taken per sample index from an
-IndexNoise (helpers/sampling.py), so a sample depends on its index and the settings alone:
+IndexNoise (helpers/sampling/setup.py), so a sample depends on its index and the settings alone:
 
     DDPM checkpoints   --sampler ddpm (DiT's ancestral sampler), ddim (eta 0), dpm-solver (DPM-Solver++(2M),
                        diffusers' scheduler on the model's epsilon)
@@ -13,9 +13,9 @@ import torch
 from tqdm import tqdm
 
 from diffusion import create_diffusion
-from helpers.cli import JobError
-from helpers.dpm_solver import check_num_steps, dit_betas, dpm_solver_sample, eps_from_model_output
-from helpers.objectives import first_channels
+from helpers.utils.cli import JobError
+from helpers.sampling.dpm_solver import check_num_steps, dit_betas, dpm_solver_sample, eps_from_model_output
+from helpers.training.objectives import first_channels
 from transport import Sampler, create_transport
 
 DDPM_SAMPLERS = ("ddpm", "ddim", "dpm-solver")

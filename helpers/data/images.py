@@ -12,7 +12,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 
-from helpers.cli import JobError
+from helpers.utils.cli import JobError
 
 # Same suffixes as torchvision's ImageFolder (compared case-insensitively: ImageNet uses .JPEG).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

@@ -2,13 +2,24 @@
 
 The device comes from LOCAL_RANK (the GPU index on this node), data sharding and seeds
 from the global RANK; the official scripts mixed the two up on multi-node runs.
+
+exit_with_parent: torchrun starts each worker in its own session (start_new_session=True), so
+killing torchrun's process group leaves the workers running. setup_distributed calls
+exit_with_parent() in every torchrun worker, which then receives SIGTERM when its launcher dies.
 """
+import ctypes
 import gc
 import os
+import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+PR_SET_PDEATHSIG = 1            # <linux/prctl.h>
 
 
 @dataclass
@@ -31,7 +42,6 @@ def setup_distributed():
     needs no process group, which is what a laptop user expects.
     """
     if "TORCHELASTIC_RUN_ID" in os.environ:   # a torchrun worker: must not outlive its launcher
-        from helpers.locks import exit_with_parent
         exit_with_parent()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -89,3 +99,35 @@ def cleanup_distributed():
         gc.collect()
         dist.destroy_process_group()
 
+
+def _poll_parent(parent, sig, interval):
+    """Non-Linux fallback: signal ourselves once the parent process is gone."""
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os.kill(os.getpid(), sig)
+
+
+def exit_with_parent(sig=signal.SIGTERM, parent=None, interval=1.0):
+    """Make this process get `sig` when its parent (the launcher, e.g. torchrun) dies.
+
+    Linux: prctl(PR_SET_PDEATHSIG); then, in case the parent died before that call, a check
+    that the parent is still `parent` (default: the parent now; orphans have ppid 1). Elsewhere
+    a daemon thread polls os.getppid() every `interval` seconds. Returns the mechanism used.
+    """
+    expected = os.getppid() if parent is None else int(parent)
+    if expected == 1:           # already orphaned (adopted by init)
+        os.kill(os.getpid(), sig)
+        return "orphaned"
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0:
+                if os.getppid() != expected:       # died between our start and prctl
+                    os.kill(os.getpid(), sig)
+                return "prctl"
+        except (OSError, AttributeError):
+            pass
+    thread = threading.Thread(target=_poll_parent, args=(expected, sig, interval),
+                              name="exit_with_parent", daemon=True)
+    thread.start()
+    return "poll"
