@@ -24,7 +24,8 @@ import argparse
 import sys
 
 from helpers.utils.cli import JobError, one_line, run_main
-from helpers.data.latents import PackedSetExistsError, pack_latents, read_packed_info
+from helpers.data.latents import read_packed_info
+from helpers.data.packing import PackedSetExistsError, pack_latents
 
 
 def main(args):

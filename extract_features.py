@@ -57,8 +57,10 @@ from helpers.utils.files import atomic_write_text, check_writable, remove_stale_
 from helpers.data.images import ImageFolderDataset
 from helpers.utils.locks import RunLock
 from helpers.utils.seeds import generator
-from helpers.data.latents import PACKED_INFO, file_names, layout_dirs, layout_prefix, pack_latents, \
-    packed_dir, pair_is_complete, read_packed_names, remove_partial_files, write_latent
+from helpers.data.latents import PACKED_INFO, file_names, layout_dirs, layout_prefix, packed_dir, \
+    read_packed_names
+from helpers.data.packing import pack_latents
+from helpers.data.per_file_writer import pair_is_complete, remove_partial_files, write_latent
 from helpers.data.vae import downsample_factor, encode, latent_channels, latent_scale, load_vae
 
 META_SUFFIX = "_extract.json"   # <features-path>/<prefix>_extract.json: what the latents were made with

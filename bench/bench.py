@@ -694,7 +694,8 @@ def bench_data(args):
         # collated into a batch as a DataLoader does (layout written by helpers.data.latents.pack_latents).
         from torch.utils.data import default_collate
 
-        from helpers.data.latents import LatentFeatureDataset, pack_latents
+        from helpers.data.latents import LatentFeatureDataset
+        from helpers.data.packing import pack_latents
         files_ds = LatentFeatureDataset(root, layout="files")
         files_ds.labels  # noqa: B018  (read the label files once, as training would)
         t0 = time.perf_counter()

@@ -3,7 +3,7 @@ How fast can training read its latents? Per-file .npy layout vs the packed layou
 one training step consumes.
 
 Writes N synthetic latents (default 5,000 of 4x32x32, the latents of 256px images) in the
-official per-file layout into a temp folder, packs them with helpers.data.latents.pack_latents, and
+official per-file layout into a temp folder, packs them with helpers.data.packing.pack_latents, and
 reads each layout through LatentFeatureDataset and a DataLoader the way train.py does (random
 order, batches of --batch-size, no workers), timing whole epochs (best of --repeats). Then it
 times DiC training steps (forward + backward + AdamW, DiT's diffusion loss) at --train-batch on
@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, RandomSampler
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from helpers.data.latents import LatentFeatureDataset, layout_dirs, pack_latents  # noqa: E402
+from helpers.data.latents import LatentFeatureDataset, layout_dirs  # noqa: E402
+from helpers.data.packing import pack_latents  # noqa: E402
 
 
 def write_per_file(root, num, shape, num_classes, prefix, seed=0):

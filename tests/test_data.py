@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader
 from conftest import make_image_folder
 from helpers.data.images import (BUILTIN_DATASETS, CorruptImageWarning, ImageFolderDataset,
                             builtin_dataset, center_crop_arr, collate_skip_none, split_indices)
-from helpers.data.latents import (LatentFeatureDataset, layout_dirs, pair_is_complete,
-                             remove_partial_files, write_latent)
+from helpers.data.latents import LatentFeatureDataset, layout_dirs
+from helpers.data.per_file_writer import pair_is_complete, remove_partial_files, write_latent
 
 
 #################################################################################

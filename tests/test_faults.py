@@ -258,7 +258,7 @@ def test_an_empty_class_folder_is_named_or_keeps_its_index(tmp_path):
 def _latent_set(root, count=40, nan_at=None):
     """A per-file set of `count` (4, 2, 2) latents, labels index % 10, NaN in latent `nan_at`."""
     import numpy as np
-    from helpers.data.latents import write_latent
+    from helpers.data.per_file_writer import write_latent
     for i in range(count):
         latent = np.full((4, 2, 2), i, dtype=np.float32)
         if i == nan_at:
@@ -286,7 +286,8 @@ def test_a_nan_latent_is_named_on_read_and_skip_nonfinite_trains_past_it(tmp_pat
 
 def test_a_nan_latent_stops_packing_and_a_packed_nan_is_found_at_start_up(tmp_path):
     import numpy as np
-    from helpers.data.latents import LatentFeatureDataset, pack_latents
+    from helpers.data.latents import LatentFeatureDataset
+    from helpers.data.packing import pack_latents
     _latent_set(tmp_path, nan_at=37)
     with pytest.raises(JobError, match=r"latent file .*features/37\.npy holds non-finite"):
         pack_latents(tmp_path, progress=False, log=lambda *a: None)
@@ -324,7 +325,8 @@ def test_bad_label_files_are_refused_naming_the_file(tmp_path, value, dtype, mes
 
 def test_a_packed_label_out_of_range_is_named_with_its_row(tmp_path):
     import numpy as np
-    from helpers.data.latents import LatentFeatureDataset, pack_latents
+    from helpers.data.latents import LatentFeatureDataset
+    from helpers.data.packing import pack_latents
     _latent_set(tmp_path, count=12)
     packed = pack_latents(tmp_path, progress=False, log=lambda *a: None)
     labels = np.load(os.path.join(packed, "labels.npy"), mmap_mode="r+")
@@ -343,7 +345,8 @@ def test_a_packed_label_out_of_range_is_named_with_its_row(tmp_path):
 
 def test_convert_says_nothing_to_do_and_never_publishes_a_temp_file(tmp_path, capsys, monkeypatch):
     import convert_features
-    from helpers.data.latents import LatentFeatureDataset, pack_latents
+    from helpers.data.latents import LatentFeatureDataset
+    from helpers.data.packing import pack_latents
     _latent_set(tmp_path, count=12)
     real_read = LatentFeatureDataset._read_latent
 

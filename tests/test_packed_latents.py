@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 from conftest import make_image_folder, subprocess_env
 import convert_features
 import extract_features
-from helpers.data.latents import LatentFeatureDataset, layout_dirs, pack_latents
+from helpers.data.latents import LatentFeatureDataset, layout_dirs
+from helpers.data.packing import pack_latents
 
 PREFIX = "imagenet256"
 SHAPE = (4, 2, 3)

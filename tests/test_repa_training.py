@@ -16,7 +16,7 @@ from test_train import (assert_opt_equal, assert_state_dicts_equal, call_main, l
 
 import export
 import sample
-from helpers.data.latents import write_latent
+from helpers.data.per_file_writer import write_latent
 from helpers.utils.models import create_model
 from helpers.training.objectives import DDPM
 from helpers.training.repa_objective import build_repa

@@ -19,7 +19,7 @@ from helpers.data import order as data_order
 from helpers.training import runs
 from helpers.utils.cli import run_main
 from helpers.data.images import ImageFolderDataset
-from helpers.data.latents import write_latent
+from helpers.data.per_file_writer import write_latent
 from helpers.utils.log import read_losses
 from helpers.utils.models import create_model
 

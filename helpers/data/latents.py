@@ -17,24 +17,19 @@ Plain .npy files, so `np.load(path, mmap_mode="r")` reads any row without loadin
 folder is built as `<root>/.partial-<prefix>_packed` and renamed into place when complete, so a
 crash never leaves a packed set that would be read. `LatentFeatureDataset` reads either layout
 and yields the same items in the same order; where a root holds both, it reads the packed one.
+
+This module is the layout and its reader; helpers/data/per_file_writer.py writes the per-file
+layout and helpers/data/packing.py the packed one.
 """
-import hashlib
-import io
 import json
 import os
 import re
-import shutil
-import uuid
-from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from helpers.utils.cli import JobError
-from helpers.utils.files import atomic_write_text, fsync_path, remove_stale_temps
-from helpers.utils.locks import LOCK_NAME, RunLock
 
 FEATURES_SUFFIX = "_features"
 LABELS_SUFFIX = "_labels"
@@ -43,7 +38,6 @@ TMP_PREFIX = ".partial-"  # in-progress files: hidden and not ending in .npy, so
 PACKED_FORMAT, PACKED_VERSION = "dic-packed-latents", 1
 PACKED_LATENTS, PACKED_LABELS, PACKED_NAMES, PACKED_INFO = (
     "latents.npy", "labels.npy", "names.txt", "info.json")
-PACKED_PROGRESS = "progress.json"   # only inside an unfinished .partial-<prefix>_packed folder
 
 
 def layout_prefix(image_size):
@@ -64,96 +58,9 @@ def _natural_key(name):
 
 
 def _list_npy(folder):
+    """Visible .npy file names in `folder` (temp files are hidden, so never listed)."""
     return {e.name for e in os.scandir(folder)
             if e.name.endswith(".npy") and not e.name.startswith(".") and e.is_file()}
-
-
-#################################################################################
-#                                   Writing                                     #
-#################################################################################
-
-def _atomic_npy(array, path):
-    """np.save to a hidden temp file beside `path`, then rename: readers never see half a file.
-
-    Not helpers.utils.files.atomic_write, on purpose: no fsync per file (an extraction writes two
-    small files per image, millions for ImageNet; a file a crash left short fails
-    pair_is_complete's size check and is rewritten on resume), and the temp name starts with
-    TMP_PREFIX, which remove_partial_files clears after a killed run.
-    """
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f"{TMP_PREFIX}{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _as_latent_array(latent):
-    if torch.is_tensor(latent):
-        latent = latent.detach().to("cpu", torch.float32).numpy()
-    latent = np.asarray(latent, dtype=np.float32)
-    if latent.ndim == 3:
-        latent = latent[None]                       # (C, H, W) -> (1, C, H, W)
-    if latent.ndim != 4 or latent.shape[0] != 1:
-        raise ValueError(f"a latent must have shape (C, H, W) or (1, C, H, W), got {latent.shape}")
-    return np.ascontiguousarray(latent)
-
-
-def write_latent(root, index_name, latent, label, prefix="imagenet256"):
-    """Write one (latent, label) pair as `<index_name>.npy` in the official layout, atomically.
-
-    The label goes first, so an existing feature file always has its complete label beside it.
-    Returns the feature file's path.
-    """
-    features_dir, labels_dir = layout_dirs(root, prefix)
-    os.makedirs(features_dir, exist_ok=True)
-    os.makedirs(labels_dir, exist_ok=True)
-    name = f"{index_name}.npy"
-    _atomic_npy(np.array([int(label)], dtype=np.int64), os.path.join(labels_dir, name))
-    path = os.path.join(features_dir, name)
-    _atomic_npy(_as_latent_array(latent), path)
-    return path
-
-
-@lru_cache(maxsize=None)
-def _npy_nbytes(shape, dtype_str):
-    buf = io.BytesIO()
-    np.save(buf, np.zeros(shape, dtype=np.dtype(dtype_str)))
-    return buf.tell()
-
-
-def npy_nbytes(shape, dtype):
-    """Size in bytes of the .npy file np.save writes for an array of this shape and dtype."""
-    return _npy_nbytes(tuple(int(n) for n in shape), np.dtype(dtype).str)
-
-
-def pair_is_complete(root, index_name, latent_shape, prefix="imagenet256"):
-    """True if both files of `index_name` exist with the sizes of a (1, C, H, W) float32 latent
-    and a (1,) int64 label (so a truncated file from a power cut counts as missing)."""
-    features_dir, labels_dir = layout_dirs(root, prefix)
-    name = f"{index_name}.npy"
-    expected = ((os.path.join(features_dir, name), npy_nbytes((1, *latent_shape), np.float32)),
-                (os.path.join(labels_dir, name), npy_nbytes((1,), np.int64)))
-    try:
-        return all(os.path.getsize(path) == size for path, size in expected)
-    except OSError:  # a file is missing
-        return False
-
-
-def remove_partial_files(root, prefix):
-    """Delete temp files left by a killed writer; returns how many were removed."""
-    removed = 0
-    for folder in layout_dirs(root, prefix):
-        if os.path.isdir(folder):
-            for entry in os.scandir(folder):
-                if entry.name.startswith(TMP_PREFIX):
-                    os.remove(entry.path)
-                    removed += 1
-    return removed
 
 
 #################################################################################
@@ -512,176 +419,3 @@ class LatentFeatureDataset(Dataset):
             label = self._check_label(label, np.dtype(np.int64), f"label file "
                                       f"{os.path.join(self.labels_dir, name)}")
         return torch.from_numpy(latent), torch.tensor(label, dtype=torch.int64)
-
-
-#################################################################################
-#                                   Packing                                     #
-#################################################################################
-
-class PackedSetExistsError(JobError, FileExistsError):
-    """A packed set is already there and overwriting was not asked for; `.path` is its folder."""
-
-    def __init__(self, path, message):
-        super().__init__(message)
-        self.path = path
-
-
-def _lock_folder(folder):
-    """An exclusive lock on the packed set being written, held until released (or the process
-    dies); a second conversion gets a one-line JobError naming the holder."""
-    return RunLock(folder, what="conversion").acquire()
-
-
-def packed_is_current(final, source_root, prefix, names, shape):
-    """True if `final` already holds a complete packed set of exactly these per-file latents."""
-    try:
-        info = read_packed_info(final)
-    except ValueError:
-        return False
-    own = os.path.join(source_root, prefix + FEATURES_SUFFIX)
-    return (os.path.realpath(str(info.get("source"))) == os.path.realpath(own)
-            and tuple(info["latent_shape"]) == tuple(shape)
-            and read_packed_names(final) == list(names))
-
-
-def _keep_only_packed_files(work):
-    """Remove whatever a packed set must not publish: stale temps of killed writes, leftovers."""
-    keep = {PACKED_LATENTS, PACKED_LABELS, PACKED_NAMES, PACKED_INFO, LOCK_NAME}
-    for entry in os.scandir(work):
-        if entry.name not in keep:
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path)
-            else:
-                os.remove(entry.path)
-
-
-def _fingerprint(source_root, prefix, names, shape):
-    digest = hashlib.sha256()
-    digest.update(json.dumps([source_root, prefix, list(shape), len(names)]).encode())
-    for name in names:
-        digest.update(name.encode("utf-8") + b"\n")
-    return digest.hexdigest()
-
-
-def pack_latents(feature_path, prefix=None, out_root=None, overwrite=False, workers=4,
-                 chunk_size=4096, progress=True, log=print):
-    """Convert a per-file latent set into the packed layout; returns the packed folder.
-
-    Reads `<feature_path>/<prefix>_features/*.npy` + `_labels/*.npy` in the dataset's order
-    (flipped copies are rows like any other) and writes `<out_root>/<prefix>_packed/` (default
-    out_root: feature_path). The set is built in `<out_root>/.partial-<prefix>_packed/` and
-    renamed into place only when complete; an interrupted conversion of the same source
-    resumes there from its last saved row (saved every `chunk_size` rows). A packed set of exactly
-    these latents is left as it is ("nothing to do"); another raises PackedSetExistsError unless
-    `overwrite`. The set being written is locked (helpers.utils.locks.RunLock), stale temp files of
-    killed writes in it are removed, and only the four packed files are ever published. Bad input (missing folders, unpaired
-    files, different latent shapes, unreadable files) raises a one-line ValueError.
-    """
-    source = LatentFeatureDataset(feature_path, prefix=prefix, layout="files")
-    prefix, shape, names, count = source.prefix, source.latent_shape, source.names, len(source)
-    out_root = os.path.abspath(os.fspath(out_root if out_root is not None else source.root))
-    final = packed_dir(out_root, prefix)
-    if os.path.exists(final) and packed_is_current(final, source.root, prefix, names, shape):
-        log(f"nothing to do: {final} already holds these {count} latents")
-        return final
-    if os.path.exists(final) and not overwrite:
-        raise PackedSetExistsError(final, f"{final} already holds a packed set: refusing to "
-                                          f"overwrite it; delete it, pass overwrite (--overwrite) "
-                                          f"or choose another output folder")
-    os.makedirs(out_root, exist_ok=True)
-    work = os.path.join(out_root, TMP_PREFIX + prefix + PACKED_SUFFIX)
-    os.makedirs(work, exist_ok=True)
-    lock = _lock_folder(work)
-    try:
-        removed = remove_stale_temps(work)
-        if removed:
-            log(f"removed {removed} temp files of an interrupted conversion")
-        fingerprint = _fingerprint(source.root, prefix, names, shape)
-        progress_path = os.path.join(work, PACKED_PROGRESS)
-        done = 0
-        if os.path.exists(progress_path):
-            try:
-                with open(progress_path) as f:
-                    saved = json.load(f)
-                if saved.get("fingerprint") == fingerprint:
-                    done = int(saved["rows_done"])
-            except (OSError, ValueError, KeyError, TypeError):
-                done = 0
-            if done:
-                log(f"resuming an interrupted conversion at row {done} of {count}")
-            else:
-                log(f"discarding an interrupted conversion of other latents in {work}")
-        latents_path = os.path.join(work, PACKED_LATENTS)
-        labels_path = os.path.join(work, PACKED_LABELS)
-        if done:
-            latents = np.load(latents_path, mmap_mode="r+")
-            labels = np.load(labels_path, mmap_mode="r+")
-        else:
-            for entry in os.scandir(work):       # a fresh start: nothing from before is kept
-                if entry.name == LOCK_NAME:
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path)
-                else:
-                    os.remove(entry.path)
-            latents = np.lib.format.open_memmap(latents_path, mode="w+", dtype=np.float32,
-                                                shape=(count, *shape))
-            labels = np.lib.format.open_memmap(labels_path, mode="w+", dtype=np.int64,
-                                               shape=(count,))
-
-        def read(name):
-            latent = source._read_latent(name)
-            if not np.isfinite(latent).all():
-                raise JobError(f"latent file {os.path.join(source.features_dir, name)} holds "
-                               f"non-finite values (NaN or inf): re-extract it or delete it "
-                               f"(and its label file), then convert again")
-            return latent, source._read_label(name)
-
-        from tqdm import tqdm
-        bar = tqdm(total=count, initial=done, unit="latent", desc=f"packing {prefix}",
-                   disable=not progress, dynamic_ncols=True)
-        with ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
-            for start in range(done, count, chunk_size):
-                stop = min(start + chunk_size, count)
-                for row, (latent, label) in enumerate(pool.map(read, names[start:stop]), start):
-                    latents[row] = latent
-                    labels[row] = label
-                    bar.update(1)
-                latents.flush()
-                labels.flush()
-                atomic_write_text(progress_path, json.dumps(
-                    {"fingerprint": fingerprint, "rows_done": stop, "count": count}), overwrite=True)
-        bar.close()
-        all_labels = np.array(labels)
-        del latents, labels
-        atomic_write_text(os.path.join(work, PACKED_NAMES), "".join(n + "\n" for n in names),
-                          overwrite=True)
-        info = {"format": PACKED_FORMAT, "version": PACKED_VERSION, "count": count,
-                "latent_shape": list(shape), "latent_dtype": "float32", "label_dtype": "int64",
-                "num_classes_seen": int(all_labels.max()) + 1, "prefix": prefix,
-                "source": os.path.join(source.root, prefix + FEATURES_SUFFIX),
-                "files": {"latents": PACKED_LATENTS, "labels": PACKED_LABELS,
-                          "names": PACKED_NAMES}}
-        for name in (PACKED_LATENTS, PACKED_LABELS):
-            fsync_path(os.path.join(work, name))
-        atomic_write_text(os.path.join(work, PACKED_INFO), json.dumps(info, indent=1) + "\n",
-                          overwrite=True)
-        os.remove(progress_path)
-        _keep_only_packed_files(work)            # never publish a temp file
-        read_packed_info(work)                   # what we are about to publish reads back
-        if os.path.exists(final):
-            if not overwrite:
-                raise PackedSetExistsError(final, f"{final} appeared while converting: refusing "
-                                                  f"to overwrite it; delete it, pass overwrite "
-                                                  f"(--overwrite) or choose another output folder")
-            old = os.path.join(out_root, f"{TMP_PREFIX}old-{prefix}{PACKED_SUFFIX}.{os.getpid()}")
-            os.rename(final, old)
-            os.rename(work, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(work, final)
-        os.remove(os.path.join(final, LOCK_NAME))
-        fsync_path(out_root)
-    finally:
-        lock.release()
-    return final
