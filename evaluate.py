@@ -2,7 +2,8 @@
 
 The metrics are those of ADM's evaluation suite (openai/guided-diffusion, evaluations/
 evaluator.py), which DiT and DiC report, computed in PyTorch with torch-fidelity's port of the
-same TF InceptionV3; see helpers/evaluation/metrics.py for how each maps to ADM and where it differs.
+same TF InceptionV3; see helpers/evaluation/metrics.py and helpers/evaluation/inception.py for
+how each maps to ADM and where it differs.
 
 Evaluate (prints ADM's five lines; --json also writes them, atomically, never over a file):
     python evaluate.py VIRTUAL_imagenet256_labeled.npz samples.npz \\
@@ -36,11 +37,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from helpers.utils.cli import JobError, run_main
-from helpers.evaluation.metrics import (IS_SPLIT_SIZE, PR_BATCH_SIZE, PR_NEIGHBOURS, load_extractor,
-                                NpzImages, RunningStatistics,
-                                compute_activations, compute_statistics, frechet_distance,
-                                inception_score, precision_recall, read_npz_statistics,
-                                save_json_atomic, save_npz_atomic)
+from helpers.evaluation.inception import compute_activations, load_extractor
+from helpers.evaluation.metrics import (IS_SPLIT_SIZE, PR_BATCH_SIZE, PR_NEIGHBOURS, RunningStatistics,
+                                        compute_statistics, frechet_distance, inception_score,
+                                        precision_recall)
+from helpers.evaluation.npz_files import NpzImages, read_npz_statistics, save_json_atomic, save_npz_atomic
 from helpers.utils.files import check_writable
 from helpers.data.images import IMG_EXTENSIONS, center_crop_arr, load_image
 

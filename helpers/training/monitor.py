@@ -16,7 +16,9 @@ from torchvision.utils import make_grid
 
 from helpers.utils.cli import JobError
 from helpers.utils.distributed import gather_objects
-from helpers.evaluation.metrics import compute_statistics, frechet_distance, load_extractor, read_npz_statistics
+from helpers.evaluation.inception import load_extractor
+from helpers.evaluation.metrics import compute_statistics, frechet_distance
+from helpers.evaluation.npz_files import read_npz_statistics
 from helpers.utils.files import atomic_write
 from helpers.sampling.samplers import ReverseProcess
 from helpers.sampling.setup import IndexNoise, clips_denoised, draw_labels, generate, make_model_fn, to_uint8_rgb
