@@ -203,8 +203,9 @@ def build(args, dist_info, resume_path):
                 objective=objective, model_kwargs=model_kwargs)
 
 
-def train_loop(args, engine, log, run, progress, monitor):
-    device, world_size = run.device, run.world_size
+def start_training(args, engine, log, run, progress):
+    """(model, optimizer, forward) as the launcher runs them; every RNG where a resume left it."""
+    device = run.device
 
     # Model and optimizer as the launcher runs them (DDP or accelerate), the forward as the objective
     # calls it (compile, autocast, channels_last); run.model stays the plain module the EMA follows.
@@ -227,7 +228,12 @@ def train_loop(args, engine, log, run, progress, monitor):
         ema_update(run.ema, run.model, decay=0)   # the EMA starts as the (synced) initial weights
     run.model.train()   # important! This enables embedding dropout for classifier-free guidance
     run.ema.eval()      # EMA model should always be in eval mode
+    return model, opt, forward
 
+
+def train_loop(args, engine, log, run, progress, monitor):
+    device, world_size = run.device, run.world_size
+    model, opt, forward = start_training(args, engine, log, run, progress)
     steps_per_epoch = run.data.steps_per_epoch
     target = args.epochs * steps_per_epoch
     target = min(target, args.max_steps) if args.max_steps else target
