@@ -16,23 +16,27 @@ through Hugging Face accelerate.
 import math
 import os
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from copy import deepcopy
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from helpers.training import flags as train_flags, setup as training
-from helpers.utils.cli import EXIT_RUN_FAILED, JobError, run_main
+from helpers.data.order import EpochBatches
+from helpers.data.vae import downsample_factor_of_spec, encode, latent_channels, load_vae
+from helpers.training import flags as train_flags, runs, setup as training
+from helpers.training.monitor import Monitor
+from helpers.training.objectives import create_objective, objective_from_args, per_sample_draws
+from helpers.training.repa_objective import build_repa
+from helpers.training.runs import Progress, checkpoint_path, restore_rng_state, save_checkpoint, saved_args
+from helpers.utils import fastpath
+from helpers.utils.cli import EXIT_RUN_FAILED, JobError, agree, run_main
 from helpers.utils.distributed import cleanup_distributed, is_distributed, setup_distributed
 from helpers.utils.fastpath import ema_update
-from helpers.utils.log import RunLogger, ThroughputMeter
-from helpers.training.monitor import Monitor
-from helpers.training.objectives import per_sample_draws
-from helpers.training.runs import checkpoint_path, restore_rng_state, save_checkpoint
+from helpers.utils.log import LossFile, RunLogger, ThroughputMeter
 from helpers.utils.seeds import derive_seed, seed_everything
-from helpers.data.vae import encode
 
 
 class DDPEngine:
@@ -60,8 +64,9 @@ class DDPEngine:
     def describe(self):
         return f"DDP: {self.dist.world_size} process(es) on {self.dist.device}"
 
-    def forward(self, model, run):
-        return training.training_forward(model, run, autocast=True)
+    def forward(self, model, args, device):
+        return training.training_forward(model, device, args.precision, args.compile, args.channels_last,
+                                         autocast=True)
 
     def backward(self, loss):
         loss.backward()
@@ -79,40 +84,136 @@ class DDPEngine:
 
 def main(args, engine=None):
     """Train a model; a bad input or a failed run raises JobError (one line, an exit code)."""
+    # Processes (torchrun, or accelerate's through `engine`) and the run log (rank 0).
     engine = engine or DDPEngine()
     args.mixed_precision = engine.mixed_precision   # accelerate's (saved with the run's flags); None here
-    log = RunLogger(engine.dist.is_main)
+    dist_info = engine.dist
+    log = RunLogger(dist_info.is_main)
+    with closed_at_end(engine, log):
+        locks = []   # rank 0 locks the run folder it will write, for the whole job
+        try:
+            # Resume: rank 0 finds the checkpoint --resume names, its run folder locked first.
+            model_filter = args.model if "model" in args.explicit else None
+            resume_path = agree(lambda: runs.locate_resume(args.resume, args.results_dir, model_filter, locks),
+                                on_main_only=True)
+            if args.resume == "auto" and resume_path is None:
+                log.info(f"--resume auto: no checkpoint to resume in {args.results_dir}; starting a new run")
+            # Every process checks every input and builds the same run; they agree before anything is written.
+            built = agree(lambda: build(args, dist_info, resume_path))
+            checkpoint = built["checkpoint"]
+            # Run folder: the resumed run's, or a new <results>/<NNN>-<model>/, locked for the whole job.
+            run_dir = agree(lambda: runs.open_run_dir(args.results_dir, args.model,
+                                                      resume_path if checkpoint is not None else None, locks),
+                            on_main_only=True)
+        except BaseException:
+            for lock in locks:
+                lock.release()
+            raise
+        if dist_info.is_main:   # the log into <run>/log.txt, the flags into <run>/args.json
+            log.attach_file(os.path.join(run_dir, "log.txt"))
+            runs.write_flags_file(run_dir, train_flags.run_flags(args))
+
+        # Data order: each process's share of every batch, in an order a resume can re-enter anywhere.
+        data = EpochBatches(built["dataset"], dist_info.rank, dist_info.world_size, args.global_batch_size,
+                            args.global_seed, args.num_workers, pin_memory=dist_info.device.type == "cuda",
+                            accum_steps=args.grad_accum_steps)
+        run = training.Run(device=dist_info.device, rank=dist_info.rank, world_size=dist_info.world_size, log=log,
+                           run_dir=run_dir, model=built["model"], net=built["net"], ema=built["ema"],
+                           opt=built["opt"], objective=built["objective"], vae=built["vae"], data=data,
+                           model_kwargs=built["model_kwargs"], lock=(locks or [None])[-1],
+                           loss_file=LossFile(os.path.join(run_dir, "losses.csv")) if dist_info.is_main else None)
+        log_setup(args, run, resumed=checkpoint is not None)
+
+        # Resume: the position, and this process's RNG and GradScaler states, from the checkpoint.
+        progress = Progress()
+        if checkpoint is not None:
+            train_flags.warn_changed_settings(args, saved_args(checkpoint), log)
+            progress = training.resume_checkpoint_state(run, checkpoint, resume_path, args.global_batch_size,
+                                                        args.draws)
+        if run.loss_file is not None:
+            run.loss_file.start(resume_step=progress.step if checkpoint is not None else None)
+
+        # Live samples, FID, TensorBoard/W&B; then the training loop.
+        monitor = Monitor(train_flags.monitor_config(args), run, progress.step, resumed=progress.step > 0,
+                          flags=train_flags.run_flags(args))
+        try:
+            train_loop(args, engine, log, run, progress, monitor)
+        finally:
+            monitor.close()
+            if run.lock is not None:
+                run.lock.release()
+
+
+@contextmanager
+def closed_at_end(engine, log):
+    """A JobError goes into log.txt as well (once the run folder exists); the log and the processes
+    are closed at the end."""
     try:
-        train(args, engine, log)
+        yield
     except JobError as e:
-        log.info(f"error: {e}")   # into log.txt as well, once the run folder exists
+        log.info(f"error: {e}")
         raise
     finally:
         log.close()
-        engine.close()   # train() has returned: its DDP model is unreferenced, so gloo tears down cleanly
+        engine.close()   # the loop has returned: its DDP model is unreferenced, so gloo tears down cleanly
 
 
-def train(args, engine, log):
-    # Set-up: every input is checked on every process before anything is written; then the run folder.
-    run, progress = training.setup_run(args, engine.dist, log)
-    monitor = Monitor(run, progress.step, resumed=progress.step > 0)   # live samples, FID, TensorBoard/W&B
-    try:
-        train_loop(args, engine, log, run, progress, monitor)
-    finally:
-        monitor.close()
-        if run.lock is not None:
-            run.lock.release()
+def build(args, dist_info, resume_path):
+    """Every process checks and builds the same things (no file written): the resumed checkpoint,
+    the dataset and VAE, the model and EMA, the objective, the optimizer, their weights."""
+    device, world_size, rank = dist_info.device, dist_info.world_size, dist_info.rank
+    # Flags: those not given on the command line come from a resumed run's; each is checked.
+    checkpoint = None
+    if resume_path is not None:
+        checkpoint = runs.load_resume_checkpoint(resume_path)
+        train_flags.inherit_args(args, saved_args(checkpoint))
+    train_flags.resolve_args(args, world_size)
+    seed_everything(args.global_seed * world_size + rank)   # DiT's per-process seed (model init, dropout)
+    fastpath.configure_tf32(args.precision in ("tf32", "bf16"))   # as official DiT/DiC; off for fp32
+
+    # Data, and the VAE that encodes --data-path images or decodes live samples.
+    vae_factor = downsample_factor_of_spec(args.vae)
+    dataset, channels, side = training.build_dataset(train_flags.data_config(args), vae_factor)
+    training.check_batch_fits(dataset, args.global_batch_size)
+    decodes = args.sample_every or args.fid_every   # live samples and FID decode latents
+    encodes = args.data_path and not args.feature_path
+    vae = load_vae(args.vae, device) if (encodes or decodes) and args.vae != "none" else None
+    args.in_channels = latent_channels(vae) if vae is not None else channels
+
+    # Objective, model and EMA (with --repa: the projectors beside the model, the encoders frozen).
+    objective = create_objective(objective_from_args(args))
+    model_kwargs = dict(input_size=side, in_channels=args.in_channels, num_classes=args.num_classes,
+                        learn_sigma=objective.learn_sigma, **args.model_overrides)
+    model = training.build_model(args.model, model_kwargs, args.image_size, vae_factor).to(device)
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    net = model
+    if args.repa:
+        net, objective = build_repa(train_flags.repa_config(args), model, objective, device)
+    if args.channels_last:
+        fastpath.to_channels_last(net)   # before the optimizer: its buffers follow the layout
+    ema = deepcopy(model).requires_grad_(False)   # EMA in fp32, never trained
+
+    # Optimizer, and the weights: --ckpt's, or the resumed run's (with its optimizer state).
+    opt = training.make_optimizer(net, args.lr, args.fused_adamw)
+    if args.ckpt:
+        training.load_initial_weights(args.ckpt, args.model, model, ema)
+    if checkpoint is not None:
+        training.load_resume_weights(checkpoint, resume_path, args.model, model, ema, net, opt)
+    return dict(checkpoint=checkpoint, vae=vae, dataset=dataset, model=model, net=net, ema=ema, opt=opt,
+                objective=objective, model_kwargs=model_kwargs)
 
 
-def train_loop(args, engine, log, run, progress, monitor):
-    device, world_size = run.device, run.world_size
+def start_training(args, engine, log, run, progress):
+    """(model, optimizer, forward) as the launcher runs them; every RNG where a resume left it."""
+    device = run.device
 
     # Model and optimizer as the launcher runs them (DDP or accelerate), the forward as the objective
     # calls it (compile, autocast, channels_last); run.model stays the plain module the EMA follows.
     model, opt = engine.prepare(run.net, run.opt)
     log.info(engine.describe())
-    forward = engine.forward(model, run)
-    training.log_fast_path(run, compiled=args.compile or hasattr(model, "_orig_mod"),
+    forward = engine.forward(model, args, device)
+    training.log_fast_path(run, args.precision, args.channels_last,
+                           compiled=args.compile or hasattr(model, "_orig_mod"),
                            accelerate_precision=engine.mixed_precision)
 
     # Resume: every process's RNG (and the GradScaler) exactly where the checkpoint left them.
@@ -127,7 +228,12 @@ def train_loop(args, engine, log, run, progress, monitor):
         ema_update(run.ema, run.model, decay=0)   # the EMA starts as the (synced) initial weights
     run.model.train()   # important! This enables embedding dropout for classifier-free guidance
     run.ema.eval()      # EMA model should always be in eval mode
+    return model, opt, forward
 
+
+def train_loop(args, engine, log, run, progress, monitor):
+    device, world_size = run.device, run.world_size
+    model, opt, forward = start_training(args, engine, log, run, progress)
     steps_per_epoch = run.data.steps_per_epoch
     target = args.epochs * steps_per_epoch
     target = min(target, args.max_steps) if args.max_steps else target
@@ -143,6 +249,7 @@ def train_loop(args, engine, log, run, progress, monitor):
     terms = run.objective.log_terms   # loss terms logged beside the loss (REPA: denoise, proj)
     stats = torch.zeros(2 + len(terms), device=device)
     local_batch = args.global_batch_size // world_size
+    flags = train_flags.run_flags(args)   # saved with every checkpoint
 
     while progress.step < target:
         for micro_batches in run.data.steps(progress.epoch, start_sample=progress.start_sample):
@@ -151,7 +258,7 @@ def train_loop(args, engine, log, run, progress, monitor):
             opt.zero_grad(set_to_none=True)
             loss, seen, term_values = 0.0, 0, [0.0] * len(terms)
             for k, batch in enumerate(micro_batches):
-                x, model_kwargs, draws, images = prepare_batch(run, batch, progress.step)
+                x, model_kwargs, draws, images = prepare_batch(args, run, batch, progress.step)
                 with engine.no_sync(model, sync=k + 1 == len(micro_batches)):
                     losses = run.objective.training_losses(forward, x, model_kwargs, draws, images=images)
                     share = x.shape[0] / local_batch   # this micro-batch's share of the local batch
@@ -163,7 +270,7 @@ def train_loop(args, engine, log, run, progress, monitor):
             if args.max_grad_norm or (monitor.tracker.enabled and (progress.step + 1) % args.log_every == 0):
                 grad_norm = engine.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
             opt.step()
-            ema_update(run.ema, run.model, training.ema_decay_at(args, progress.step))
+            ema_update(run.ema, run.model, training.ema_decay_at(progress.step, args.ema_decay, args.ema_warmup))
             progress.step += 1
             progress.batch_in_epoch += 1
 
@@ -196,7 +303,7 @@ def train_loop(args, engine, log, run, progress, monitor):
                 scalars = log_window(run, progress, meter, opt, grad_norm)
             monitor.after_step(progress.step, scalars)
             if progress.step % args.ckpt_every == 0 or progress.step >= target:
-                save_checkpoint(run, progress, steps_per_epoch, engine.scaler)
+                save_checkpoint(run, progress, steps_per_epoch, flags, args.global_batch_size, engine.scaler)
             if progress.step >= target:
                 break
         else:   # the epoch's data ran out
@@ -205,13 +312,13 @@ def train_loop(args, engine, log, run, progress, monitor):
             continue
         break
     if progress.last_saved != progress.step:
-        save_checkpoint(run, progress, steps_per_epoch, engine.scaler)
+        save_checkpoint(run, progress, steps_per_epoch, flags, args.global_batch_size, engine.scaler)
     bar.close()
     log.set_progress(None)
     log.info(f"Done: step {progress.step}, run folder {run.run_dir}")
 
 
-def prepare_batch(run, batch, step):
+def prepare_batch(args, run, batch, step):
     """(x, model_kwargs, draws, images) of one micro-batch on the device: images VAE-encoded as
     DiT's train.py (the clean images kept for REPA's encoder), and with --draws per-sample each
     sample's noise, time and label dropout drawn from (seed, step, its index), so the update is the
@@ -221,12 +328,12 @@ def prepare_batch(run, batch, step):
                        f"remove the corrupt files")
     x, y, indices, *extra = batch
     x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
-    images = extra[0].to(run.device, non_blocking=True) if extra else (x if not run.args.feature_path else None)
-    if run.args.data_path and not run.args.feature_path and run.vae is not None:
+    images = extra[0].to(run.device, non_blocking=True) if extra else (x if not args.feature_path else None)
+    if args.data_path and not args.feature_path and run.vae is not None:
         x = encode(run.vae, x)   # images -> latents (x 0.18215)
     model_kwargs, draws = dict(y=y), None
-    if run.args.draws == "per-sample":
-        draws, drop = per_sample_draws(run.objective, x, indices, run.args.global_seed, step,
+    if args.draws == "per-sample":
+        draws, drop = per_sample_draws(run.objective, x, indices, args.global_seed, step,
                                        run.model.class_dropout_prob)
         if drop is not None:
             model_kwargs["force_drop_ids"] = drop
@@ -263,6 +370,30 @@ def peak_memory_gb(device):
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # KiB on Linux
+
+
+def log_setup(args, run, resumed):
+    """The set-up's log lines: folder, command, model, data, objective and optimisation."""
+    log = run.log
+    if not resumed:
+        log.info(f"Experiment directory created at {run.run_dir}")
+    log.info(f"Command: {' '.join(sys.argv)}")
+    n_params = sum(p.numel() for p in run.model.parameters())
+    kw = run.model_kwargs
+    log.info(f"{args.model} parameters: {n_params:,} (input {kw['input_size']}x{kw['input_size']}x"
+             f"{kw['in_channels']}, {args.num_classes} classes"
+             f"{', overrides ' + str(args.model_overrides) if args.model_overrides else ''})")
+    source = args.feature_path or args.data_path or f"built-in {args.dataset}"
+    log.info(f"Dataset contains {len(run.data):,} samples ({source}); {run.data.steps_per_epoch:,} steps per "
+             f"epoch at global batch {args.global_batch_size} ({args.global_batch_size // run.world_size} x "
+             f"{run.world_size} processes)")
+    log.info(f"Objective: {run.objective.config()}; VAE: {args.vae}; precision: {args.precision}; lr {args.lr}; "
+             f"EMA decay {args.ema_decay}{f'; grad clip {args.max_grad_norm}' if args.max_grad_norm else ''}")
+    if args.ckpt:
+        log.info(f"Initialised model and EMA weights from {args.ckpt}")
+    if args.model_domain:
+        log.warning(f"--model-domain {args.model_domain} is the official script's flag and unused here: "
+                    f"the model is --model {args.model}")
 
 
 def parse_args(argv=None, description="Train DiC/DiT with PyTorch DDP."):

@@ -45,10 +45,11 @@ class AccelerateEngine:
         a = self.accelerator
         return f"accelerate: {a.num_processes} processes on {a.device}, mixed precision {a.mixed_precision}"
 
-    def forward(self, model, run):
+    def forward(self, model, args, device):
         # Autocast is accelerate's; --compile compiles the prepared model unless accelerate's own
         # dynamo option (e.g. `accelerate launch --dynamo_backend inductor`) compiled it already.
-        return training.training_forward(model, run, autocast=False)
+        return training.training_forward(model, device, args.precision, args.compile, args.channels_last,
+                                         autocast=False)
 
     def backward(self, loss):
         self.accelerator.backward(loss)

@@ -12,7 +12,7 @@ from test_train import call_main, only_run
 import evaluate
 from helpers.evaluation.inception import save_random_inception_weights
 from helpers.utils.models import create_model
-from helpers.training.monitor import Monitor
+from helpers.training.monitor import Monitor, MonitorConfig
 from helpers.training.objectives import DDPM
 
 DIGITS = ["--model", "DiC-Tiny", "--dataset", "digits", "--global-batch-size", "8", "--no-progress",
@@ -78,7 +78,7 @@ def test_fid_during_training_equals_evaluate_py_on_the_same_samples(tmp_path):
     log = types.SimpleNamespace(info=lambda message: None)
     run = types.SimpleNamespace(args=args, ema=ema, model=ema, vae=None, device=torch.device("cpu"), rank=0,
                                 world_size=1, is_main=True, run_dir=str(tmp_path), log=log, objective=DDPM())
-    monitor = Monitor(run, 0, resumed=False)
+    monitor = Monitor(MonitorConfig(**vars(args)), run, 0, resumed=False)
     value = monitor.fid(step=1)
     indices, images = monitor.fid_images()
     assert indices == list(range(6)) and images.shape == (6, 16, 16, 3)

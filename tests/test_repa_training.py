@@ -2,7 +2,6 @@
 objectives, a frozen encoder, latents paired with their own images, and checkpoints that sample and
 export as plain ones. The encoder is a DINOv2-shaped ViT-S/14 with random weights saved to a file
 (no download); at 64 px it sees 56 px inputs, a 4 x 4 token grid."""
-import argparse
 import os
 import shutil
 
@@ -19,7 +18,7 @@ import sample
 from helpers.data.per_file_writer import write_latent
 from helpers.utils.models import create_model
 from helpers.training.objectives import DDPM
-from helpers.training.repa_objective import build_repa
+from helpers.training.repa_objective import RepaConfig, build_repa
 
 N_PER_CLASS, CLASSES = 6, 3       # 18 images: 2 steps per epoch at global batch 8
 
@@ -108,8 +107,8 @@ def test_latents_are_paired_with_their_own_images(tmp_path, paired, vit_weights)
 def test_the_encoder_is_frozen_and_unchanged_by_training(vit_weights):
     torch.manual_seed(0)
     model = create_model("DiC-Tiny", input_size=8, in_channels=4, num_classes=3)
-    args = argparse.Namespace(enc_type="dinov2-vit-s", enc_weights=vit_weights, image_size=64, proj_coeff=0.5,
-                              projector_embed_dims=None, repa_stage="auto", encoder_depth=8, model="DiC-Tiny")
+    args = RepaConfig(enc_type="dinov2-vit-s", enc_weights=vit_weights, image_size=64, proj_coeff=0.5,
+                      projector_embed_dims=None, repa_stage="auto", encoder_depth=8, model="DiC-Tiny")
     net, objective = build_repa(args, model, DDPM(), torch.device("cpu"))
     (encoder,) = objective.encoders
     before = {k: v.clone() for k, v in encoder.state_dict().items()}

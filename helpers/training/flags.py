@@ -1,14 +1,17 @@
 """The trainers' command line: DiT/DiC-compatible flags and defaults, the checks each flag gets
-on its own (no file touched), and what a resumed run takes from its checkpoint's saved flags."""
+on its own (no file touched), what a resumed run takes from its checkpoint's saved flags, and the
+small typed configs the training helpers take (the one place outside the scripts that reads `args`)."""
 import argparse
+from dataclasses import fields
 
 from helpers.utils import fastpath
 from helpers.utils.cli import JobError
 from helpers.data.images import BUILTIN_DATASETS
 from helpers.utils.models import model_names, parse_args_with_overrides
-from helpers.training.monitor import add_monitor_args, check_monitor_args
+from helpers.training.monitor import MonitorConfig, add_monitor_args
 from helpers.training.objectives import add_objective_args
-from helpers.training.repa_objective import add_repa_args, check_repa_args
+from helpers.training.repa_objective import RepaConfig, add_repa_args
+from helpers.training.setup import DataConfig
 
 
 #################################################################################
@@ -137,8 +140,12 @@ def resolve_args(args, world_size):
         raise JobError(f"--global-batch-size {args.global_batch_size} is not divisible by {world_size} processes x "
                        f"--grad-accum-steps {args.grad_accum_steps}: use a multiple of "
                        f"{world_size * args.grad_accum_steps}")
-    check_monitor_args(args)
-    check_repa_args(args)
+    monitor_config(args).check()
+    if args.repa:
+        repa_config(args).check()
+        if args.feature_path and not args.data_path:
+            raise JobError("--repa with --feature-path needs --data-path too: the encoder sees each latent's own image "
+                           "(the class folders the latents were extracted from)")
     if args.ckpt_iter is not None:
         raise JobError(f"--ckpt-iter {args.ckpt_iter} is the official script's resume: use --resume "
                        f"{args.results_dir}/<NNN>-{args.model.replace('/', '-')}/checkpoints/{args.ckpt_iter:07d}.pt "
@@ -177,3 +184,30 @@ def warn_changed_settings(args, saved, log):
         if key in saved and saved[key] != getattr(args, key, None):
             log.warning(f"resuming with {key}={getattr(args, key, None)!r} where the run used {saved[key]!r}: "
                         f"training goes on, but not as the uninterrupted run would have")
+
+
+#################################################################################
+#                          Typed configs of the flags                           #
+#################################################################################
+
+def config_of(config_class, args):
+    """A config dataclass filled from the flags of the same names."""
+    return config_class(**{f.name: getattr(args, f.name) for f in fields(config_class)})
+
+
+def data_config(args):
+    return config_of(DataConfig, args)
+
+
+def monitor_config(args):
+    return config_of(MonitorConfig, args)
+
+
+def repa_config(args):
+    return config_of(RepaConfig, args)
+
+
+def run_flags(args):
+    """The run's flags as a dict (all but the bookkeeping `explicit`): args.json, the checkpoints'
+    "args" (as plain values), the trackers' config."""
+    return {k: v for k, v in vars(args).items() if k != "explicit"}

@@ -9,6 +9,8 @@ flow matching.
 """
 import argparse
 import os
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -48,22 +50,42 @@ def add_monitor_args(parser):
     return g
 
 
-def check_monitor_args(args):
-    """Errors at start-up, not at step N: counts, and the FID reference and weights files."""
-    for flag, value in (("--sample-every", args.sample_every), ("--fid-every", args.fid_every),
-                        ("--sample-steps", args.sample_steps), ("--sample-count", args.sample_count),
-                        ("--fid-samples", args.fid_samples), ("--fid-batch-size", args.fid_batch_size)):
-        if value is not None and value < 1:
-            raise JobError(f"{flag} must be >= 1, got {value}")
-    if args.sample_cfg_scale < 1:
-        raise JobError(f"--sample-cfg-scale must be >= 1 (1 = no guidance), got {args.sample_cfg_scale}")
-    if args.fid_every:
-        if not args.fid_ref or not os.path.isfile(args.fid_ref):
-            raise JobError(f"--fid-every needs --fid-ref REF.npz (a reference batch, e.g. ADM's "
-                           f"VIRTUAL_imagenet256_labeled.npz or evaluate.py --make-ref): {args.fid_ref} is not a file")
-        if args.inception_weights and not os.path.isfile(args.inception_weights):
-            raise JobError(f"--inception-weights {args.inception_weights} is not a file: pass torch-fidelity's "
-                           f"weights-inception-2015-12-05 .pth")
+@dataclass(frozen=True)
+class MonitorConfig:
+    """What a run shows while it trains, from the trainers' flags of the same names (flags.monitor_config)."""
+    global_seed: int
+    image_size: int
+    num_classes: int
+    sample_every: Optional[int]     # a grid every N steps (None: no grids)
+    sample_steps: int
+    sample_count: int
+    sample_cfg_scale: float
+    fid_every: Optional[int]        # FID every N steps (None: no FID)
+    fid_ref: Optional[str]
+    fid_samples: int
+    fid_batch_size: int
+    inception_weights: Optional[str]
+    tensorboard: bool
+    wandb: bool
+    wandb_project: Optional[str]
+    wandb_entity: Optional[str]
+
+    def check(self):
+        """Errors at start-up, not at step N: counts, and the FID reference and weights files."""
+        for flag, value in (("--sample-every", self.sample_every), ("--fid-every", self.fid_every),
+                            ("--sample-steps", self.sample_steps), ("--sample-count", self.sample_count),
+                            ("--fid-samples", self.fid_samples), ("--fid-batch-size", self.fid_batch_size)):
+            if value is not None and value < 1:
+                raise JobError(f"{flag} must be >= 1, got {value}")
+        if self.sample_cfg_scale < 1:
+            raise JobError(f"--sample-cfg-scale must be >= 1 (1 = no guidance), got {self.sample_cfg_scale}")
+        if self.fid_every:
+            if not self.fid_ref or not os.path.isfile(self.fid_ref):
+                raise JobError(f"--fid-every needs --fid-ref REF.npz (a reference batch, e.g. ADM's "
+                               f"VIRTUAL_imagenet256_labeled.npz or evaluate.py --make-ref): {self.fid_ref} is not a file")
+            if self.inception_weights and not os.path.isfile(self.inception_weights):
+                raise JobError(f"--inception-weights {self.inception_weights} is not a file: pass torch-fidelity's "
+                               f"weights-inception-2015-12-05 .pth")
 
 
 def monitor_sampler(objective_config, steps, in_channels, clip_denoised):
@@ -75,35 +97,35 @@ def monitor_sampler(objective_config, steps, in_channels, clip_denoised):
 
 
 class Monitor:
-    """Live grids, FID and tracking of one run; every process calls it, rank 0 writes."""
+    """Live grids, FID and tracking of one run (`config` a MonitorConfig; `flags`, the run's flags,
+    are the trackers' config); every process calls it, rank 0 writes."""
 
-    def __init__(self, run, progress_step, resumed):
-        self.run, args = run, run.args
-        self.sampler = monitor_sampler(run.objective.config(), args.sample_steps, run.model.in_channels,
+    def __init__(self, config, run, progress_step, resumed, flags=None):
+        self.config, self.run = config, run
+        self.sampler = monitor_sampler(run.objective.config(), config.sample_steps, run.model.in_channels,
                                        clips_denoised(run.vae))
-        self.shape_args = argparse.Namespace(image_size=args.image_size)
+        self.shape_args = argparse.Namespace(image_size=config.image_size)
         self.extractor, self.ref_stats = None, None
-        self.tracker = Tracker(run.run_dir, tensorboard=args.tensorboard, wandb=args.wandb,
-                               wandb_project=args.wandb_project, wandb_entity=args.wandb_entity,
-                               config={k: v for k, v in vars(args).items() if k != "explicit"},
-                               resume_step=progress_step if resumed else None,
-                               enabled=run.is_main and (args.tensorboard or args.wandb))
+        self.tracker = Tracker(run.run_dir, tensorboard=config.tensorboard, wandb=config.wandb,
+                               wandb_project=config.wandb_project, wandb_entity=config.wandb_entity,
+                               config=flags, resume_step=progress_step if resumed else None,
+                               enabled=run.is_main and (config.tensorboard or config.wandb))
 
     def _images(self, noise, labels):
         """uint8 (N, H, W, 3) images of the EMA for `noise`'s rows."""
         run = self.run
-        model_fn = make_model_fn(run.ema, self.run.args.sample_cfg_scale)
+        model_fn = make_model_fn(run.ema, self.config.sample_cfg_scale)
         return to_uint8_rgb(generate(run.ema, run.vae, self.sampler, model_fn, noise, labels, self.shape_args,
                                      run.device))
 
     @torch.no_grad()
     def grid(self, step):
         """Rank 0: <run>/samples/<step:07d>.png, the same noise and classes every time; returns the grid."""
-        args, run = self.run.args, self.run
-        noise = IndexNoise(derive_seed(args.global_seed, GRID_SEED_TAG), range(args.sample_count))
-        labels = torch.arange(args.sample_count) % args.num_classes
+        config, run = self.config, self.run
+        noise = IndexNoise(derive_seed(config.global_seed, GRID_SEED_TAG), range(config.sample_count))
+        labels = torch.arange(config.sample_count) % config.num_classes
         images = torch.from_numpy(self._images(noise, labels)).permute(0, 3, 1, 2)
-        grid = make_grid(images, nrow=int(np.ceil(np.sqrt(args.sample_count))), padding=2).permute(1, 2, 0).numpy()
+        grid = make_grid(images, nrow=int(np.ceil(np.sqrt(config.sample_count))), padding=2).permute(1, 2, 0).numpy()
         path = os.path.join(run.run_dir, "samples", f"{step:07d}.png")
         from PIL import Image
         atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"), overwrite=True)
@@ -114,13 +136,13 @@ class Monitor:
     @torch.no_grad()
     def fid_images(self):
         """This process's FID samples: (indices, uint8 images); image i from seed (global seed, i)."""
-        args, run = self.run.args, self.run
-        seed = derive_seed(args.global_seed, FID_SEED_TAG)
-        b, out_indices, out_images = args.fid_batch_size, [], []
-        for start in range(run.rank * b, args.fid_samples, run.world_size * b):
-            indices = list(range(start, min(start + b, args.fid_samples)))
+        config, run = self.config, self.run
+        seed = derive_seed(config.global_seed, FID_SEED_TAG)
+        b, out_indices, out_images = config.fid_batch_size, [], []
+        for start in range(run.rank * b, config.fid_samples, run.world_size * b):
+            indices = list(range(start, min(start + b, config.fid_samples)))
             noise = IndexNoise(seed, indices, pad_to=b)
-            images = self._images(noise, draw_labels(noise, args.num_classes))[:len(indices)]
+            images = self._images(noise, draw_labels(noise, config.num_classes))[:len(indices)]
             out_indices += indices
             out_images.append(images)
         return out_indices, (np.concatenate(out_images) if out_images else None)
@@ -130,7 +152,7 @@ class Monitor:
         """FID of --fid-samples EMA samples against --fid-ref (every process samples; rank 0 scores)."""
         run = self.run
         if self.extractor is None:
-            self.extractor = load_extractor(run.args.inception_weights, run.device)
+            self.extractor = load_extractor(self.config.inception_weights, run.device)
         indices, images = self.fid_images()
         pool = self.extractor(images)["pool"] if images is not None else None
         gathered = gather_objects((indices, pool))
@@ -139,18 +161,18 @@ class Monitor:
         order = np.argsort(np.concatenate([i for i, p in gathered if p is not None]))
         features = np.concatenate([p for _, p in gathered if p is not None])[order]
         value = fid_against(features, self.reference_stats())
-        run.log.info(f"(step={step:07d}) FID-{run.args.fid_samples}: {value:.4f}")
+        run.log.info(f"(step={step:07d}) FID-{self.config.fid_samples}: {value:.4f}")
         self.tracker.log_scalars(step, {"fid": value})
         return value
 
     def reference_stats(self):
         """(mu, sigma) of --fid-ref: its precomputed statistics, else those of its images (once)."""
         if self.ref_stats is None:
-            saved = read_npz_statistics(self.run.args.fid_ref, "reference batch")
+            saved = read_npz_statistics(self.config.fid_ref, "reference batch")
             if saved is not None:
                 self.ref_stats = saved[0]
             else:
-                with np.load(self.run.args.fid_ref) as ref:
+                with np.load(self.config.fid_ref) as ref:
                     images = ref["arr_0"]
                 pools = [self.extractor(images[i:i + 64])["pool"] for i in range(0, len(images), 64)]
                 self.ref_stats = compute_statistics(np.concatenate(pools))
@@ -158,12 +180,12 @@ class Monitor:
 
     def after_step(self, step, scalars=None):
         """Called by every process after each optimizer step: scalars (rank 0), grids, FID."""
-        args = self.run.args
+        config = self.config
         if scalars:
             self.tracker.log_scalars(step, scalars)
-        if args.sample_every and step % args.sample_every == 0 and self.run.is_main:
+        if config.sample_every and step % config.sample_every == 0 and self.run.is_main:
             self.grid(step)
-        if args.fid_every and step % args.fid_every == 0:
+        if config.fid_every and step % config.fid_every == 0:
             self.fid(step)
 
     def close(self):

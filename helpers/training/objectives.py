@@ -154,21 +154,31 @@ def add_objective_args(parser, sampling=False):
     return group
 
 
+OBJECTIVE_FLAGS = ("objective", "path_type", "prediction", "loss_weight", "train_eps", "sample_eps", "learn_sigma")
+
+
 def objective_from_args(args, base=None):
-    """The objective config the flags ask for; flags left unset keep `base`'s values (a
+    """objective_config of the objective flags in `args` (the samplers' parsed flags)."""
+    return objective_config(**{key: getattr(args, key) for key in OBJECTIVE_FLAGS}, base=base)
+
+
+def objective_config(objective=None, path_type=None, prediction=None, loss_weight=None, train_eps=None,
+                     sample_eps=None, learn_sigma=None, base=None):
+    """The objective config the flags' values ask for; values left unset (None) keep `base`'s (a
     checkpoint's config) or the defaults."""
     base = {k: v for k, v in (base or {}).items() if k != "repa"}
-    name = args.objective or base.get("name", "ddpm")
+    name = objective or base.get("name", "ddpm")
     if name != base.get("name", name):
         base = {}   # another objective than the checkpoint's: its settings do not carry over
     config = {"name": name}
-    learn_sigma = args.learn_sigma if args.learn_sigma is not None else base.get("learn_sigma", name == "ddpm")
+    learn_sigma = learn_sigma if learn_sigma is not None else base.get("learn_sigma", name == "ddpm")
+    flow = dict(path_type=path_type, prediction=prediction, loss_weight=loss_weight, train_eps=train_eps,
+                sample_eps=sample_eps)
     if name == "sit":
-        for key in ("path_type", "prediction", "loss_weight", "train_eps", "sample_eps"):
-            value = getattr(args, key)
+        for key, value in flow.items():
             config[key] = value if value is not None else base.get(key, {"path_type": "Linear",
                                                                          "prediction": "velocity"}.get(key))
-    elif any(getattr(args, key) is not None and getattr(args, key) != default for key, default in
+    elif any(flow[key] is not None and flow[key] != default for key, default in
              (("path_type", "Linear"), ("prediction", "velocity"), ("loss_weight", None), ("train_eps", None),
               ("sample_eps", None))):
         raise JobError("--path-type, --prediction, --loss-weight, --train-eps and --sample-eps are flow-matching "

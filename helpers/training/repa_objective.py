@@ -11,6 +11,9 @@ that grid after the projector (U-REPA). The projectors train with the model (opt
 checkpoints under "projector", exact resume); sampling and export.py leave them out. The encoders
 are frozen, in eval mode, get no gradient, run in bf16 on a GPU and are never saved.
 """
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
@@ -84,63 +87,70 @@ def _split(text):
     return [part.strip() for part in str(text).split(",") if part.strip()] if text else []
 
 
-def check_repa_args(args):
-    """Errors before work: encoder names, weights count, coefficient, and images to align with."""
-    if not args.repa:
-        return
-    names = _split(args.enc_type)
-    unknown = [n for n in names if n not in ENCODERS]
-    if not names or unknown:
-        raise JobError(f"--enc-type {args.enc_type}: unknown encoder {unknown[0] if unknown else '(none)'}; use "
-                       f"one or more of {', '.join(ENCODERS)}")
-    weights = _split(args.enc_weights)
-    if weights and len(weights) != len(names):
-        raise JobError(f"--enc-weights names {len(weights)} files for {len(names)} encoders (--enc-type "
-                       f"{args.enc_type}): pass one per encoder, comma-separated")
-    if not args.proj_coeff >= 0:
-        raise JobError(f"--proj-coeff must be >= 0, got {args.proj_coeff}")
-    if args.feature_path and not args.data_path:
-        raise JobError("--repa with --feature-path needs --data-path too: the encoder sees each latent's own image "
-                       "(the class folders the latents were extracted from)")
+@dataclass(frozen=True)
+class RepaConfig:
+    """REPA's settings, from the trainers' flags of the same names (flags.repa_config)."""
+    enc_type: str                          # encoders, comma-separated
+    enc_weights: Optional[str]             # their local weights, comma-separated (None: timm download)
+    proj_coeff: float
+    projector_embed_dims: Optional[str]    # comma-separated (None: each encoder's token width)
+    encoder_depth: int                     # DiT: the aligned block
+    repa_stage: str                        # DiC: the aligned stage, or auto
+    image_size: int                        # the encoders see the images at this resolution
+    model: str                             # the model's name, for errors
+
+    def check(self):
+        """Errors before work: encoder names, weights count, coefficient."""
+        names = _split(self.enc_type)
+        unknown = [n for n in names if n not in ENCODERS]
+        if not names or unknown:
+            raise JobError(f"--enc-type {self.enc_type}: unknown encoder {unknown[0] if unknown else '(none)'}; use "
+                           f"one or more of {', '.join(ENCODERS)}")
+        weights = _split(self.enc_weights)
+        if weights and len(weights) != len(names):
+            raise JobError(f"--enc-weights names {len(weights)} files for {len(names)} encoders (--enc-type "
+                           f"{self.enc_type}): pass one per encoder, comma-separated")
+        if not self.proj_coeff >= 0:
+            raise JobError(f"--proj-coeff must be >= 0, got {self.proj_coeff}")
 
 
-def build_repa(args, model, base_objective, device):
-    """(RepaNet, RepaObjective) for --repa: encoders loaded (frozen), one projector per encoder on the
-    chosen tap, sized for the encoder's token grid."""
-    names, weights = _split(args.enc_type), _split(args.enc_weights)
-    encoders = [load_encoder(name, weights[i] if weights else None, args.image_size, device)
+def build_repa(config, model, base_objective, device):
+    """(RepaNet, RepaObjective) for --repa (`config` a RepaConfig): encoders loaded (frozen), one
+    projector per encoder on the chosen tap, sized for the encoder's token grid."""
+    names, weights = _split(config.enc_type), _split(config.enc_weights)
+    encoders = [load_encoder(name, weights[i] if weights else None, config.image_size, device)
                 for i, name in enumerate(names)]
     grid = tuple(encoders[0].patch_embed.grid_size)
-    dims = [int(d) for d in _split(args.projector_embed_dims)] or [e.embed_dim for e in encoders]
+    dims = [int(d) for d in _split(config.projector_embed_dims)] or [e.embed_dim for e in encoders]
     if len(dims) != len(encoders) or any(d != e.embed_dim for d, e in zip(dims, encoders)):
-        raise JobError(f"--projector-embed-dims {args.projector_embed_dims} must be each encoder's token width "
+        raise JobError(f"--projector-embed-dims {config.projector_embed_dims} must be each encoder's token width "
                        f"({', '.join(str(e.embed_dim) for e in encoders)}): the loss compares them")
-    tap, out_grid, conv = choose_tap(args, model, grid)
+    tap, out_grid, conv = choose_tap(config, model, grid)
     projectors = [Projector(model.feature_channels(tap), dim, conv=conv, out_grid=out_grid).to(device)
                   for dim in dims]
     net = RepaNet(model, tap, projectors)
-    settings = dict(enc_type=args.enc_type, proj_coeff=args.proj_coeff, tap=tap, token_grid=list(grid))
-    return net, RepaObjective(base_objective, net, encoders, args.proj_coeff, args.image_size, settings)
+    settings = dict(enc_type=config.enc_type, proj_coeff=config.proj_coeff, tap=tap, token_grid=list(grid))
+    return net, RepaObjective(base_objective, net, encoders, config.proj_coeff, config.image_size, settings)
 
 
-def choose_tap(args, model, grid):
+def choose_tap(config, model, grid):
     """(tap name, projector out_grid or None, conv projector?) for DiT (--encoder-depth) or DiC (--repa-stage)."""
     names = model.feature_names()
     if names[0].startswith("block"):   # DiT: tokens after block k
-        tap = f"block{args.encoder_depth}"
+        tap = f"block{config.encoder_depth}"
         if tap not in names:
-            raise JobError(f"--encoder-depth {args.encoder_depth}: {args.model} has blocks 1..{len(names)}")
+            raise JobError(f"--encoder-depth {config.encoder_depth}: {config.model} has blocks 1..{len(names)}")
         if tuple(model.feature_grid(tap)) != grid:
-            raise JobError(f"{args.model}'s {model.feature_grid(tap)} token grid differs from the encoder's {grid}: "
+            raise JobError(f"{config.model}'s {model.feature_grid(tap)} token grid differs from the encoder's {grid}: "
                            f"REPA compares token by token (use --image-size 256 with 32x32 latents and /2 patches)")
         return tap, None, False
-    if args.repa_stage == "auto":
+    if config.repa_stage == "auto":
         matching = [n for n in names if tuple(model.feature_grid(n)) == grid]
         tap = matching[0] if matching else "mid"
-    elif args.repa_stage in names:
-        tap = args.repa_stage
+    elif config.repa_stage in names:
+        tap = config.repa_stage
     else:
-        raise JobError(f"--repa-stage {args.repa_stage}: choose auto or one of {', '.join(names)}")
+        raise JobError(f"--repa-stage {config.repa_stage}: choose auto or one of {', '.join(names)}")
     return tap, (None if tuple(model.feature_grid(tap)) == grid else grid), True
 
 

@@ -11,6 +11,7 @@ window. It holds tensors and plain Python values only (args as a dict, RNG state
 `torch.load(path)` with its default weights_only=True reads it.
 """
 import argparse
+import json
 import os
 import random
 import re
@@ -24,6 +25,8 @@ from helpers.utils import fastpath
 from helpers.utils.checkpoint import atomic_save, load_checkpoint_file
 from helpers.utils.cli import JobError
 from helpers.utils.distributed import barrier, gather_objects
+from helpers.utils.files import check_writable, remove_stale_temps
+from helpers.utils.locks import RunLock
 
 CHECKPOINT_FORMAT = "dic-train-2"   # 2: args as a dict, RNG states as tensors, the objective recorded
 RESUME_KEYS = ("model", "ema", "opt", "args", "step", "epoch", "batch_in_epoch", "rng")
@@ -123,6 +126,42 @@ def find_resume_checkpoint(spec, results_dir, model_name=None):
     raise JobError(f"--resume {spec}: no such checkpoint or run folder; pass a .pt file, a run folder, or auto")
 
 
+def locate_resume(resume, results_dir, model_filter, locks):
+    """Rank 0: the checkpoint --resume names (None: none), its run folder locked first (so no other
+    job writes a newer checkpoint meanwhile, and two resumes of one run never both go ahead); `locks`
+    gets the lock. Checks first that the results folder can be written (errors before work)."""
+    check_writable(results_dir, folder=True, keep_folder=False)
+    if not resume:
+        return None
+    path = find_resume_checkpoint(resume, results_dir, model_filter)
+    run_dir = run_dir_of(path) if path else None
+    if run_dir is None:
+        return path
+    locks.append(RunLock(run_dir, what="training").acquire())
+    return find_resume_checkpoint(resume, results_dir, model_filter)   # newest, now that it is ours
+
+
+def open_run_dir(results_dir, model_name, resume_path, locks):
+    """Rank 0: the resumed run's folder, or a new `<results>/<NNN>-<model>/`; locked (`locks` gets a
+    new lock), and cleared of the temp files of writes a killed job left."""
+    run_dir = run_dir_of(resume_path) if resume_path is not None else None
+    if run_dir is None:
+        run_dir = create_run_dir(results_dir, model_name)
+        locks.append(RunLock(run_dir, what="training").acquire())
+    removed = remove_stale_temps(os.path.join(run_dir, "checkpoints"))
+    if removed:
+        print(f"Removed {removed} temp file(s) of an interrupted checkpoint write in {run_dir}", flush=True)
+    return run_dir
+
+
+def write_flags_file(run_dir, flags):
+    """<run>/args.json: the run's flags as it started (kept as is on resume)."""
+    args_file = os.path.join(run_dir, "args.json")
+    if not os.path.exists(args_file):
+        with open(args_file, "w", encoding="utf-8") as f:
+            json.dump(flags, f, indent=2, default=str)
+
+
 #################################################################################
 #                          RNG states as plain tensors                          #
 #################################################################################
@@ -168,8 +207,8 @@ def restore_rng_state(state, device):
 #                           Saving and reading back                             #
 #################################################################################
 
-def plain_args(args):
-    """The run's flags as a dict of plain values (what weights_only loading accepts)."""
+def plain_values(flags):
+    """The run's flags (a dict) as plain values (what weights_only loading accepts)."""
     def plain(value):
         if value is None or isinstance(value, (bool, int, float, str)):
             return value
@@ -178,7 +217,7 @@ def plain_args(args):
         if isinstance(value, dict):
             return {str(k): plain(v) for k, v in value.items()}
         return str(value)
-    return {key: plain(value) for key, value in vars(args).items() if key != "explicit"}
+    return {key: plain(value) for key, value in flags.items()}
 
 
 def saved_args(checkpoint):
@@ -193,9 +232,10 @@ def saved_args(checkpoint):
     return dict(vars(saved)) if isinstance(saved, argparse.Namespace) else {}
 
 
-def save_checkpoint(run, progress, steps_per_epoch, scaler=None):
+def save_checkpoint(run, progress, steps_per_epoch, flags, global_batch_size, scaler=None):
     """Gather every process's RNG state; rank 0 writes `<run>/checkpoints/<step:07d>.pt` atomically
-    (never over an existing file); everyone waits at a barrier. Returns the path."""
+    (never over an existing file), the run's `flags` (a dict) under "args"; everyone waits at a
+    barrier. Returns the path."""
     states = gather_objects(capture_rng_state(run.device))
     path = checkpoint_path(run.run_dir, progress.step)
     if run.is_main:
@@ -207,12 +247,12 @@ def save_checkpoint(run, progress, steps_per_epoch, scaler=None):
             "model": fastpath.contiguous_state_dict(run.model.state_dict()),
             "ema": fastpath.contiguous_state_dict(run.ema.state_dict()),
             "opt": fastpath.contiguous_optimizer_state(run.opt.state_dict()),
-            "args": plain_args(run.args),
+            "args": plain_values(flags),
             "objective": run.objective.config(),
             "model_kwargs": run.model_kwargs,
             # Exact-resume state.
             "step": progress.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-            "global_batch_size": run.args.global_batch_size, "world_size": len(states),
+            "global_batch_size": global_batch_size, "world_size": len(states),
             "rng": states,                                  # one per process, in rank order
             "scaler": scaler.state_dict() if scaler is not None else None,
             "loss_window": {"sum": progress.loss_sum, "steps": progress.loss_steps, "terms": dict(progress.term_sums)},
