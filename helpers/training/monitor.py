@@ -91,8 +91,8 @@ class Monitor:
         """uint8 (N, H, W, 3) images of the EMA for `noise`'s rows."""
         run = self.run
         model_fn = make_model_fn(run.ema, self.run.args.sample_cfg_scale)
-        return to_uint8_rgb(generate(run.ema, run.vae, self.sampler, model_fn, noise, labels, self.shape_args,
-                                     run.device))
+        return to_uint8_rgb(generate(run.ema, run.vae, self.sampler, model_fn, noise, labels,
+                                     self.shape_args.image_size, run.device))
 
     @torch.no_grad()
     def grid(self, step):
