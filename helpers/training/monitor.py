@@ -19,7 +19,9 @@ from helpers.utils.distributed import gather_objects
 from helpers.evaluation.metrics import compute_statistics, frechet_distance, load_extractor, read_npz_statistics
 from helpers.utils.files import atomic_write
 from helpers.sampling.samplers import ReverseProcess
-from helpers.sampling.setup import IndexNoise, clips_denoised, draw_labels, generate, make_model_fn, to_uint8_rgb
+from helpers.sampling.generation import clips_denoised, generate, to_uint8_rgb
+from helpers.sampling.guidance import make_model_fn
+from helpers.sampling.noise import IndexNoise, draw_labels
 from helpers.utils.seeds import derive_seed
 from helpers.training.tracking import Tracker
 
