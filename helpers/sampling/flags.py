@@ -158,8 +158,9 @@ def _saved_model_kwargs(saved):
 def resolve_settings(args, checkpoint, state_dict, log=print):
     """Fill the settings the user left unset (None) from the checkpoint's saved args, else defaults.
 
-    Modifies `args` in place: model, image_size, num_classes, vae, in_channels (pixel space) and
-    model_kwargs (constructor overrides: saved ones, then the command line's). Says what it took.
+    Modifies `args` in place: model, image_size, num_classes, vae, in_channels (pixel space),
+    model_kwargs (constructor overrides: saved ones, then the command line's), objective_config
+    and the reverse-process flags (resolve_sampler_args). Says what it took.
     """
     saved = saved_args(checkpoint)
     taken = []
