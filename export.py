@@ -65,14 +65,15 @@ def read_trusted(path):
 def export_metadata(checkpoint, model_name):
     """The .safetensors metadata: model, sampler settings and objective, JSON-encoded strings."""
     saved = to_plain(saved_args(checkpoint))
-    args = {k: saved[k] for k in SAMPLER_ARGS if k in saved}
-    args["model"] = model_name
-    return {"format": EXPORT_FORMAT, "model": json.dumps(model_name), "args": json.dumps(args),
+    sampler_args = {k: saved[k] for k in SAMPLER_ARGS if k in saved}
+    sampler_args["model"] = model_name
+    return {"format": EXPORT_FORMAT, "model": json.dumps(model_name), "args": json.dumps(sampler_args),
             "model_kwargs": json.dumps(checkpoint.get("model_kwargs") if isinstance(checkpoint, dict) else None),
             "objective": json.dumps(objective_of_checkpoint(checkpoint) or create_objective(None).config())}
 
 
 def main(args):
+    # Check --out before any work:
     ext = os.path.splitext(args.out)[1]
     if ext not in (SAFETENSORS_EXT, ".pt"):
         raise JobError(f"--out {args.out} must end in {SAFETENSORS_EXT} (EMA weights) or .pt (a converted "
@@ -82,12 +83,15 @@ def main(args):
                        f"use a {SAFETENSORS_EXT} name")
     if os.path.exists(args.out):
         raise JobError(f"{args.out} already exists: choose another --out or move it away")
+
+    # Read the checkpoint (full unpickling only with --trust-pickle); a .pt out is the whole of it, made plain:
     checkpoint = read_trusted(args.ckpt) if args.trust_pickle else load_checkpoint_file(args.ckpt)
     if ext == ".pt":
         atomic_save(to_plain(checkpoint), args.out)
         print(f"Converted {args.ckpt} into {args.out} (tensors and plain values only)")
         return args.out
 
+    # The chosen weights (EMA by default) and what a sampler needs to rebuild the model, as .safetensors:
     weights = extract_state_dict(to_plain(checkpoint), args.weights)
     model_name = args.model or saved_args(checkpoint).get("model")
     if model_name not in model_names():

@@ -71,16 +71,20 @@ def train_model(args):
 def sample_every_class(checkpoint_path, args):
     """(images (N, C, H, W) in [-1, 1], labels (N,)): --samples-per-class of each class, class-major."""
     import sample
-    from helpers.sampling.setup import build_model, generate, grid_noise, make_sampling, read_checkpoint, resolve_settings
+    from helpers.sampling.checkpoint_model import build_model, read_checkpoint
+    from helpers.sampling.flags import model_settings, resolve_settings, sampler_settings
+    from helpers.sampling.generation import generate, make_sampling
+    from helpers.sampling.noise import grid_noise
     settings = sample.parse_args(["--ckpt", checkpoint_path, "--cfg-scale", str(args.cfg_scale),
                                   *sampler_flags(args), "--num-sampling-steps", str(args.sampling_steps)])
     checkpoint, state_dict = read_checkpoint(checkpoint_path, "ema")
     resolve_settings(settings, checkpoint, state_dict, log=lambda message: None)
-    model, vae = build_model(settings, state_dict, torch.device("cpu"))
-    model_fn, sampler = make_sampling(model, vae, settings, dict(precision="fp32", channels_last=False, compile=False))
+    model, vae = build_model(model_settings(settings), state_dict, torch.device("cpu"), settings.cfg_scale)
+    model_fn, sampler = make_sampling(model, vae, settings.objective_config, sampler_settings(settings),
+                                      dict(precision="fp32", channels_last=False, compile=False))
     labels = torch.arange(settings.num_classes).repeat_interleave(args.samples_per_class)
     noise = grid_noise(args.seed, len(labels), settings.num_classes)  # sample.py's per-index noise
-    images = generate(model, vae, sampler, model_fn, noise, labels, settings, torch.device("cpu"),
+    images = generate(model, vae, sampler, model_fn, noise, labels, settings.image_size, torch.device("cpu"),
                       progress=sys.stdout.isatty())
     return images.clamp(-1, 1), labels
 

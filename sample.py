@@ -21,9 +21,12 @@ from helpers.utils.cli import JobError, run_main
 from helpers.utils.distributed import setup_distributed
 from helpers.utils.files import atomic_write
 from helpers.utils.files import check_writable
-from helpers.sampling.setup import (DIT_DEFAULT_LABELS, add_model_args, add_sampling_args, add_speed_args,
-                              build_model, check_common_args, generate, grid_noise, make_sampling,
-                              parse_with_model_overrides, read_checkpoint, resolve_settings, setup_speed)
+from helpers.sampling.checkpoint_model import build_model, read_checkpoint
+from helpers.sampling.flags import (DIT_DEFAULT_LABELS, add_model_args, add_sampling_args, add_speed_args,
+                                    check_common_args, model_settings, parse_with_model_overrides, resolve_settings,
+                                    sampler_settings, setup_speed)
+from helpers.sampling.generation import generate, make_sampling
+from helpers.sampling.noise import grid_noise
 
 
 def default_labels(num_classes, log=print):
@@ -35,9 +38,8 @@ def default_labels(num_classes, log=print):
     return labels
 
 
-@torch.no_grad()  # scoped to the run: in-process callers keep autograd
-def main(args):
-    check_common_args(args)
+def check_grid_args(args):
+    """sample.py's own checks, before any work: --out, --nrow, one process."""
     if not os.path.splitext(args.out)[1]:
         raise JobError(f"--out {args.out!r} needs an image extension such as .png")
     if os.path.exists(args.out) and not args.overwrite:
@@ -47,27 +49,43 @@ def main(args):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank would write the same --out
         raise JobError("sample.py runs as one process: use sample_ddp.py under torchrun")
     check_writable(args.out, folder=False, keep_folder=False)   # errors before work: a read-only folder
+
+
+def report_solver(sampler, model_fn, labels, settings):
+    """Print the ODE solver's function evaluations and, with --likelihood, each sample's NLL."""
+    if sampler.nfe is not None:
+        print(f"The ODE solver ({settings.sampling_method}) made {sampler.nfe} function evaluations")
+    if settings.likelihood:
+        nll = sampler.bits_per_dim(model_fn, sampler.last_latents, labels)
+        print(f"NLL of the samples (bits/dim, {settings.sampling_method}): "
+              f"{' '.join(f'{v:.4f}' for v in nll.tolist())} (mean {nll.mean().item():.4f})")
+
+
+@torch.no_grad()  # scoped to the run: in-process callers keep autograd
+def main(args):
+    # Check the flags and --out before any work:
+    check_common_args(args)
+    check_grid_args(args)
     device = setup_distributed().device  # this node's GPU (LOCAL_RANK) under a 1-process torchrun
     speed = setup_speed(args)  # --precision, --channels-last, --compile
 
-    # Load the model (EMA weights by default) and the VAE:
+    # Settings left unset come from the checkpoint's saved args; load the model (EMA weights by
+    # default) and the VAE:
     checkpoint, state_dict = read_checkpoint(args.ckpt, args.weights)
     resolve_settings(args, checkpoint, state_dict)
     del checkpoint
     labels = args.class_labels if args.class_labels else default_labels(args.num_classes)
-    model, vae = build_model(args, state_dict, device)
-    model_fn, sampler = make_sampling(model, vae, args, speed)   # the checkpoint's objective decides
+    model, vae = build_model(model_settings(args), state_dict, device, args.cfg_scale)
+
+    # The guided model call and the reverse process (the checkpoint's objective decides):
+    settings = sampler_settings(args)
+    model_fn, sampler = make_sampling(model, vae, args.objective_config, settings, speed)
 
     # Per-sample noise: sample j draws from a generator seeded by (seed, j), as in sample_ddp.py.
     noise = grid_noise(args.seed, len(labels), args.num_classes)
     y = torch.tensor(labels, dtype=torch.long)
-    samples = generate(model, vae, sampler, model_fn, noise, y, args, device, progress=True)
-    if sampler.nfe is not None:
-        print(f"The ODE solver ({args.sampling_method}) made {sampler.nfe} function evaluations")
-    if args.likelihood:
-        nll = sampler.bits_per_dim(model_fn, sampler.last_latents, y)
-        print(f"NLL of the samples (bits/dim, {args.sampling_method}): "
-              f"{' '.join(f'{v:.4f}' for v in nll.tolist())} (mean {nll.mean().item():.4f})")
+    samples = generate(model, vae, sampler, model_fn, noise, y, args.image_size, device, progress=True)
+    report_solver(sampler, model_fn, y, settings)
 
     # Save and display images:
     atomic_write(args.out, lambda tmp: save_image(samples, tmp, nrow=args.nrow, normalize=True,

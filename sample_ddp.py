@@ -35,12 +35,14 @@ from helpers.utils.cli import JobError, agree, run_main
 from helpers.utils.distributed import barrier, cleanup_distributed, setup_distributed
 from helpers.utils.files import atomic_write, atomic_write_text, check_writable, remove_stale_temps
 from helpers.utils.locks import RunLock
+from helpers.sampling.checkpoint_model import build_model, read_checkpoint
+from helpers.sampling.flags import (add_model_args, add_sampling_args, add_speed_args, check_common_args,
+                                    describe_speed, model_settings, parse_with_model_overrides, resolve_settings,
+                                    sampler_settings, setup_speed)
+from helpers.sampling.generation import clips_denoised, generate, make_sampling, to_uint8_rgb
+from helpers.sampling.noise import IndexNoise, draw_labels
 from helpers.sampling.sample_files import npz_shape, png_name, write_npz_from_pngs
-from helpers.sampling.samplers import sampler_name, sampler_settings
-from helpers.sampling.setup import (IndexNoise, add_model_args, add_sampling_args, add_speed_args, build_model,
-                              check_common_args, clips_denoised, describe_speed, draw_labels, generate,
-                              make_sampling, parse_with_model_overrides, read_checkpoint, resolve_settings,
-                              setup_speed, to_uint8_rgb)
+from helpers.sampling.samplers import sampler_name, sampler_record
 
 SETTINGS_FILE = "sampling_settings.json"
 # What older settings files implied for keys they lack (their noise came from another seed rule).
@@ -55,7 +57,7 @@ def folder_name(args):
     ckpt = os.path.basename(args.ckpt).replace(".pt", "")
     vae = os.path.basename(os.path.normpath(args.vae))
     name = f"{model}-{ckpt}-size-{args.image_size}-vae-{vae}-cfg-{args.cfg_scale}-seed-{args.global_seed}"
-    name += f"-{sampler_name(args, args.objective_config)}"
+    name += f"-{sampler_name(sampler_settings(args), args.objective_config)}"
     if args.weights != "ema":
         name += f"-weights-{args.weights}"
     if args.guide_channels != "official":
@@ -73,7 +75,7 @@ def image_settings(args):
             "model_kwargs": {k: repr(v) for k, v in sorted(args.model_kwargs.items())},
             "image_size": args.image_size, "num_classes": args.num_classes, "vae": args.vae,
             "in_channels": args.in_channels, "cfg_scale": args.cfg_scale,
-            "guide_channels": args.guide_channels, **sampler_settings(args, args.objective_config),
+            "guide_channels": args.guide_channels, **sampler_record(sampler_settings(args), args.objective_config),
             "global_seed": args.global_seed,
             "balanced_classes": args.balanced_classes, "precision": args.precision,
             "clip_denoised": clips_denoised(args.vae), "seed_rule": SEED_RULE}
@@ -125,6 +127,7 @@ def my_chunks(rank, world_size, total, batch_size):
 
 @torch.no_grad()  # scoped to the run: in-process callers keep autograd
 def main(args):
+    # Check the flags before any work:
     check_common_args(args)
     if args.per_proc_batch_size < 1 or args.num_fid_samples < 1:
         raise JobError("--per-proc-batch-size and --num-fid-samples must be >= 1")
@@ -136,6 +139,7 @@ def main(args):
     log = print if dist.is_main else (lambda *a, **k: None)
     agree(lambda: check_writable(args.sample_dir, folder=True, keep_folder=False), on_main_only=True)
 
+    # Settings left unset come from the checkpoint's saved args; they name the sample folder:
     checkpoint, state_dict = read_checkpoint(args.ckpt, args.weights)
     resolve_settings(args, checkpoint, state_dict, log=log)
     del checkpoint
@@ -151,12 +155,18 @@ def main(args):
         cleanup_distributed()
         return npz_path
 
-    model, vae = build_model(args, state_dict, device)
+    # Load the model (EMA weights by default) and the VAE:
+    model, vae = build_model(model_settings(args), state_dict, device, args.cfg_scale)
     del state_dict
     locks = []   # rank 0 holds the sample folder's lock for the whole job
     try:
+        # Rank 0 creates and locks the sample folder:
         agree(lambda: create_output(args, sample_folder, locks), on_main_only=True)
-        model_fn, sampler = make_sampling(model, vae, args, speed)   # the checkpoint's objective decides
+
+        # The guided model call and the reverse process (the checkpoint's objective decides):
+        model_fn, sampler = make_sampling(model, vae, args.objective_config, sampler_settings(args), speed)
+
+        # This rank's unfinished chunks, then rank 0 packs every PNG into the .npz:
         sample_chunks(args, dist, model, vae, model_fn, sampler, sample_folder, log, speed)
         barrier()   # every process has written its samples before rank 0 packs the .npz
         del model, vae
@@ -187,7 +197,8 @@ def sample_chunks(args, dist, model, vae, model_fn, sampler, sample_folder, log,
         # The last chunk is padded to the full batch size: every model call has the same shape.
         noise = IndexNoise(args.global_seed, indices, pad_to=args.per_proc_batch_size)
         labels = draw_labels(noise, args.num_classes, args.balanced_classes)
-        images = to_uint8_rgb(generate(model, vae, sampler, model_fn, noise, labels, args, dist.device)[:len(indices)])
+        images = generate(model, vae, sampler, model_fn, noise, labels, args.image_size, dist.device)
+        images = to_uint8_rgb(images[:len(indices)])
         for index, image in zip(indices, images):
             if png_name(index) not in done:
                 atomic_write(os.path.join(sample_folder, png_name(index)),

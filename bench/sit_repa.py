@@ -63,7 +63,8 @@ def bench_sit_sample(name, cfg, args, device):
     scaled by the NFE of the full one (counted on a free zero field where the model's is zero)."""
     from helpers.training.objectives import SiT
     from helpers.sampling.samplers import ReverseProcess
-    from helpers.sampling.setup import IndexNoise, make_model_fn
+    from helpers.sampling.guidance import make_model_fn
+    from helpers.sampling.noise import IndexNoise
     torch.manual_seed(args.seed)
     model = create_model(name, input_size=args.latent_size, learn_sigma=False).to(device).eval()
     model_fn = make_model_fn(model, CFG_SCALE, precision=cfg["precision"], channels_last=cfg["channels_last"],

@@ -16,7 +16,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from helpers.data import order as data_order  # noqa: E402
-from helpers.sampling import setup as sampling  # noqa: E402
+from helpers.sampling import generation as sampling  # noqa: E402
 from helpers.training import objectives, runs  # noqa: E402
 
 

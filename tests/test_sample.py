@@ -1,4 +1,4 @@
-"""sample.py and helpers/sampling/setup.py: grids, checkpoint handling, CFG, per-sample noise, bad input."""
+"""sample.py and helpers/sampling/: grids, checkpoint handling, CFG, per-sample noise, bad input."""
 import argparse
 import os
 import subprocess
@@ -16,7 +16,9 @@ from helpers.utils.checkpoint import atomic_save
 from helpers.utils.cli import JobError
 from helpers.utils.models import create_model
 from helpers.sampling.samplers import ReverseProcess
-from helpers.sampling.setup import IndexNoise, clips_denoised, draw_labels, generate, make_model_fn
+from helpers.sampling.generation import clips_denoised, generate
+from helpers.sampling.guidance import make_model_fn
+from helpers.sampling.noise import IndexNoise, draw_labels
 from helpers.utils.seeds import derive_seed
 from helpers.data.vae import decode, load_vae
 
@@ -219,7 +221,7 @@ def test_bare_state_dict_needs_settings_on_the_command_line(tmp_path):
         assert image.size == grid_size(1, 4, 16) == (16, 16)
 
 
-# ------------------------------------------------------------------ helpers/sampling/setup.py
+# ------------------------------------------------------------------ helpers/sampling/ (guidance, noise)
 
 def tiny_latent_model(seed=0):
     """DiC-Tiny on 4x8x8 latents, 10 classes."""
@@ -380,7 +382,7 @@ def test_pixel_space_samples_lie_in_minus_one_one(sampler):
     args = argparse.Namespace(image_size=8, sampler=sampler)
     process = reverse_process(5, sampler, clip_denoised=clips_denoised(None), in_channels=1)
     images = generate(model, None, process, make_model_fn(model, 1.0), IndexNoise(0, range(4)),
-                      torch.tensor([0, 1, 2, 3]), args, "cpu")
+                      torch.tensor([0, 1, 2, 3]), args.image_size, "cpu")
     assert images.shape == (4, 1, 8, 8)
     assert images.min() >= -1 and images.max() <= 1
     assert images.std() > 0.1                                     # not all one value
@@ -401,7 +403,7 @@ def test_latent_space_sampling_is_not_clipped(tiny_vae_dir):
         return sample_latents(5, model_fn, IndexNoise(0, range(2)), labels, (4, 8, 8), clip_denoised=clip)
 
     images = generate(model, vae, reverse_process(5, clip_denoised=clips_denoised(vae)), model_fn,
-                      IndexNoise(0, range(2)), labels, args, "cpu")
+                      IndexNoise(0, range(2)), labels, args.image_size, "cpu")
     assert torch.equal(images, decode(vae, latents(False)))       # DiT's clip_denoised=False
     assert not torch.equal(latents(False), latents(True))
     assert clips_denoised(None) and clips_denoised("none") and not clips_denoised(vae)

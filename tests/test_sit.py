@@ -20,7 +20,7 @@ from helpers.utils.checkpoint import atomic_save
 from helpers.utils.cli import JobError
 from helpers.utils.models import create_model
 from helpers.training.objectives import SiT, create_objective
-from helpers.sampling.setup import make_model_fn
+from helpers.sampling.guidance import make_model_fn
 from transport import create_transport
 
 SIT = {"name": "sit", "path_type": "Linear", "prediction": "velocity", "loss_weight": None, "train_eps": None,
@@ -199,7 +199,7 @@ def test_a_dit_xl_2_shaped_sit_release_samples_without_a_model_flag(tmp_path, ti
 def test_the_sde_asks_the_model_once_per_point_with_the_same_samples():
     """SiT's SDE drift calls the model for the velocity and again for the score at the same point;
     reusing the first output gives the same sample for half the model calls."""
-    from helpers.sampling.setup import IndexNoise
+    from helpers.sampling.noise import IndexNoise
     from helpers.sampling.samplers import ReverseProcess
     model = create_model("DiC-Tiny", input_size=8, in_channels=4, num_classes=10, learn_sigma=False).eval()
     for p in model.parameters():

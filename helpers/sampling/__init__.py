@@ -1,1 +1,11 @@
-"""Sampling a checkpoint: its model and settings, the samplers its objective calls for, per-index noise, guidance, sample files."""
+"""Sampling a checkpoint (sample.py, sample_ddp.py, quickstart.py; the trainers' live samples):
+
+    flags             the scripts' flags; unset ones from the checkpoint; -> ModelSettings, SamplerSettings
+    checkpoint_model  read a checkpoint; identify, build and load its model and VAE (ModelSettings)
+    noise             per-index randomness: IndexNoise, grid_noise, draw_labels
+    guidance          the guided model call: make_model_fn
+    samplers          the reverse process of each objective: ReverseProcess, SamplerSettings
+    dpm_solver        DPM-Solver++(2M) on a DDPM model's epsilon
+    generation        model_fn + sampler for the settings; latents -> images -> uint8 RGB
+    sample_files      sample_ddp's PNG names and the .npz it packs
+"""

@@ -1,20 +1,21 @@
 """The reverse process of each training objective, every random draw taken per sample index from an
-IndexNoise (helpers/sampling/setup.py), so a sample depends on its index and the settings alone:
+IndexNoise (helpers/sampling/noise.py), so a sample depends on its index and the settings alone:
 
     DDPM checkpoints   --sampler ddpm (DiT's ancestral sampler), ddim (eta 0), dpm-solver (DPM-Solver++(2M),
                        diffusers' scheduler on the model's epsilon)
     SiT checkpoints    --mode ode (torchdiffeq: dopri5, euler, heun2, rk4, ...) or sde (Euler, Heun), as SiT
 
-    sampler = make_sampler(args, objective_config, in_channels)
+    sampler = ReverseProcess(settings, objective_config, in_channels)     # settings: SamplerSettings
     latents = sampler(model_fn, noise, labels, shape, device, progress)    # sampler.nfe: model calls of
                                                                            # the last batch (adaptive ODE)
 """
+from dataclasses import dataclass
+
 import torch
 from tqdm import tqdm
 
 from diffusion import create_diffusion
-from helpers.utils.cli import JobError
-from helpers.sampling.dpm_solver import check_num_steps, dit_betas, dpm_solver_sample, eps_from_model_output
+from helpers.sampling.dpm_solver import dit_betas, dpm_solver_sample, eps_from_model_output
 from helpers.training.objectives import first_channels
 from transport import Sampler, create_transport
 
@@ -26,88 +27,45 @@ LAST_STEPS = ("Mean", "Tweedie", "Euler", "None")
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm-solver": 20, "ode": 50, "sde": 250}
 
 
-def add_sampler_args(parser):
-    """The reverse-process flags of both sampling scripts (which apply depends on the objective)."""
-    parser.add_argument("--num-sampling-steps", type=int, default=None,
-                        help="steps (default: ddpm 250, ddim 50, dpm-solver 20, ode 50, sde 250)")
-    parser.add_argument("--sampler", type=str, choices=DDPM_SAMPLERS, default="ddpm",
-                        help="DDPM checkpoints: ddpm (ancestral), ddim (eta 0) or dpm-solver (DPM-Solver++)")
-    sit = parser.add_argument_group("flow-matching (SiT) checkpoints")
-    sit.add_argument("--mode", type=str, choices=SIT_MODES, default="ode", help="ode or sde sampling")
-    sit.add_argument("--sampling-method", type=str, default=None,
-                     help="ode: a torchdiffeq method (default dopri5); sde: Euler (default) or Heun")
-    sit.add_argument("--atol", type=float, default=1e-6, help="ode: absolute tolerance")
-    sit.add_argument("--rtol", type=float, default=1e-3, help="ode: relative tolerance")
-    sit.add_argument("--reverse", action="store_true", help="ode: integrate data -> noise (SiT's flag)")
-    sit.add_argument("--likelihood", action="store_true", help="ode: also report each sample's NLL (bits/dim)")
-    sit.add_argument("--diffusion-form", type=str, choices=DIFFUSION_FORMS, default="sigma",
-                     help="sde: the diffusion coefficient w(t)")
-    sit.add_argument("--diffusion-norm", type=float, default=1.0, help="sde: scale of w(t)")
-    sit.add_argument("--last-step", type=str, choices=LAST_STEPS, default="Mean", help="sde: the last step")
-    sit.add_argument("--last-step-size", type=float, default=0.04, help="sde: size of the last step")
-    sit.add_argument("--guidance-low", type=float, default=0.0,
-                     help="guide only where REPA's time (1 = noise) is >= this (default 0)")
-    sit.add_argument("--guidance-high", type=float, default=1.0,
-                     help="guide only where REPA's time (1 = noise) is <= this (default 1)")
-    return parser
+@dataclass(frozen=True)
+class SamplerSettings:
+    """The resolved sampling flags: guidance and the reverse process (helpers.sampling.flags.sampler_settings
+    makes them from the command line; the defaults are the flags'). Which fields apply depends on
+    the checkpoint's objective: `sampler` for DDPM, the rest but guidance for SiT's ODE/SDE."""
+    cfg_scale: float = 1.0              # classifier-free guidance scale; 1 = no guidance
+    guide_channels: str = "official"    # official (the first 3 latent channels) or all
+    sampler: str = "ddpm"               # DDPM checkpoints: ddpm, ddim or dpm-solver
+    num_sampling_steps: int = None      # None until resolved: DEFAULT_STEPS of the sampler or mode
+    mode: str = "ode"                   # SiT checkpoints: ode or sde
+    sampling_method: str = None         # ode: a torchdiffeq method (dopri5); sde: Euler or Heun
+    atol: float = 1e-6                  # ode: tolerances
+    rtol: float = 1e-3
+    reverse: bool = False               # ode: integrate data -> noise
+    likelihood: bool = False            # ode: also each sample's NLL (sample.py)
+    diffusion_form: str = "sigma"       # sde: the diffusion coefficient w(t), its scale, the last step
+    diffusion_norm: float = 1.0
+    last_step: str = "Mean"
+    last_step_size: float = 0.04
+    guidance_low: float = 0.0           # guide only where REPA's time (1 = noise) is in [low, high]
+    guidance_high: float = 1.0
 
 
-def resolve_sampler_args(args, objective_config):
-    """Check the flags against the checkpoint's objective (one line for a wrong combination) and
-    fill the step count and ODE/SDE method defaults."""
-    sit = objective_config["name"] == "sit"
-    if sit:
-        if args.sampler != "ddpm":
-            raise JobError(f"--sampler {args.sampler} is for DDPM checkpoints; this one was trained with flow "
-                           f"matching (sit): use --mode ode or --mode sde")
-        method = args.sampling_method or ("dopri5" if args.mode == "ode" else "Euler")
-        if args.mode == "sde" and method not in SDE_METHODS:
-            raise JobError(f"--sampling-method {method} is not an SDE method: choose one of {', '.join(SDE_METHODS)}")
-        if args.mode == "ode" and method in SDE_METHODS:
-            raise JobError(f"--sampling-method {method} is an SDE method: add --mode sde, or pick an ODE "
-                           f"method (dopri5, euler, heun2, rk4, ...)")
-        if args.likelihood and (args.mode != "ode" or args.cfg_scale != 1.0):
-            raise JobError("--likelihood needs --mode ode and --cfg-scale 1 (a guided field has no likelihood)")
-        args.sampling_method = method
-        kind = args.mode
-    else:
-        sit_flags = [flag for flag, value, default in (
-            ("--mode", args.mode, "ode"), ("--sampling-method", args.sampling_method, None),
-            ("--likelihood", args.likelihood, False), ("--reverse", args.reverse, False),
-            ("--guidance-low", args.guidance_low, 0.0), ("--guidance-high", args.guidance_high, 1.0))
-            if value != default]
-        if sit_flags:
-            raise JobError(f"{sit_flags[0]} is for flow-matching (sit) checkpoints; this one was trained with "
-                           f"DDPM: use --sampler ddpm|ddim|dpm-solver")
-        kind = args.sampler
-    if not 0 <= args.guidance_low <= args.guidance_high <= 1:
-        raise JobError(f"the guidance interval needs 0 <= --guidance-low <= --guidance-high <= 1, got "
-                       f"{args.guidance_low}, {args.guidance_high}")
-    if args.num_sampling_steps is None:
-        args.num_sampling_steps = DEFAULT_STEPS[kind]
-    if args.num_sampling_steps < 2:
-        raise JobError(f"--num-sampling-steps must be >= 2, got {args.num_sampling_steps}")
-    if kind == "dpm-solver":
-        check_num_steps(args.num_sampling_steps)
-    return args
-
-
-def sampler_name(args, objective_config):
+def sampler_name(settings, objective_config):
     """'ddpm-250', 'ode-dopri5-50', ...: what sample folders and logs call the reverse process."""
     if objective_config["name"] == "sit":
-        return f"{args.mode}-{args.sampling_method}-{args.num_sampling_steps}"
-    return f"{args.sampler}-{args.num_sampling_steps}"
+        return f"{settings.mode}-{settings.sampling_method}-{settings.num_sampling_steps}"
+    return f"{settings.sampler}-{settings.num_sampling_steps}"
 
 
-def sampler_settings(args, objective_config):
+def sampler_record(settings, objective_config):
     """Everything of the reverse process that decides a sample's pixels (for sample_ddp's record)."""
     keys = ["num_sampling_steps"]
     if objective_config["name"] == "sit":
         keys += ["mode", "sampling_method", "atol", "rtol", "reverse", "guidance_low", "guidance_high"]
-        if args.mode == "sde":
+        if settings.mode == "sde":
             keys += ["diffusion_form", "diffusion_norm", "last_step", "last_step_size"]
-    return {"sampler": sampler_name(args, objective_config), "objective": dict(objective_config),
-            **{k: getattr(args, k) for k in keys}}
+    return {"sampler": sampler_name(settings, objective_config), "objective": dict(objective_config),
+            **{k: getattr(settings, k) for k in keys}}
 
 
 def reuse_last_call(model_fn):
@@ -126,18 +84,22 @@ def reuse_last_call(model_fn):
 
 
 class ReverseProcess:
-    """Latents from per-index noise: __call__(model_fn, noise, labels, shape, device, progress)."""
+    """Latents from per-index noise: __call__(model_fn, noise, labels, shape, device, progress).
 
-    def __init__(self, args, objective_config, in_channels, clip_denoised=False):
-        self.args, self.config, self.in_channels = args, objective_config, in_channels
+    `settings`: a SamplerSettings (or anything with the fields it reads: DDPM's sampler and
+    num_sampling_steps; SiT's mode, sampling_method, num_sampling_steps and the ODE's or SDE's own)."""
+
+    def __init__(self, settings, objective_config, in_channels, clip_denoised=False):
+        self.settings, self.config, self.in_channels = settings, objective_config, in_channels
         self.clip_denoised = clip_denoised
         self.nfe, self.last_latents = None, None
         if objective_config["name"] == "sit":
-            settings = {k: objective_config.get(k) for k in ("path_type", "prediction", "loss_weight",
-                                                              "train_eps", "sample_eps")}
-            self.transport_sampler = Sampler(create_transport(**settings))
-        elif args.sampler in ("ddpm", "ddim"):
-            respacing = f"ddim{args.num_sampling_steps}" if args.sampler == "ddim" else str(args.num_sampling_steps)
+            transport = {k: objective_config.get(k) for k in ("path_type", "prediction", "loss_weight",
+                                                               "train_eps", "sample_eps")}
+            self.transport_sampler = Sampler(create_transport(**transport))
+        elif settings.sampler in ("ddpm", "ddim"):
+            steps = settings.num_sampling_steps
+            respacing = f"ddim{steps}" if settings.sampler == "ddim" else str(steps)
             self.diffusion = create_diffusion(respacing, learn_sigma=objective_config.get("learn_sigma", True),
                                               noise_schedule=objective_config.get("noise_schedule", "linear"),
                                               diffusion_steps=objective_config.get("diffusion_steps", 1000))
@@ -148,10 +110,10 @@ class ReverseProcess:
         y = labels.to(device)
         if self.config["name"] == "sit":
             x = self._sit(model_fn, noise, x, y, device)
-        elif self.args.sampler == "dpm-solver":
+        elif self.settings.sampler == "dpm-solver":
             betas = dit_betas(self.config.get("noise_schedule", "linear"), self.config.get("diffusion_steps", 1000))
             eps_fn = lambda x_t, t: eps_from_model_output(model_fn(x_t, t, y), self.in_channels)  # noqa: E731
-            x = dpm_solver_sample(eps_fn, x, self.args.num_sampling_steps, betas=betas, progress=progress)
+            x = dpm_solver_sample(eps_fn, x, self.settings.num_sampling_steps, betas=betas, progress=progress)
         else:
             x = self._diffusion(model_fn, noise, x, y, shape, device, progress)
         self.last_latents = x
@@ -163,9 +125,9 @@ class ReverseProcess:
         diffusion.ddim_sample is used as is."""
         diffusion, model_kwargs = self.diffusion, dict(y=y)
         steps = list(range(diffusion.num_timesteps))[::-1]
-        for i in tqdm(steps, desc=f"{self.args.sampler} steps", disable=not progress):
+        for i in tqdm(steps, desc=f"{self.settings.sampler} steps", disable=not progress):
             t = torch.full((x.shape[0],), i, dtype=torch.long, device=device)
-            if self.args.sampler == "ddim":
+            if self.settings.sampler == "ddim":
                 x = diffusion.ddim_sample(model_fn, x, t, clip_denoised=self.clip_denoised,
                                           model_kwargs=model_kwargs, eta=0.0)["sample"]
                 continue
@@ -178,7 +140,7 @@ class ReverseProcess:
 
     def _sit(self, model_fn, noise, x, y, device):
         """SiT's ODE or SDE from x (noise at t = 0) to data at t = 1; the SDE's noise per sample."""
-        a, sampler = self.args, self.transport_sampler
+        a, sampler = self.settings, self.transport_sampler
         velocity = first_channels(model_fn, self.in_channels)
         if a.mode == "ode":
             solve = sampler.sample_ode(sampling_method=a.sampling_method, num_steps=a.num_sampling_steps,
@@ -195,7 +157,7 @@ class ReverseProcess:
 
     def bits_per_dim(self, model_fn, latents, labels):
         """SiT's ODE likelihood of each sample, as negative log-likelihood in bits per dimension."""
-        a = self.args
+        a = self.settings
         solve = self.transport_sampler.sample_ode_likelihood(sampling_method=a.sampling_method,
                                                              num_steps=a.num_sampling_steps, atol=a.atol, rtol=a.rtol)
         logp, _ = solve(latents, first_channels(model_fn, self.in_channels), y=labels.to(latents.device))

@@ -7,7 +7,6 @@ processes with per-index seeds, as sample_ddp.py does, and scored with evaluate.
 the run's own reverse process with --sample-steps: DPM-Solver++ for DDPM runs, SiT's Heun ODE for
 flow matching.
 """
-import argparse
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -22,8 +21,10 @@ from helpers.evaluation.inception import load_extractor
 from helpers.evaluation.metrics import compute_statistics, frechet_distance
 from helpers.evaluation.npz_files import read_npz_statistics
 from helpers.utils.files import atomic_write
-from helpers.sampling.samplers import ReverseProcess
-from helpers.sampling.setup import IndexNoise, clips_denoised, draw_labels, generate, make_model_fn, to_uint8_rgb
+from helpers.sampling.samplers import ReverseProcess, SamplerSettings
+from helpers.sampling.generation import clips_denoised, generate, to_uint8_rgb
+from helpers.sampling.guidance import make_model_fn
+from helpers.sampling.noise import IndexNoise, draw_labels
 from helpers.utils.seeds import derive_seed
 from helpers.training.tracking import Tracker
 
@@ -91,8 +92,8 @@ class MonitorConfig:
 def monitor_sampler(objective_config, steps, in_channels, clip_denoised):
     """The run's reverse process at `steps` steps: DPM-Solver++ for DDPM, SiT's Heun ODE (heun2) for
     flow matching."""
-    settings = argparse.Namespace(sampler="dpm-solver", num_sampling_steps=steps, mode="ode",
-                                  sampling_method="heun2", atol=1e-6, rtol=1e-3, reverse=False)
+    settings = SamplerSettings(sampler="dpm-solver", num_sampling_steps=steps, mode="ode",
+                               sampling_method="heun2", atol=1e-6, rtol=1e-3, reverse=False)
     return ReverseProcess(settings, objective_config, in_channels, clip_denoised=clip_denoised)
 
 
@@ -104,7 +105,6 @@ class Monitor:
         self.config, self.run = config, run
         self.sampler = monitor_sampler(run.objective.config(), config.sample_steps, run.model.in_channels,
                                        clips_denoised(run.vae))
-        self.shape_args = argparse.Namespace(image_size=config.image_size)
         self.extractor, self.ref_stats = None, None
         self.tracker = Tracker(run.run_dir, tensorboard=config.tensorboard, wandb=config.wandb,
                                wandb_project=config.wandb_project, wandb_entity=config.wandb_entity,
@@ -115,8 +115,8 @@ class Monitor:
         """uint8 (N, H, W, 3) images of the EMA for `noise`'s rows."""
         run = self.run
         model_fn = make_model_fn(run.ema, self.config.sample_cfg_scale)
-        return to_uint8_rgb(generate(run.ema, run.vae, self.sampler, model_fn, noise, labels, self.shape_args,
-                                     run.device))
+        return to_uint8_rgb(generate(run.ema, run.vae, self.sampler, model_fn, noise, labels,
+                                     self.config.image_size, run.device))
 
     @torch.no_grad()
     def grid(self, step):
