@@ -166,8 +166,9 @@ def test_wandb_offline_writes_its_run_folder_and_resumes_the_same_run(tmp_path, 
     assert len(folders) == 2 and folders[0] == first
     # Read as wandb's protobuf Records, once wandb-core (0.31: a separate process that may still be
     # writing after finish() returns) has closed each log with its exit record.
-    records = [wandb_history(read_wandb_log(os.path.join(f, f"run-{run_id}.wandb"))) for f in folders]
-    losses = [[(step, row["loss"]) for step, row in rows if "loss" in row] for rows in records]
+    logs = [read_wandb_log(os.path.join(f, f"run-{run_id}.wandb")) for f in folders]
+    losses = [[(step, row["loss"]) for step, row in wandb_history(log) if "loss" in row] for log in logs]
     assert (6, 1006.25) in losses[0] and (7, 2007.75) in losses[1] and (8, 2008.75) in losses[1]
     assert [loss for _, loss in losses[0]] == [1000.25 + step for step in range(1, 7)]
     assert [loss for _, loss in losses[1]] == [2007.75, 2008.75]    # steps 5, 6 kept once
+    assert not any("2005.75" in str(r) or "2006.75" in str(r) for r in logs[1])   # in no record at all
