@@ -50,6 +50,15 @@ def tiny_vae_dir(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def random_inception_weights(tmp_path_factory):
+    """save_random_inception_weights(seed=0) once per session (per xdist worker): test_evaluate,
+    test_evaluator and test_monitor all read this same file and none writes to it."""
+    from helpers.evaluation.metrics import save_random_inception_weights
+    path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
+    return str(save_random_inception_weights(path, seed=0))
+
+
 def make_image_folder(root, num_classes=2, per_class=4, size=(40, 36), seed=0):
     """ImageNet-style class folders of small random RGB PNGs; returns the root path."""
     from PIL import Image

@@ -202,9 +202,8 @@ def test_precision_recall_needs_k_plus_one_points():
 #################################################################################
 
 @pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory):
-    path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
-    return str(save_random_inception_weights(path, seed=0))
+def inception_weights(random_inception_weights):   # conftest: save_random_inception_weights(path, seed=0)
+    return random_inception_weights
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,13 @@ from helpers.evaluation.inception import InceptionV3Features, save_random_incept
 
 
 @pytest.fixture(scope="module")
-def batches(tmp_path_factory):
+def batches(tmp_path_factory, random_inception_weights):
     folder = tmp_path_factory.mktemp("evaluator")
     rng = np.random.default_rng(0)
     ref, sample = folder / "ref.npz", folder / "sample.npz"
     np.savez(ref, rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
     np.savez(sample, rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8))
-    weights = save_random_inception_weights(folder / "random_inception.pth", seed=0)
+    weights = random_inception_weights          # conftest: save_random_inception_weights(path, seed=0)
     return str(ref), str(sample), str(weights)
 
 

@@ -5,6 +5,7 @@ the pre-change DiT-style draws (--draws global) keep the exact loss sequence rec
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from test_train import (assert_opt_equal, assert_state_dicts_equal, call_main, latent_args, latents,  # noqa: F401
@@ -20,34 +21,47 @@ def last_checkpoint(results, step=4):
     return load(os.path.join(only_run(results), "checkpoints", f"{step:07d}.pt"))
 
 
-def test_three_layouts_make_the_same_updates(tmp_path, latents):
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, latents):
+    """4 steps on 2 processes (checkpoints at 2 and 4, losses every step): the same run for both tests
+    below (both read it, neither writes to it), so it is trained once. Returns (results dir, process)."""
+    results = tmp_path_factory.mktemp("two_process") / "two"
+    proc = run_script(latent_args(latents, results, "--max-steps", "4", "--ckpt-every", "2", "--log-every", "1"),
+                      nproc=2)
+    return results, proc
+
+
+@pytest.mark.xdist_group("layouts_two_process_run")   # one worker runs both users of the shared run
+def test_three_layouts_make_the_same_updates(tmp_path, latents, two_process_run):
     common = ["--max-steps", "4", "--ckpt-every", "2", "--log-every", "1"]
     assert call_main(latent_args(latents, tmp_path / "accum", *common, "--grad-accum-steps", "2")) == 0
-    two = run_script(latent_args(latents, tmp_path / "two", *common), nproc=2)
+    two_results, two = two_process_run         # latent_args(latents, two_results, *common) on 2 processes
     assert two.returncode == 0, two.output
     assert call_main(latent_args(latents, tmp_path / "one", *common)) == 0
-    accum, procs, one = (last_checkpoint(tmp_path / name) for name in ("accum", "two", "one"))
+    accum, procs, one = (last_checkpoint(results) for results in (tmp_path / "accum", two_results, tmp_path / "one"))
     errors = {name: weights_rel_err(ckpt["model"], one["model"]) for name, ckpt in (("accum", accum), ("two", procs))}
     # Measured here: 1 process x 2 accumulation vs 1 process x 1: 7.1e-9; 2 processes vs 1: 7.1e-9;
     # accumulation vs 2 processes: 7.1e-9 (float rounding of the gradient sums).
     assert all(err <= BOUND for err in errors.values()), errors
     assert weights_rel_err(accum["ema"], procs["ema"]) <= BOUND
-    losses = [read_losses(os.path.join(only_run(tmp_path / n), "losses.csv"))[1] for n in ("accum", "two", "one")]
+    losses = [read_losses(os.path.join(only_run(results), "losses.csv"))[1]
+              for results in (tmp_path / "accum", two_results, tmp_path / "one")]
     np.testing.assert_allclose(losses[0], losses[2], rtol=1e-5)
     np.testing.assert_allclose(losses[1], losses[2], rtol=1e-5)
     assert accum["args"]["grad_accum_steps"] == 2 and accum["args"]["draws"] == "per-sample"
 
 
-def test_a_run_stopped_on_two_processes_continues_on_one_with_accumulation(tmp_path, latents):
+@pytest.mark.xdist_group("layouts_two_process_run")
+def test_a_run_stopped_on_two_processes_continues_on_one_with_accumulation(tmp_path, latents, two_process_run):
     common = ["--ckpt-every", "2", "--log-every", "1"]
-    whole = run_script(latent_args(latents, tmp_path / "whole", *common, "--max-steps", "4"), nproc=2)
+    whole_results, whole = two_process_run     # latent_args(latents, whole_results, *common, "--max-steps", "4")
     first = run_script(latent_args(latents, tmp_path / "moved", *common, "--max-steps", "2"), nproc=2)
     assert whole.returncode == 0 and first.returncode == 0, whole.output + first.output
     assert call_main(latent_args(latents, tmp_path / "moved", *common, "--max-steps", "4", "--resume", "auto",
                                  "--grad-accum-steps", "2")) == 0
     log = open(os.path.join(only_run(tmp_path / "moved"), "log.txt")).read()
     assert "the per-sample draws do not depend on it" in log
-    a, b = last_checkpoint(tmp_path / "whole"), last_checkpoint(tmp_path / "moved")
+    a, b = last_checkpoint(whole_results), last_checkpoint(tmp_path / "moved")
     # Measured here: 4.0e-9 on the weights, 8.2e-12 on the EMA.
     assert weights_rel_err(b["model"], a["model"]) <= BOUND and weights_rel_err(b["ema"], a["ema"]) <= BOUND
     assert b["world_size"] == 1 and a["world_size"] == 2

@@ -61,9 +61,8 @@ def test_wandb_offline_writes_its_run_folder(tmp_path, monkeypatch):
 
 
 @torch.no_grad()
-def test_fid_during_training_equals_evaluate_py_on_the_same_samples(tmp_path):
-    weights = str(tmp_path / "inception.pth")
-    save_random_inception_weights(weights)
+def test_fid_during_training_equals_evaluate_py_on_the_same_samples(tmp_path, random_inception_weights):
+    weights = random_inception_weights           # conftest: save_random_inception_weights(path), seed 0
     rng = np.random.default_rng(0)
     ref = tmp_path / "ref.npz"
     np.savez(ref, arr_0=rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8))

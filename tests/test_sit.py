@@ -75,6 +75,12 @@ def test_sit_two_process_resume_is_bit_identical(tmp_path, latents):
     assert logged_losses(one_go.stdout) == logged_losses(first.stdout) + logged_losses(resumed.stdout)
 
 
+# Slow (CI time): accelerate + --objective sit exact 2-process resume, with the objective taken back
+# from the checkpoint (resumed without --objective), stays in the default set through
+# test_repa_training.py::test_repa_two_process_resume_is_bit_identical[train_accelerate.py-sit], and the
+# whole objective config (path type included) coming back from a checkpoint through
+# test_sit_two_process_resume_is_bit_identical above.
+@pytest.mark.slow
 def test_sit_accelerate_resume_is_bit_identical(tmp_path, latents):
     common = ["--objective", "sit", "--path-type", "GVP", "--log-every", "1", "--ckpt-every", "2"]
     cpu = {"ACCELERATE_USE_CPU": "true"}

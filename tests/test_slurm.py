@@ -16,7 +16,9 @@ def stub(folder, name, body):
 
 def run_script(tmp_path, *args, **env):
     stub(tmp_path, "srun", f'printf "%s\\n" "$@" > {tmp_path / "srun_args"}')
-    stub(tmp_path, "scontrol", 'printf "gpu-node-07\\ngpu-node-08\\n"')
+    # coreutils printf writes both lines in one write() (bash's builtin printf may write line by line, and
+    # the script's `| head -n 1` under pipefail then fails with SIGPIPE, 141, when head exits in between).
+    stub(tmp_path, "scontrol", 'exec /usr/bin/printf "gpu-node-07\\ngpu-node-08\\n"')
     full_env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "SLURM_NNODES": "2", "SLURM_JOB_ID": "4242",
                 "SLURM_JOB_NODELIST": "gpu-node-[07-08]", **env}
     return subprocess.run(["bash", SCRIPT, *args], env=full_env, cwd=REPO_ROOT,

@@ -27,6 +27,53 @@ def next_second():
     time.sleep(1.02 - time.time() % 1)
 
 
+def read_wandb_log(path, timeout=60.0):
+    """The records of a W&B offline transaction log (run-<id>.wandb), parsed as wandb's protobuf Records.
+
+    The file is a LevelDB-style log: a 7-byte header (':W&B', magic 0xBEE1, version 0), then 32 KiB
+    blocks of chunks (crc32 u32, length u16, type u8: 1 full, 2 first, 3 middle, 4 last). wandb-core
+    writes it in its own process and may still be doing so when run.finish() returns, so this waits
+    (up to `timeout` s) until the log ends with the run's `exit` record.
+    """
+    import struct
+    from wandb.proto import wandb_internal_pb2
+    deadline = time.monotonic() + timeout
+    while True:
+        data = open(path, "rb").read()
+        assert data[:7] == b":W&B" + struct.pack("<HB", 0xBEE1, 0), data[:7]
+        records, pending, pos = [], b"", 7
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:                    # block trailer too short for a chunk
+                pos += 32768 - pos % 32768
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind == 0:                                  # zero padding up to the block's end
+                pos += -pos % 32768
+            elif kind in (1, 4):
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(pending + chunk)
+                records.append(record)
+                pending = b""
+            else:
+                pending = chunk if kind == 2 else pending + chunk
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            return records
+        assert time.monotonic() < deadline, f"{path}: no exit record after {timeout} s"
+        time.sleep(0.2)
+
+
+def wandb_history(records):
+    """[(step, {key: value})] of the history rows in a transaction log, values decoded from JSON."""
+    rows = []
+    for record in records:
+        if record.WhichOneof("record_type") == "history":
+            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                     for item in record.history.item}
+            rows.append((items["_step"], items))
+    return rows
+
+
 def grid(seed):
     return np.random.default_rng(seed).integers(0, 256, (6, 10, 3), dtype=np.uint8)
 
@@ -117,6 +164,11 @@ def test_wandb_offline_writes_its_run_folder_and_resumes_the_same_run(tmp_path, 
                                                           "wandb_last_step": 8}
     folders = sorted(glob.glob(str(run / "wandb" / f"offline-run-*-{run_id}")))
     assert len(folders) == 2 and folders[0] == first
-    records = [open(os.path.join(f, f"run-{run_id}.wandb"), "rb").read() for f in folders]
-    assert b"1006.25" in records[0] and b"2007.75" in records[1] and b"2008.75" in records[1]
-    assert b"2005.75" not in records[1] and b"2006.75" not in records[1]   # steps 5, 6 kept once
+    # Read as wandb's protobuf Records, once wandb-core (0.31: a separate process that may still be
+    # writing after finish() returns) has closed each log with its exit record.
+    logs = [read_wandb_log(os.path.join(f, f"run-{run_id}.wandb")) for f in folders]
+    losses = [[(step, row["loss"]) for step, row in wandb_history(log) if "loss" in row] for log in logs]
+    assert (6, 1006.25) in losses[0] and (7, 2007.75) in losses[1] and (8, 2008.75) in losses[1]
+    assert [loss for _, loss in losses[0]] == [1000.25 + step for step in range(1, 7)]
+    assert [loss for _, loss in losses[1]] == [2007.75, 2008.75]    # steps 5, 6 kept once
+    assert not any("2005.75" in str(r) or "2006.75" in str(r) for r in logs[1])   # in no record at all
