@@ -7,7 +7,6 @@ SiT) unless a `generator` (torch.Generator or callable shape -> noise) is given.
 """
 
 import torch as th
-from torchdiffeq import odeint
 
 
 def make_noise_fn(generator=None):
@@ -122,4 +121,5 @@ class ode:
         # tolerances as lists, as SiT: plain floats change dopri5's float32 results (~1e-7)
         atol = [self.atol] * (len(x) if is_tuple else 1)
         rtol = [self.rtol] * (len(x) if is_tuple else 1)
+        from torchdiffeq import odeint   # here: it imports scipy.integrate (~0.3 s), which training never needs
         return odeint(_fn, x, self.t.to(ref.device), method=self.sampler_type, atol=atol, rtol=rtol)

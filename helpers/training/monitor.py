@@ -13,7 +13,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torchvision.utils import make_grid
 
 from helpers.utils.cli import JobError
 from helpers.utils.distributed import gather_objects
@@ -121,6 +120,7 @@ class Monitor:
     @torch.no_grad()
     def grid(self, step):
         """Rank 0: <run>/samples/<step:07d>.png, the same noise and classes every time; returns the grid."""
+        from torchvision.utils import make_grid   # here, not at the top: torchvision costs every process ~1 s to import
         config, run = self.config, self.run
         noise = IndexNoise(derive_seed(config.global_seed, GRID_SEED_TAG), range(config.sample_count))
         labels = torch.arange(config.sample_count) % config.num_classes
