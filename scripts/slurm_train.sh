@@ -27,7 +27,8 @@ FEATURE_PATH=${FEATURE_PATH:?set FEATURE_PATH to the folder written by extract_f
 MODEL=${MODEL:-DiC-XL}
 RESULTS_DIR=${RESULTS_DIR:-results}
 GPUS_PER_NODE=8
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# sed reads all of scontrol's output: `head -n 1` would exit first and, under pipefail, kill the job by SIGPIPE
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 MASTER_PORT=${MASTER_PORT:-29500}
 export MASTER_ADDR MASTER_PORT
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
