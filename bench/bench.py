@@ -41,7 +41,6 @@ sampling, REPA), grad_checkpointing.py, latent_reading.py, and report.py + repor
 markdown); this file is the command line and the run that assembles them.
 """
 import argparse
-import argparse
 import json
 import os
 import sys

@@ -54,7 +54,7 @@ def tiny_vae_dir(tmp_path_factory):
 def random_inception_weights(tmp_path_factory):
     """save_random_inception_weights(seed=0) once per session (per xdist worker): test_evaluate,
     test_evaluator and test_monitor all read this same file and none writes to it."""
-    from helpers.evaluation.metrics import save_random_inception_weights
+    from helpers.evaluation.inception import save_random_inception_weights
     path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
     return str(save_random_inception_weights(path, seed=0))
 

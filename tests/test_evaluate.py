@@ -17,7 +17,7 @@ from conftest import REPO_ROOT, make_image_folder, subprocess_env
 
 import evaluate
 from helpers.utils.cli import JobError
-from helpers.evaluation.inception import SPATIAL_DIM, InceptionV3Features, save_random_inception_weights
+from helpers.evaluation.inception import SPATIAL_DIM, InceptionV3Features
 from helpers.evaluation.metrics import (RunningStatistics, compute_statistics, frechet_distance,
                                         inception_score, manifold_radii, precision_recall)
 from helpers.data.images import center_crop_arr

@@ -5,7 +5,7 @@ import pytest
 import evaluate
 import evaluator
 from helpers.utils.cli import run_main
-from helpers.evaluation.inception import InceptionV3Features, save_random_inception_weights
+from helpers.evaluation.inception import InceptionV3Features
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from test_train import call_main, only_run
 
 import evaluate
-from helpers.evaluation.inception import save_random_inception_weights
+
 from helpers.utils.models import create_model
 from helpers.training.monitor import Monitor, MonitorConfig
 from helpers.training.objectives import DDPM
