@@ -113,3 +113,15 @@ def test_resume_is_bit_identical_with_two_processes(tmp_path):
     assert a["world_size"] == 2 and a["args"]["model"] == "DiCo-Tiny"
     assert not all(torch.equal(a["model"][k], a["ema"][k]) for k in a["model"])
     assert a["loss_window"] == b["loss_window"]
+
+
+def test_bench_gmacs_match_the_spec():
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    from gmacs import SPEC_DICO_CONV_LINEAR_GMACS_256, SPEC_GMACS_256, count_gmacs
+    for name, counted in SPEC_DICO_CONV_LINEAR_GMACS_256.items():
+        gmacs, params = count_gmacs(name, 32)
+        assert abs(gmacs - counted) < (0.05 if name == "DiCo-H" else 0.005), (name, gmacs)  # convs + Linears
+        if name in SPEC_GMACS_256:                 # the README's torchprofile count, a little higher
+            assert 0 < SPEC_GMACS_256[name] - gmacs < 0.1, (name, gmacs)
+    assert params == 1_037_408_328
