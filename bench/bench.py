@@ -2,7 +2,8 @@
 latent loading, in one run, with markdown tables (and --json).
 
     python bench/bench.py                          # CPU quick set: DiC-S vs DiT-S/2, batch 4, 32x32 latents
-    python bench/bench.py --models all             # DiC-S/B/XL/H and DiT-S/2, B/2, L/2, XL/2
+    python bench/bench.py --models all             # DiC-S/B/XL/H, DiT-S/2, B/2, L/2, XL/2, DiCo-S/B/L/XL/H
+    python bench/bench.py --models dico            # DiCo vs DiC vs DiT at the S and XL shapes
     python bench/bench.py --device cuda --compile  # GPU defaults (batch 32, full sampling chains)
     python bench/bench.py --no-train --no-sample --no-data --grad-checkpointing-memory  # new sections + XL
 
@@ -69,7 +70,9 @@ from sit_repa import bench_repa, bench_sit_sample, bench_sit_train  # noqa: E402
 from training_step import bench_train  # noqa: E402
 
 QUICK_MODELS = ["DiC-S", "DiT-S/2"]
-ALL_MODELS = ["DiC-S", "DiC-B", "DiC-XL", "DiC-H", "DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2"]
+ALL_MODELS = ["DiC-S", "DiC-B", "DiC-XL", "DiC-H", "DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2",
+              "DiCo-S", "DiCo-B", "DiCo-L", "DiCo-XL", "DiCo-H"]
+DICO_MODELS = ["DiCo-S", "DiC-S", "DiT-S/2", "DiCo-XL", "DiC-XL", "DiT-XL/2"]   # the three families, S and XL
 
 
 def build_parser():
@@ -79,7 +82,8 @@ def build_parser():
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda when available, else cpu")
     p.add_argument("--models", default="quick",
-                   help="'quick' (DiC-S, DiT-S/2), 'all' (DiC-S/B/XL/H, DiT-S/2, B/2, L/2, XL/2) "
+                   help="'quick' (DiC-S, DiT-S/2), 'all' (DiC-S/B/XL/H, DiT-S/2, B/2, L/2, XL/2, "
+                        "DiCo-S/B/L/XL/H), 'dico' (DiCo, DiC and DiT at the S and XL shapes) "
                         "or a comma list of registry names")
     p.add_argument("--image-size", type=int, default=256, help="image side; latents are image/8")
     p.add_argument("--batch-size", type=int, default=None, help="training batch (default cpu 4, cuda 32)")
@@ -156,6 +160,8 @@ def resolve_and_check(p, args):
         args.model_list = QUICK_MODELS
     elif args.models == "all":
         args.model_list = ALL_MODELS
+    elif args.models == "dico":
+        args.model_list = DICO_MODELS
     else:
         args.model_list = [s.strip() for s in args.models.split(",") if s.strip()]
     unknown = [m for m in args.model_list if m not in model_names()]

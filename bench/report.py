@@ -9,6 +9,9 @@ from sampling_speed import CFG_SCALE
 
 # DiC vs the DiT of similar GMACs (the DiC paper's comparisons)
 PAIRS = [("DiC-S", "DiT-S/2"), ("DiC-B", "DiT-B/2"), ("DiC-XL", "DiT-XL/2"), ("DiC-H", "DiT-XL/2")]
+# DiCo vs DiC and DiT at the same shape name (the DiCo paper's comparisons)
+DICO_PAIRS = [("DiCo-S", "DiC-S"), ("DiCo-S", "DiT-S/2"), ("DiCo-B", "DiC-B"), ("DiCo-B", "DiT-B/2"),
+              ("DiCo-XL", "DiC-XL"), ("DiCo-XL", "DiT-XL/2"), ("DiCo-H", "DiC-H")]
 
 
 def timing_basis(res):
@@ -134,15 +137,16 @@ def _sampling_lines(res, basis, by):
     return lines
 
 
-def _pairs_lines(res, basis, by):
-    """DiC vs the DiT of similar GMACs (training and sampling ratios), where both were measured."""
+def _pairs_lines(res, basis, by, pairs=PAIRS, title="DiC vs DiT of similar GMACs", first="DiC", second="DiT"):
+    """`first` vs `second` models (training and sampling ratios), where both were measured; by default DiC
+    vs the DiT of similar GMACs."""
     lines = []
-    pairs = [(d, t) for d, t in PAIRS if d in res["models"] and t in res["models"]]
+    pairs = [(d, t) for d, t in pairs if d in res["models"] and t in res["models"]]
     if pairs:
-        lines += ["### DiC vs DiT of similar GMACs", "",
-                  f"Ratios {by}; > 1 means DiC is faster.", "",
-                  "| DiC | DiT | GMACs | train img/s DiC/DiT (eager) | (fast) | sampling speed-up DiC vs DiT "
-                  "(eager) | (fast) |",
+        lines += [f"### {title}", "",
+                  f"Ratios {by}; > 1 means {first} is faster.", "",
+                  f"| {first} | {second} | GMACs | train img/s {first}/{second} (eager) | (fast) | sampling speed-up "
+                  f"{first} vs {second} (eager) | (fast) |",
                   "|---|---|---|---:|---:|---:|---:|"]
         for d, t in pairs:
             rd, rt = res["models"][d], res["models"][t]
@@ -190,6 +194,7 @@ def markdown_report(res):
     lines += _training_lines(res, basis, by)
     lines += _sampling_lines(res, basis, by)
     lines += _pairs_lines(res, basis, by)
+    lines += _pairs_lines(res, basis, by, DICO_PAIRS, "DiCo vs DiC and DiT", "DiCo", "other")
     lines += extras_report(res, basis, by)
     if res.get("data"):
         lines += _latent_loading_lines(res, by)

@@ -13,7 +13,7 @@ from helpers.utils.models import create_model, model_names, parse_model_override
 def test_every_registered_name_is_reachable_from_one_lookup():
     names = model_names()
     assert names[:5] == ["DiC-S", "DiC-B", "DiC-XL", "DiC-H", "DiC-Tiny"]
-    assert "DiT-XL/2" in names and "DiT-S/8" in names and len(names) == 17
+    assert "DiT-XL/2" in names and "DiT-S/8" in names and len(names) == 23   # 5 DiC, 12 DiT, 6 DiCo
     model = create_model("DiT-S/8", input_size=16, num_classes=10)
     assert model.out_channels == 8 and model.num_classes == 10
 

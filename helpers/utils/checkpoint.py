@@ -1,4 +1,4 @@
-"""Reading weights files safely: ours, official DiT/DiC files, bare state_dicts and exported
+"""Reading weights files safely: ours, official DiT/DiC/DiCo files, bare state_dicts and exported
 .safetensors; picking a weight set out of them; loading it into a model with a clear error.
 
 Every .pt file is read with torch.load(weights_only=True): a file can hold tensors and plain Python
@@ -151,7 +151,8 @@ def _infer_config(state_dict, model):
     if weight is not None and weight.ndim == 4:
         in_channels = weight.shape[1]
     num_classes = model.num_classes
-    for key in ("y_embedder_ls.0.embedding_table.weight", "y_embedder.embedding_table.weight"):
+    for key in ("y_embedder_ls.0.embedding_table.weight", "y_embedder.embedding_table.weight",
+                "y_embedder.embedding_table_0.weight"):
         if key in state_dict:
             num_classes = state_dict[key].shape[0] - 1
     return in_channels, num_classes

@@ -1,7 +1,8 @@
-"""One lookup over both model registries, so every script takes `--model DiC-XL` or `--model DiT-XL/2`."""
+"""One lookup over the model registries, so every script takes `--model DiC-XL`, `--model DiCo-XL` or `--model DiT-XL/2`."""
 import ast
 
 from dic_models import DiC_models
+from dico_models import DiCo_models
 from dit_models import DiT_models
 
 # Prefix of command-line model overrides, as the official DiC training script spells them
@@ -10,18 +11,23 @@ OVERRIDE_PREFIX = "--network_g__"
 
 
 def all_models():
-    """Name -> constructor for every registered DiC and DiT variant."""
-    return {**DiC_models, **DiT_models}
+    """Name -> constructor for every registered DiC, DiT and DiCo variant."""
+    return {**DiC_models, **DiT_models, **DiCo_models}
 
 
 def model_names():
-    """Every valid `--model` value, DiC first."""
+    """Every valid `--model` value, DiC first, then DiT, then DiCo."""
     return list(all_models())
 
 
 def is_dit(name):
     """True for a DiT variant (they use patch embeddings, so sizes must divide the patch)."""
     return name in DiT_models
+
+
+def module_of(name):
+    """The file that defines a registered variant's constructor."""
+    return "dit_models.py" if is_dit(name) else "dico_models.py" if name in DiCo_models else "dic_models.py"
 
 
 def create_model(name, **kwargs):
@@ -36,7 +42,7 @@ def create_model(name, **kwargs):
             raise
         raise ValueError(f"{name} does not take {str(e).split('argument')[-1].strip()}: check the "
                          f"spelling of the model override (see the constructor in "
-                         f"{'dit' if is_dit(name) else 'dic'}_models.py)") from e
+                         f"{module_of(name)})") from e
 
 
 def _parse_value(text):
