@@ -6,7 +6,7 @@
 # attention -> Conv1x1, and whose MLP is a pair of Conv1x1. Conditioned per resolution level
 # on timestep + class. Module and parameter names match the official implementation, so
 # official checkpoints load with load_state_dict(strict=True). Defaults reproduce the paper.
-# Facts: /work/shared/spec/DICO.md.
+# Facts: the DiCo paper and its official code (github shallowdream204/DiCo).
 # --------------------------------------------------------
 # References:
 # DiT:  https://github.com/facebookresearch/DiT (embedders, adaLN, final layer, CFG)

@@ -1,6 +1,6 @@
 """Tests of dico_models.py: official keys/shapes/parameter counts of every variant, strict loading of
 files in the official layout, the forward pass against an independent float64 functional
-re-computation from the spec (/work/shared/spec/DICO.md), classifier-free guidance, class dropout,
+re-computation from the spec (the official code as DICO.md in the project spec describes it), classifier-free guidance, class dropout,
 feature taps, gradient checkpointing and the official initialisation."""
 import argparse
 import json
