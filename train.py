@@ -32,10 +32,11 @@ from helpers.training.objectives import create_objective, objective_from_args, p
 from helpers.training.repa_objective import build_repa
 from helpers.training.runs import Progress, checkpoint_path, restore_rng_state, save_checkpoint, saved_args
 from helpers.utils import fastpath
-from helpers.utils.cli import EXIT_RUN_FAILED, JobError, agree, run_main
+from helpers.utils.cli import EXIT_RUN_FAILED, JobError, Stopped, agree, run_main
 from helpers.utils.distributed import cleanup_distributed, is_distributed, setup_distributed
 from helpers.utils.fastpath import ema_update
 from helpers.utils.log import LossFile, RunLogger, ThroughputMeter
+from helpers.utils.preemption import StopRequest
 from helpers.utils.seeds import derive_seed, seed_everything
 
 
@@ -137,7 +138,8 @@ def main(args, engine=None):
         monitor = Monitor(train_flags.monitor_config(args), run, progress.step, resumed=progress.step > 0,
                           flags=train_flags.run_flags(args))
         try:
-            train_loop(args, engine, log, run, progress, monitor)
+            with StopRequest() as stop:   # SIGTERM/SIGUSR1: save at the step every process is in, exit 75
+                train_loop(args, engine, log, run, progress, monitor, stop)
         finally:
             monitor.close()
             if run.lock is not None:
@@ -151,7 +153,7 @@ def closed_at_end(engine, log):
     try:
         yield
     except JobError as e:
-        log.info(f"error: {e}")
+        log.info(f"{e.label}: {e}")
         raise
     finally:
         log.close()
@@ -231,7 +233,7 @@ def start_training(args, engine, log, run, progress):
     return model, opt, forward
 
 
-def train_loop(args, engine, log, run, progress, monitor):
+def train_loop(args, engine, log, run, progress, monitor, stop=None):
     device, world_size = run.device, run.world_size
     model, opt, forward = start_training(args, engine, log, run, progress)
     steps_per_epoch = run.data.steps_per_epoch
@@ -247,7 +249,7 @@ def train_loop(args, engine, log, run, progress, monitor):
     log.set_progress(None if bar.disable else bar)
     meter = ThroughputMeter(device)
     terms = run.objective.log_terms   # loss terms logged beside the loss (REPA: denoise, proj)
-    stats = torch.zeros(2 + len(terms), device=device)
+    stats = torch.zeros(3 + len(terms), device=device)   # loss, skipped images, stop requests, terms
     local_batch = args.global_batch_size // world_size
     flags = train_flags.run_flags(args)   # saved with every checkpoint
 
@@ -274,15 +276,15 @@ def train_loop(args, engine, log, run, progress, monitor):
             progress.step += 1
             progress.batch_in_epoch += 1
 
-            # Loss summed over processes, skipped images counted: one small all_reduce and one host
-            # sync per step, on purpose: every process must see a NaN at the same step and stop
-            # together (one stopping alone would leave the others hanging in DDP's next all_reduce).
-            stats[0], stats[1] = loss.float(), local_batch - seen
+            # Loss summed over processes, skipped images and stop signals counted: one small all_reduce
+            # and one host sync per step, on purpose: every process must see a NaN or a stop request at
+            # the same step and stop together (one stopping alone would leave the others hanging).
+            stats[0], stats[1], stats[2] = loss.float(), local_batch - seen, float(bool(stop and stop.requested))
             for i, value in enumerate(term_values):
-                stats[2 + i] = value
+                stats[3 + i] = value
             if is_distributed():
                 dist.all_reduce(stats)
-            loss_sum, skipped, *term_sums = stats.tolist()
+            loss_sum, skipped, stops, *term_sums = stats.tolist()
             loss_value = loss_sum / world_size
             if not math.isfinite(loss_value):
                 last = (f"last good checkpoint: {checkpoint_path(run.run_dir, progress.last_saved)}"
@@ -306,6 +308,8 @@ def train_loop(args, engine, log, run, progress, monitor):
                 save_checkpoint(run, progress, steps_per_epoch, flags, args.global_batch_size, engine.scaler)
             if progress.step >= target:
                 break
+            if stops:   # preempted: this step saved by rank 0, then every process exits 75
+                stopped(run, progress, steps_per_epoch, flags, args.global_batch_size, engine.scaler, stop)
         else:   # the epoch's data ran out
             progress.epoch += 1
             progress.batch_in_epoch = progress.start_sample = 0
@@ -316,6 +320,16 @@ def train_loop(args, engine, log, run, progress, monitor):
     bar.close()
     log.set_progress(None)
     log.info(f"Done: step {progress.step}, run folder {run.run_dir}")
+
+
+def stopped(run, progress, steps_per_epoch, flags, global_batch_size, scaler, stop):
+    """A stop signal reached a process during this step: save it (unless just saved) and raise
+    Stopped (exit code 75, a requeue for scripts/slurm_train.sh)."""
+    if progress.last_saved != progress.step:
+        save_checkpoint(run, progress, steps_per_epoch, flags, global_batch_size, scaler)
+    received = f"{stop.name} received" if stop is not None and stop.requested else "a process received a stop signal"
+    raise Stopped(f"{received}: stopped at step {progress.step} with its checkpoint "
+                  f"{checkpoint_path(run.run_dir, progress.step)}; run again with --resume auto to continue")
 
 
 def prepare_batch(args, run, batch, step):

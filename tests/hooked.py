@@ -5,11 +5,17 @@ scripts themselves carry no test flags. Used by the tests as `python tests/hooke
     DIC_TEST_NAN_AT_STEP=K          global rank 0's loss becomes NaN at training step K
     DIC_TEST_LOG_SAMPLES=FOLDER     each process appends "step epoch index..." for every batch it
                                     trains on to FOLDER/debug_samples_rank<r>.txt
+    DIC_TEST_SIGNAL_AT_STEP=K:SIG   global rank 0, as its training step K starts, sends signal SIG (e.g.
+                                    SIGTERM) to its launcher (torchrun, which forwards it to every
+                                    worker), or to itself when it has none
+    DIC_TEST_SLEEP_AT_STEP=K:R:S    global rank R sleeps S seconds as its training step K starts
     DIC_TEST_EXIT_AFTER_BATCHES=N   sampling exits abruptly (os._exit(3), as if killed) before
                                     generating its batch N + 1
 """
 import os
 import runpy
+import signal
+import time
 import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,6 +41,32 @@ def nan_at_step(step):
             losses["loss"] = losses["loss"] * float("nan")
         return losses
     objectives.DDPM.training_losses = training_losses
+
+
+def at_step(step, action):
+    """Call action() as the training step `step` starts (the objective's call number `step`)."""
+    original = objectives.DDPM.training_losses
+    calls = {"n": 0}
+
+    def training_losses(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            action()
+        return original(self, *args, **kwargs)
+    objectives.DDPM.training_losses = training_losses
+
+
+def signal_at_step(spec):
+    step, name = spec.split(":")
+    launched = "TORCHELASTIC_RUN_ID" in os.environ
+    if rank() == 0:
+        at_step(int(step), lambda: os.kill(os.getppid() if launched else os.getpid(), getattr(signal, name)))
+
+
+def sleep_at_step(spec):
+    step, who, seconds = spec.split(":")
+    if rank() == int(who):
+        at_step(int(step), lambda: time.sleep(float(seconds)))
 
 
 def log_samples(folder):
@@ -73,6 +105,10 @@ def exit_after_batches(n):
 if __name__ == "__main__":
     if os.environ.get("DIC_TEST_NAN_AT_STEP"):
         nan_at_step(int(os.environ["DIC_TEST_NAN_AT_STEP"]))
+    if os.environ.get("DIC_TEST_SIGNAL_AT_STEP"):
+        signal_at_step(os.environ["DIC_TEST_SIGNAL_AT_STEP"])
+    if os.environ.get("DIC_TEST_SLEEP_AT_STEP"):
+        sleep_at_step(os.environ["DIC_TEST_SLEEP_AT_STEP"])
     if os.environ.get("DIC_TEST_LOG_SAMPLES"):
         log_samples(os.environ["DIC_TEST_LOG_SAMPLES"])
     if os.environ.get("DIC_TEST_EXIT_AFTER_BATCHES"):

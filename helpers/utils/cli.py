@@ -17,6 +17,10 @@ from helpers.utils.distributed import broadcast_object, gather_objects, is_distr
 
 EXIT_BAD_INPUT = 2    # the user must change a flag or a file (argparse uses 2 too)
 EXIT_RUN_FAILED = 1   # the job itself failed (e.g. a NaN loss); the input was fine
+# Stopped by SIGTERM/SIGUSR1 (preemption) after saving its state: run it again to continue. 75 is
+# EX_TEMPFAIL of sysexits.h ("temporary failure, retry later"); not 143 (128 + SIGTERM: killed
+# without saving), not 124 (timeout(1)'s), not 1 or 2 (a failed run, a bad input).
+EXIT_PREEMPTED = 75
 
 
 def one_line(message, default=None):
@@ -27,15 +31,28 @@ def one_line(message, default=None):
 
 class JobError(ValueError):
     """A problem the user must fix, said in one line (what, which file, the fix); ends the job with
-    exit code `code`. A ValueError, so library code that raises it reads naturally to callers."""
+    exit code `code`. A ValueError, so library code that raises it reads naturally to callers.
+    `label` starts the printed line; `rank` is the global rank that prints it (rank 0, unless rank 0
+    may be the one that cannot, e.g. a hung rank)."""
 
-    def __init__(self, message, code=EXIT_BAD_INPUT):
+    label = "error"
+
+    def __init__(self, message, code=EXIT_BAD_INPUT, rank=0):
         text = str(message)
         marker = f"{__name__}.JobError: "   # re-raised by a DataLoader worker: the original's line
         if text.startswith("Caught JobError") and marker in text:
             text = text.rsplit(marker, 1)[1]
         super().__init__(one_line(text, default="error"))
-        self.code = code
+        self.code, self.rank = code, rank
+
+
+class Stopped(JobError):
+    """A job stopped on request (a preemption signal) with its state saved: exit code 75."""
+
+    label = "stopped"
+
+    def __init__(self, message):
+        super().__init__(message, code=EXIT_PREEMPTED)
 
 
 def global_rank():
@@ -70,12 +87,12 @@ def agree(fn, on_main_only=False):
 
 
 def run_main(main, args):
-    """Call `main(args)`; a JobError becomes `error: <one line>` on stderr (rank 0 only) and its
-    exit code. Returns the exit code for sys.exit."""
+    """Call `main(args)`; a JobError becomes `error: <one line>` on stderr (on one rank, its `rank`)
+    and its exit code. Returns the exit code for sys.exit."""
     try:
         main(args)
         return 0
     except JobError as e:
-        if global_rank() == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+        if global_rank() == e.rank:
+            print(f"{e.label}: {e}", file=sys.stderr, flush=True)
         return e.code

@@ -1,0 +1,77 @@
+"""A job the cluster stops loses nothing: a stop signal (SIGTERM, SIGUSR1) saves the step every process
+is in and exits 75; a full disk is one line with the previous checkpoint kept; a hung rank is named."""
+import os
+import signal
+import subprocess
+import sys
+
+import torch
+
+from conftest import REPO_ROOT, subprocess_env
+from test_train import (assert_opt_equal, assert_state_dicts_equal, call_main, latent_args, latents,  # noqa: F401
+                        load, only_run)
+
+from helpers.training import objectives
+from helpers.utils.cli import EXIT_PREEMPTED
+
+# The documented recipe (scripts/slurm_train.sh): torchrun forwards SIGUSR1 too, not only SIGTERM.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"]
+
+
+def torchrun(script, argv, env=None):
+    cmd = [*TORCHRUN, os.path.join(REPO_ROOT, "tests", "hooked.py"), script, *map(str, argv)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env(**(env or {})), capture_output=True,
+                          text=True, timeout=300)
+    proc.output = proc.stdout + proc.stderr
+    return proc
+
+
+def checkpoints(results):
+    return sorted(os.listdir(os.path.join(only_run(results), "checkpoints")))
+
+
+def test_a_stop_signal_saves_the_step_and_exits_75(tmp_path, latents, monkeypatch, capsys):
+    """One process (in this process): SIGTERM during step 2 saves step 2, exit code 75."""
+    original, calls = objectives.DDPM.training_losses, {"n": 0}
+
+    def training_losses(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(objectives.DDPM, "training_losses", training_losses)
+    previous = signal.getsignal(signal.SIGTERM)
+    assert call_main(latent_args(latents, tmp_path / "r", "--max-steps", "4", "--ckpt-every", "100")) == 75
+    assert EXIT_PREEMPTED == 75 and signal.getsignal(signal.SIGTERM) is previous   # handler put back
+    path = os.path.join(only_run(tmp_path / "r"), "checkpoints", "0000002.pt")
+    assert capsys.readouterr().err.strip() == (f"stopped: SIGTERM received: stopped at step 2 with its checkpoint "
+                                               f"{path}; run again with --resume auto to continue")
+    assert checkpoints(tmp_path / "r") == ["0000002.pt"] and load(path)["step"] == 2
+
+
+def test_preempted_twice_under_torchrun_then_resumed_equals_one_run(tmp_path, latents):
+    """Two processes: train.py gets SIGTERM in step 2, train_accelerate.py (resumed) SIGUSR1 in step 3,
+    both through torchrun as a scheduler sends them; --resume auto then ends where one run does."""
+    common = ["--max-steps", "4", "--ckpt-every", "100", "--log-every", "1"]
+    one_go = torchrun("train.py", latent_args(latents, tmp_path / "a", *common))
+    assert one_go.returncode == 0, one_go.output
+
+    b = tmp_path / "b"
+    first = torchrun("train.py", latent_args(latents, b, *common), {"DIC_TEST_SIGNAL_AT_STEP": "2:SIGTERM"})
+    assert first.returncode != 0 and checkpoints(b) == ["0000002.pt"], first.output
+    assert "stopped: SIGTERM received: stopped at step 2 with its checkpoint" in first.stderr, first.output
+    second = torchrun("train_accelerate.py", latent_args(latents, b, *common, "--resume", "auto"),
+                      {"DIC_TEST_SIGNAL_AT_STEP": "1:SIGUSR1", "ACCELERATE_USE_CPU": "true"})
+    assert checkpoints(b) == ["0000002.pt", "0000003.pt"], second.output
+    assert "stopped: SIGUSR1 received: stopped at step 3 with its checkpoint" in second.stderr, second.output
+    third = torchrun("train.py", latent_args(latents, b, *common, "--resume", "auto"))
+    assert third.returncode == 0, third.output
+    assert checkpoints(b) == ["0000002.pt", "0000003.pt", "0000004.pt"]
+
+    a = load(os.path.join(only_run(tmp_path / "a"), "checkpoints", "0000004.pt"))
+    r = load(os.path.join(only_run(b), "checkpoints", "0000004.pt"))
+    assert_state_dicts_equal(a["model"], r["model"])
+    assert_state_dicts_equal(a["ema"], r["ema"])
+    assert_opt_equal(a["opt"], r["opt"])
+    assert all(torch.equal(x["torch"], y["torch"]) for x, y in zip(a["rng"], r["rng"]))
