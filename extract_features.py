@@ -51,11 +51,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from helpers.utils.cli import JobError, agree, one_line, run_main
+from helpers.utils.cli import JobError, Stopped, agree, one_line, run_main
 from helpers.utils.distributed import barrier, cleanup_distributed, is_distributed, setup_distributed
 from helpers.utils.files import atomic_write_text, check_writable, remove_stale_temps
 from helpers.data.images import ImageFolderDataset
 from helpers.utils.locks import RunLock
+from helpers.utils.preemption import StopRequest
 from helpers.utils.seeds import generator
 from helpers.data.latents import PACKED_INFO, file_names, layout_dirs, layout_prefix, packed_dir, \
     read_packed_names
@@ -295,7 +296,10 @@ def extract(args, info, images, vae, prefix, latent_shape, num_images):
     counts = {"encoded": 0, "flipped": 0, "corrupt": 0}
     progress = tqdm(total=todo_images, unit="img", disable=not info.is_main,
                     desc=f"rank 0 of {info.world_size}")
+    stop = StopRequest().install()   # SIGTERM/SIGUSR1: stop after this block, agreed below; exit 75
     for item in loader:
+        if stop.requested:
+            break
         counts["corrupt"] += sum(index < num_images for index in item["corrupt"])
         progress.update(sum(i < num_images for i in item["indices"] + item["corrupt"]))
         if item["images"] is None:
@@ -313,13 +317,18 @@ def extract(args, info, images, vae, prefix, latent_shape, num_images):
                              prefix=prefix)
                 counts["flipped" if flipped else "encoded"] += 1
     progress.close()
+    stop.restore()
 
     # On the job's device: NCCL (GPU jobs) reduces CUDA tensors only.
-    totals = torch.tensor([counts["encoded"], counts["flipped"], present, counts["corrupt"]],
+    totals = torch.tensor([counts["encoded"], counts["flipped"], present, counts["corrupt"], stop.requested],
                           dtype=torch.int64, device=info.device)
     if is_distributed():
         dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-    encoded, flipped, present, corrupt = totals.tolist()
+    encoded, flipped, present, corrupt, stops = totals.tolist()
+    if stops:
+        del loader
+        raise Stopped(f"{stop.name or 'a stop signal'} received: stopped between blocks, {encoded} images "
+                      f"encoded and kept; run the same command again to continue")
     if info.is_main:
         flips = f" (+{flipped} flipped copies)" if args.flip else ""
         print(f"done: {encoded} images encoded{flips}, {present} already present (skipped), "

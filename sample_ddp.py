@@ -31,10 +31,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from helpers.utils.cli import JobError, agree, run_main
-from helpers.utils.distributed import barrier, cleanup_distributed, setup_distributed
+from helpers.utils.cli import JobError, Stopped, agree, run_main
+from helpers.utils.distributed import cleanup_distributed, gather_objects, setup_distributed
 from helpers.utils.files import atomic_write, atomic_write_text, check_writable, remove_stale_temps
 from helpers.utils.locks import RunLock
+from helpers.utils.preemption import StopRequest
 from helpers.sampling.checkpoint_model import build_model, read_checkpoint
 from helpers.sampling.flags import (add_model_args, add_sampling_args, add_speed_args, check_common_args,
                                     describe_speed, model_settings, parse_with_model_overrides, resolve_settings,
@@ -167,10 +168,14 @@ def main(args):
         model_fn, sampler = make_sampling(model, vae, args.objective_config, sampler_settings(args), speed)
 
         # This rank's unfinished chunks, then rank 0 packs every PNG into the .npz:
-        sample_chunks(args, dist, model, vae, model_fn, sampler, sample_folder, log, speed)
-        barrier()   # every process has written its samples before rank 0 packs the .npz
+        # On SIGTERM/SIGUSR1 a rank stops after its current chunk; the job then exits 75 (a rerun resumes).
+        stopped = sample_chunks(args, dist, model, vae, model_fn, sampler, sample_folder, log, speed)
+        stops = [s for s in gather_objects(stopped) if s]   # also the barrier before rank 0 packs the .npz
         del model, vae
         cleanup_distributed()
+        if stops:
+            raise Stopped(f"{stops[0]} received: stopped between chunks, the finished samples kept in "
+                          f"{sample_folder}; run the same command again to continue")
         if dist.is_main:
             write_npz_from_pngs(sample_folder, args.num_fid_samples, npz_path, expected_shape[1:], progress=True)
             print(f"Saved .npz file to {npz_path} [shape={expected_shape}].")
@@ -193,21 +198,30 @@ def sample_chunks(args, dist, model, vae, model_fn, sampler, sample_folder, log,
         log(f"Sampling {args.num_fid_samples - already} images with {dist.world_size} process(es), "
             f"batch {args.per_proc_batch_size} per process ({describe_speed(speed)}), into {sample_folder}")
     nfes = []
-    for indices in tqdm(todo, disable=not dist.is_main, desc="batches"):
-        # The last chunk is padded to the full batch size: every model call has the same shape.
-        noise = IndexNoise(args.global_seed, indices, pad_to=args.per_proc_batch_size)
-        labels = draw_labels(noise, args.num_classes, args.balanced_classes)
-        images = generate(model, vae, sampler, model_fn, noise, labels, args.image_size, dist.device)
-        images = to_uint8_rgb(images[:len(indices)])
-        for index, image in zip(indices, images):
-            if png_name(index) not in done:
-                atomic_write(os.path.join(sample_folder, png_name(index)),
-                             lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
-        if sampler.nfe is not None:
-            nfes.append(sampler.nfe)
+    with StopRequest() as stop:
+        for indices in tqdm(todo, disable=not dist.is_main, desc="batches"):
+            if stop.requested:
+                return stop.name
+            sample_chunk(args, dist, model, vae, model_fn, sampler, sample_folder, done, indices, nfes)
     if nfes and dist.is_main:
         log(f"The ODE solver ({args.sampling_method}) made {sum(nfes) / len(nfes):.1f} function evaluations "
             f"per batch on average (min {min(nfes)}, max {max(nfes)}) on rank 0")
+    return None
+
+
+def sample_chunk(args, dist, model, vae, model_fn, sampler, sample_folder, done, indices, nfes):
+    """One chunk: its images, and the PNGs an earlier run did not write."""
+    # The last chunk is padded to the full batch size: every model call has the same shape.
+    noise = IndexNoise(args.global_seed, indices, pad_to=args.per_proc_batch_size)
+    labels = draw_labels(noise, args.num_classes, args.balanced_classes)
+    images = generate(model, vae, sampler, model_fn, noise, labels, args.image_size, dist.device)
+    images = to_uint8_rgb(images[:len(indices)])
+    for index, image in zip(indices, images):
+        if png_name(index) not in done:
+            atomic_write(os.path.join(sample_folder, png_name(index)),
+                         lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+    if sampler.nfe is not None:
+        nfes.append(sampler.nfe)
 
 
 def build_parser():

@@ -2,6 +2,7 @@
 resumes, flipped copies, corrupt images and argument errors (tiny VAE, 32x32 images, CPU)."""
 import filecmp
 import os
+import signal
 import subprocess
 import sys
 
@@ -172,3 +173,25 @@ def test_cli_missing_data_path(tmp_path, repo_root):
                                    f"exist or is not a folder: pass a folder holding one sub-folder "
                                    f"of images per class")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stop_signal_ends_between_blocks_with_75_and_a_rerun_finishes_the_same(reference, dataset_dir,
+                                                                                 tiny_vae_dir, tmp_path, monkeypatch):
+    original, calls = extract_features.encode, {"n": 0}
+
+    def encode_then_signal(*args, **kwargs):   # SIGTERM during the first block: it is written, then stop
+        calls["n"] += 1
+        if calls["n"] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(extract_features, "encode", encode_then_signal)
+    common = dict(data_path=dataset_dir, features_path=str(tmp_path), image_size=SIZE, vae=tiny_vae_dir,
+                  batch_size=3, num_workers=0, global_seed=7, flip=True)
+    with pytest.raises(SystemExit) as stopped:
+        run_main(**common)
+    assert stopped.value.code == 75
+    assert len(_files(str(tmp_path))["features"]) == 6   # the first block of 3, plain and flipped
+    monkeypatch.setattr(extract_features, "encode", original)
+    with pytest.warns(CorruptImageWarning):
+        run_main(**common)
+    assert _same_files(reference, str(tmp_path))

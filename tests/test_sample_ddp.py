@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -212,3 +213,22 @@ def test_dpm_solver_npz_is_the_same_from_two_processes(latent_ckpt, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "two" / os.path.basename(one)).read_bytes() == open(one, "rb").read()
     assert load(one).std() > 0
+
+
+def test_a_stop_signal_ends_between_chunks_with_75_and_a_rerun_finishes_the_same(latent_ckpt, reference,
+                                                                                 tmp_path, monkeypatch, capsys):
+    original, calls = sample_ddp.generate, {"n": 0}
+
+    def generate(*args, **kwargs):   # SIGUSR1 during the first chunk: that chunk is finished, then stop
+        calls["n"] += 1
+        if calls["n"] == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(sample_ddp, "generate", generate)
+    with pytest.raises(JobError) as stopped:
+        run_in_process(latent_ckpt, tmp_path, "--per-proc-batch-size", "3")
+    assert stopped.value.code == 75 and str(stopped.value).startswith("SIGUSR1 received: stopped between chunks")
+    assert sorted(p.name for p in (tmp_path / FOLDER).glob("*.png")) == ["000000.png", "000001.png", "000002.png"]
+    monkeypatch.setattr(sample_ddp, "generate", original)
+    npz = run_in_process(latent_ckpt, tmp_path, "--per-proc-batch-size", "3")
+    assert open(npz, "rb").read() == open(reference, "rb").read()

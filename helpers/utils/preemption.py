@@ -38,14 +38,20 @@ class StopRequest:
     def name(self):
         return self.received.name if self.received is not None else None
 
-    def __enter__(self):
+    def install(self):
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc):
+    def restore(self):
         for sig, previous in self._previous.items():
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous = {}
+
+    def __enter__(self):
+        return self.install()
+
+    def __exit__(self, *exc):
+        self.restore()
         return False
