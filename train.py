@@ -124,6 +124,8 @@ def main(args, engine=None):
                            model_kwargs=built["model_kwargs"], lock=(locks or [None])[-1],
                            loss_file=LossFile(os.path.join(run_dir, "losses.csv")) if dist_info.is_main else None)
         log_setup(args, run, resumed=checkpoint is not None)
+        if run.is_main:
+            runs.warn_if_disk_small(run_dir, runs.checkpoint_bytes(run.model, run.ema, run.net), log)
 
         # Resume: the position, and this process's RNG and GradScaler states, from the checkpoint.
         progress = Progress()

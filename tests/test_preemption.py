@@ -1,10 +1,13 @@
 """A job the cluster stops loses nothing: a stop signal (SIGTERM, SIGUSR1) saves the step every process
 is in and exits 75; a full disk is one line with the previous checkpoint kept; a hung rank is named."""
+import errno
 import os
+import re
 import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO_ROOT, subprocess_env
@@ -75,3 +78,41 @@ def test_preempted_twice_under_torchrun_then_resumed_equals_one_run(tmp_path, la
     assert_state_dicts_equal(a["ema"], r["ema"])
     assert_opt_equal(a["opt"], r["opt"])
     assert all(torch.equal(x["torch"], y["torch"]) for x, y in zip(a["rng"], r["rng"]))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MB tmpfs (root only): room for one DiC-Tiny checkpoint (16 MB), not two."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(small_disk, latents, capsys):
+    results = small_disk / "r"
+    assert call_main(latent_args(latents, results, "--max-steps", "2", "--ckpt-every", "1")) == 1
+    folder = os.path.join(only_run(results), "checkpoints")
+    out, err = capsys.readouterr()
+    assert "has 24 MB free, less than two checkpoints (about 15 MB each)" in out
+    line = re.fullmatch(rf"error: no space left on {folder} while writing {folder}/0000002.pt \(needed about "
+                        rf"15 MB, ([\d.]+) MB free\); last good checkpoint: {folder}/0000001.pt\n", err)
+    assert line and 8 < float(line.group(1)) < 15, err
+    assert os.listdir(folder) == ["0000001.pt"] and load(os.path.join(folder, "0000001.pt"))["step"] == 1
+
+
+def test_a_full_disk_while_writing_latents_is_one_line(tmp_path, monkeypatch):
+    from helpers.data import per_file_writer
+    from helpers.utils.files import NoSpaceError
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(per_file_writer.np, "save", full)
+    with pytest.raises(NoSpaceError, match=rf"^no space left on {tmp_path}/imagenet64_labels while writing "
+                                           rf"{tmp_path}/imagenet64_labels/7.npy \(needed about 0.0 MB, [\d.]+ MB free\)$"):
+        per_file_writer.write_latent(tmp_path, "7", torch.zeros(4, 8, 8), 1, prefix="imagenet64")
+    assert os.listdir(tmp_path / "imagenet64_labels") == []

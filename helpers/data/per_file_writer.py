@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from helpers.data.latents import TMP_PREFIX, layout_dirs
+from helpers.utils.files import is_out_of_space, no_space_error
 
 
 def _atomic_npy(array, path):
@@ -27,9 +28,11 @@ def _atomic_npy(array, path):
         with open(tmp, "wb") as f:
             np.save(f, array)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, Exception) and is_out_of_space(e, folder):
+            raise no_space_error(folder, path, array.nbytes + 128) from e
         raise
 
 

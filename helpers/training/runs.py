@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from helpers.utils import fastpath
-from helpers.utils.checkpoint import atomic_save, load_checkpoint_file
-from helpers.utils.cli import JobError
-from helpers.utils.distributed import barrier, gather_objects
-from helpers.utils.files import check_writable, remove_stale_temps
+from helpers.utils.checkpoint import atomic_save, load_checkpoint_file, tensor_bytes
+from helpers.utils.cli import EXIT_RUN_FAILED, JobError
+from helpers.utils.distributed import broadcast_object, gather_objects
+from helpers.utils.files import check_writable, free_bytes, megabytes, remove_stale_temps
 from helpers.utils.locks import RunLock
 
 CHECKPOINT_FORMAT = "dic-train-2"   # 2: args as a dict, RNG states as tensors, the objective recorded
@@ -234,10 +234,12 @@ def saved_args(checkpoint):
 
 def save_checkpoint(run, progress, steps_per_epoch, flags, global_batch_size, scaler=None):
     """Gather every process's RNG state; rank 0 writes `<run>/checkpoints/<step:07d>.pt` atomically
-    (never over an existing file), the run's `flags` (a dict) under "args"; everyone waits at a
-    barrier. Returns the path."""
+    (never over an existing file), the run's `flags` (a dict) under "args"; everyone waits for it.
+    A failed write (e.g. a full disk) ends every process with the same one line, naming the last
+    good checkpoint (the previous file is intact). Returns the path."""
     states = gather_objects(capture_rng_state(run.device))
     path = checkpoint_path(run.run_dir, progress.step)
+    checkpoint = None
     if run.is_main:
         epoch, batch_in_epoch = progress.epoch, progress.batch_in_epoch
         if batch_in_epoch >= steps_per_epoch:   # a finished epoch counts as the next one's start
@@ -262,11 +264,48 @@ def save_checkpoint(run, progress, steps_per_epoch, flags, global_batch_size, sc
         }
         if run.net is not run.model:   # --repa: the projectors are training state (not sampled with)
             checkpoint["projector"] = fastpath.contiguous_state_dict(run.net.projectors.state_dict())
-        atomic_save(checkpoint, path)
-        run.log.info(f"Saved checkpoint to {path}")
+    failure = save_on_main(run, checkpoint, path)
+    if failure is not None:   # every process: the same line, the same exit code
+        last = (f"last good checkpoint: {checkpoint_path(run.run_dir, progress.last_saved)}"
+                if progress.last_saved is not None else "no checkpoint was saved yet")
+        raise JobError(f"{failure[0]}; {last}", code=failure[1])
     progress.last_saved = progress.step
-    barrier()
     return path
+
+
+def save_on_main(run, checkpoint, path):
+    """Rank 0 writes `checkpoint`; every process gets (message, exit code) of its failure, or None
+    (the broadcast is the barrier)."""
+    failure = None
+    if run.is_main:
+        try:
+            atomic_save(checkpoint, path)
+            run.log.info(f"Saved checkpoint to {path}")
+        except JobError as e:   # a full disk (NoSpaceError), an existing file
+            failure = (str(e), e.code)
+        except OSError as e:
+            failure = (f"cannot write {path}: {e.strerror or e}", EXIT_RUN_FAILED)
+    return broadcast_object(failure)
+
+
+def checkpoint_bytes(model, ema, net):
+    """About a checkpoint's size: the model and EMA weights and AdamW's two moments per trained
+    parameter (the RNG states and flags are small)."""
+    trained = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
+    return tensor_bytes(model.state_dict()) + tensor_bytes(ema.state_dict()) + 3 * trained - \
+        sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def warn_if_disk_small(run_dir, nbytes, log):
+    """Warn when `run_dir`'s disk cannot hold two checkpoints of `nbytes` (the next one is written
+    beside the last good one)."""
+    try:
+        free = free_bytes(run_dir)
+    except OSError:
+        return
+    if free < 2 * nbytes:
+        log.warning(f"the disk of {run_dir} has {megabytes(free)} MB free, less than two checkpoints "
+                    f"(about {megabytes(nbytes)} MB each): free some space or choose another --results-dir")
 
 
 def load_resume_checkpoint(path):

@@ -31,8 +31,20 @@ def atomic_save(obj, path, overwrite=False):
     """torch.save to a temp file in the same folder, then rename: a crash never leaves half a file.
 
     Refuses to replace an existing file unless `overwrite` is set, so no run loses another's work.
+    A full disk is one line (helpers.utils.files.NoSpaceError) with the checkpoint's size in it.
     """
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp), overwrite)
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp), overwrite, size_hint=tensor_bytes(obj))
+
+
+def tensor_bytes(obj):
+    """Bytes of the tensors in a (nested) checkpoint: about its size on disk."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def refusal(path, reason):

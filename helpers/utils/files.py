@@ -10,13 +10,72 @@ import os
 import tempfile
 import threading
 
-from helpers.utils.cli import JobError
+from helpers.utils.cli import EXIT_RUN_FAILED, JobError
 
 TMP_PATTERN = ".tmp-*"          # atomic_write's temp files: hidden, so readers never list them
 _UMASK_LOCK = threading.Lock()
 # errors of os.link on file systems without hard links (FAT, some network and FUSE mounts)
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK,
                   errno.ENOSYS, errno.EACCES}
+
+
+# A full disk: ENOSPC, or a quota (EDQUOT). torch.save reports it as a RuntimeError ("unexpected
+# pos ...") without an errno: a failed write with less than LOW_SPACE left counts as a full disk.
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+LOW_SPACE = 1 << 20
+MB = 1 << 20
+
+
+class NoSpaceError(JobError):
+    """A write that failed for lack of space, in one line (exit code 1)."""
+
+    def __init__(self, message):
+        super().__init__(message, code=EXIT_RUN_FAILED)
+
+
+def free_bytes(folder):
+    """Bytes an unprivileged writer can still put in `folder`'s file system."""
+    stats = os.statvfs(folder)
+    return stats.f_bavail * stats.f_frsize
+
+
+def is_out_of_space(error, folder):
+    """Whether a failed write into `folder` failed for lack of space (checked on the disk when the
+    error carries no errno, as torch.save's does)."""
+    if isinstance(error, OSError) and error.errno in _NO_SPACE:
+        return True
+    if not isinstance(error, (OSError, RuntimeError)):
+        return False
+    if "No space left" in str(error) or "quota exceeded" in str(error).lower():
+        return True
+    try:
+        return free_bytes(folder) < LOW_SPACE
+    except OSError:
+        return False
+
+
+def no_space_error(folder, path, needed, partial=0):
+    """The one line for a write that did not fit (`needed`: bytes, an estimate), its temp file of
+    `partial` bytes being removed (space a still-open handle may hold a moment longer)."""
+    try:
+        free = f"{megabytes(free_bytes(folder) + partial)} MB free"
+    except OSError:
+        free = "free space unknown"
+    return NoSpaceError(f"no space left on {folder} while writing {path} (needed about "
+                        f"{megabytes(needed)} MB, {free})")
+
+
+def megabytes(nbytes):
+    """'16', '0.3': MB to two significant digits below 10."""
+    value = nbytes / MB
+    return f"{value:.1f}" if value < 10 else f"{value:.0f}"
+
+
+def _size_quietly(path):
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 class OutputExistsError(JobError, FileExistsError):
@@ -102,13 +161,15 @@ def _publish(tmp, path, overwrite):
     os.remove(tmp)
 
 
-def atomic_write(path, write, overwrite=False):
+def atomic_write(path, write, overwrite=False, size_hint=0):
     """Call `write(tmp_path)` for a temp file beside `path`, fsync it, then publish it as `path`.
 
     The temp file is hidden (".tmp-*", see remove_stale_temps) and keeps `path`'s extension, so
     writers that pick a format from the name (PIL, np.savez) work and readers never list it.
     Refuses to replace an existing `path` (OutputExistsError, a JobError) unless `overwrite`;
-    the refusal is atomic. The file gets the mode a plain open() would give it. Returns `path`.
+    the refusal is atomic. The file gets the mode a plain open() would give it. A full disk is a
+    NoSpaceError (one line; `size_hint`, the expected size in bytes, goes into it), the temp file
+    removed and any previous file intact. Returns `path`.
     """
     path = os.fspath(path)
     if os.path.lexists(path) and not overwrite:
@@ -122,8 +183,13 @@ def atomic_write(path, write, overwrite=False):
         os.chmod(tmp, plain_file_mode())
         fsync_path(tmp)
         _publish(tmp, path, overwrite)
-    except BaseException:
+    except BaseException as e:
+        full = isinstance(e, Exception) and not isinstance(e, JobError) and is_out_of_space(e, folder)
+        written = _size_quietly(tmp)
+        error = no_space_error(folder, path, max(size_hint, written), written) if full else None
         _remove_quietly(tmp)
+        if error is not None:
+            raise error from e
         raise
     fsync_folder(folder)
     return path
