@@ -33,7 +33,8 @@ from helpers.training.repa_objective import build_repa
 from helpers.training.runs import Progress, checkpoint_path, restore_rng_state, save_checkpoint, saved_args
 from helpers.utils import fastpath
 from helpers.utils.cli import EXIT_RUN_FAILED, JobError, Stopped, agree, run_main
-from helpers.utils.distributed import cleanup_distributed, is_distributed, setup_distributed
+from helpers.utils.distributed import (Heartbeat, abandon_process_group, cleanup_distributed, is_distributed,
+                                      setup_distributed)
 from helpers.utils.fastpath import ema_update
 from helpers.utils.log import LossFile, RunLogger, ThroughputMeter
 from helpers.utils.preemption import StopRequest
@@ -47,8 +48,8 @@ class DDPEngine:
     scaler = None          # a GradScaler whose state is checkpointed (accelerate's fp16); none here
     mixed_precision = None
 
-    def __init__(self):
-        self.dist = setup_distributed()   # device from LOCAL_RANK, data and seeds from the global rank
+    def __init__(self, timeout_minutes=None):
+        self.dist = setup_distributed(timeout_minutes)   # device from LOCAL_RANK, data and seeds from the global rank
         asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
         if asked != "no" and self.dist.is_main:   # `accelerate launch --mixed_precision fp16 train.py`
             print(f"warning: accelerate launch asked for --mixed_precision {asked}, which train.py does not use: "
@@ -86,7 +87,9 @@ class DDPEngine:
 def main(args, engine=None):
     """Train a model; a bad input or a failed run raises JobError (one line, an exit code)."""
     # Processes (torchrun, or accelerate's through `engine`) and the run log (rank 0).
-    engine = engine or DDPEngine()
+    if not args.dist_timeout > 0:
+        raise JobError(f"--dist-timeout must be a positive number of minutes, got {args.dist_timeout:g}")
+    engine = engine or DDPEngine(args.dist_timeout)
     args.mixed_precision = engine.mixed_precision   # accelerate's (saved with the run's flags); None here
     dist_info = engine.dist
     log = RunLogger(dist_info.is_main)
@@ -140,8 +143,9 @@ def main(args, engine=None):
         monitor = Monitor(train_flags.monitor_config(args), run, progress.step, resumed=progress.step > 0,
                           flags=train_flags.run_flags(args))
         try:
-            with StopRequest() as stop:   # SIGTERM/SIGUSR1: save at the step every process is in, exit 75
-                train_loop(args, engine, log, run, progress, monitor, stop)
+            heartbeat = Heartbeat(run.rank, run.world_size, progress.step)   # who reached which step
+            with StopRequest() as stop, naming_hung_ranks(heartbeat, run, progress, args.dist_timeout):
+                train_loop(args, engine, log, run, progress, monitor, stop, heartbeat)   # stop: exit 75
         finally:
             monitor.close()
             if run.lock is not None:
@@ -235,7 +239,7 @@ def start_training(args, engine, log, run, progress):
     return model, opt, forward
 
 
-def train_loop(args, engine, log, run, progress, monitor, stop=None):
+def train_loop(args, engine, log, run, progress, monitor, stop=None, heartbeat=None):
     device, world_size = run.device, run.world_size
     model, opt, forward = start_training(args, engine, log, run, progress)
     steps_per_epoch = run.data.steps_per_epoch
@@ -259,6 +263,8 @@ def train_loop(args, engine, log, run, progress, monitor, stop=None):
         for micro_batches in run.data.steps(progress.epoch, start_sample=progress.start_sample):
             # One training step: the objective's loss on each of the --grad-accum-steps micro-batches
             # (gradients synced on the last), backward, clip, AdamW, EMA.
+            if heartbeat is not None:
+                heartbeat.arrive(progress.step + 1)   # its data is here: on to the step's collectives
             opt.zero_grad(set_to_none=True)
             loss, seen, term_values = 0.0, 0, [0.0] * len(terms)
             for k, batch in enumerate(micro_batches):
@@ -322,6 +328,27 @@ def train_loop(args, engine, log, run, progress, monitor, stop=None):
     bar.close()
     log.set_progress(None)
     log.info(f"Done: step {progress.step}, run folder {run.run_dir}")
+
+
+@contextmanager
+def naming_hung_ranks(heartbeat, run, progress, timeout_minutes):
+    """A collective of the loop that fails (--dist-timeout passed) while some rank never arrived at
+    the step: one line naming those ranks (printed by the lowest rank that did arrive), the last
+    step every rank completed and the last good checkpoint."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as e:
+        behind = heartbeat.behind(heartbeat.step)
+        if not behind:
+            raise
+        abandon_process_group()   # the teardown must not wait for them again
+        arrived = [r for r in range(run.world_size) if r not in dict(behind)]
+        last = (f"last good checkpoint: {checkpoint_path(run.run_dir, progress.last_saved)}"
+                if progress.last_saved is not None else "no checkpoint was saved yet")
+        raise JobError(f"rank(s) {', '.join(str(r) for r, _ in behind)} did not arrive at step {heartbeat.step} "
+                       f"within --dist-timeout {timeout_minutes:g} min (a stuck data loader, file system or "
+                       f"deadlock); every rank completed step {min(s for _, s in behind)}; {last}",
+                       code=EXIT_RUN_FAILED, rank=arrived[0] if arrived else run.rank) from e
 
 
 def stopped(run, progress, steps_per_epoch, flags, global_batch_size, scaler, stop):

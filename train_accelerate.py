@@ -15,7 +15,10 @@ saved in the checkpoints and restored on resume.
 import sys
 from contextlib import nullcontext
 
+from datetime import timedelta
+
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 
 import train
 from helpers.training import setup as training
@@ -26,8 +29,10 @@ from helpers.utils.distributed import DistInfo, cleanup_distributed
 class AccelerateEngine:
     """train.py's engine interface (see train.DDPEngine) on top of an accelerate.Accelerator."""
 
-    def __init__(self, precision):
-        self.accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else None)
+    def __init__(self, precision, timeout_minutes=None):
+        handlers = [] if timeout_minutes is None else [InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_minutes))]
+        self.accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else None,
+                                       kwargs_handlers=handlers)
         a = self.accelerator
         self.dist = DistInfo(rank=a.process_index, local_rank=a.local_process_index,
                              world_size=a.num_processes, device=a.device)
@@ -68,7 +73,7 @@ class AccelerateEngine:
 
 def main(args):
     """train.py's main with accelerate's engine."""
-    train.main(args, AccelerateEngine(args.precision))
+    train.main(args, AccelerateEngine(args.precision, args.dist_timeout))
 
 
 if __name__ == "__main__":

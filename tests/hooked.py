@@ -8,7 +8,7 @@ scripts themselves carry no test flags. Used by the tests as `python tests/hooke
     DIC_TEST_SIGNAL_AT_STEP=K:SIG   global rank 0, as its training step K starts, sends signal SIG (e.g.
                                     SIGTERM) to its launcher (torchrun, which forwards it to every
                                     worker), or to itself when it has none
-    DIC_TEST_SLEEP_AT_STEP=K:R:S    global rank R sleeps S seconds as its training step K starts
+    DIC_TEST_SLEEP_AT_STEP=K:R:S    global rank R's data loader sleeps S seconds before step K's batches
     DIC_TEST_EXIT_AFTER_BATCHES=N   sampling exits abruptly (os._exit(3), as if killed) before
                                     generating its batch N + 1
 """
@@ -64,9 +64,18 @@ def signal_at_step(spec):
 
 
 def sleep_at_step(spec):
+    """A data loader stuck for `seconds` before the batches of step `step` (1-based, this run's)."""
     step, who, seconds = spec.split(":")
-    if rank() == int(who):
-        at_step(int(step), lambda: time.sleep(float(seconds)))
+    original = data_order.EpochBatches.steps
+    state = {"n": 0}
+
+    def steps(self, *args, **kwargs):
+        for micro_batches in original(self, *args, **kwargs):
+            state["n"] += 1
+            if state["n"] == int(step) and rank() == int(who):
+                time.sleep(float(seconds))
+            yield micro_batches
+    data_order.EpochBatches.steps = steps
 
 
 def log_samples(folder):

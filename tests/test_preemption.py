@@ -116,3 +116,15 @@ def test_a_full_disk_while_writing_latents_is_one_line(tmp_path, monkeypatch):
                                            rf"{tmp_path}/imagenet64_labels/7.npy \(needed about 0.0 MB, [\d.]+ MB free\)$"):
         per_file_writer.write_latent(tmp_path, "7", torch.zeros(4, 8, 8), 1, prefix="imagenet64")
     assert os.listdir(tmp_path / "imagenet64_labels") == []
+
+
+def test_a_rank_that_does_not_arrive_is_named(tmp_path, latents):
+    """Rank 1's data loader sleeps 4 s before step 2, --dist-timeout 0.03 (1.8 s): rank 0 names it and stops."""
+    proc = torchrun("train.py", latent_args(latents, tmp_path / "r", "--max-steps", "4", "--ckpt-every", "1",
+                                            "--dist-timeout", "0.03"), {"DIC_TEST_SLEEP_AT_STEP": "2:1:4"})
+    good = os.path.join(only_run(tmp_path / "r"), "checkpoints", "0000001.pt")
+    assert proc.returncode != 0
+    assert (f"error: rank(s) 1 did not arrive at step 2 within --dist-timeout 0.03 min (a stuck data loader, "
+            f"file system or deadlock); every rank completed step 1; last good checkpoint: {good}\n"
+            in proc.stderr), proc.output
+    assert proc.stderr.count("error: rank(s) 1 did not arrive") == 1

@@ -18,6 +18,11 @@ from helpers.training.setup import DataConfig
 #                                   Arguments                                   #
 #################################################################################
 
+# A step, a checkpoint save or a live-sample/FID pass takes minutes at most; NCCL's default (10 min,
+# 30 with some builds) and gloo's (30 min) keep a hung job holding every GPU for that long.
+DIST_TIMEOUT_MINUTES = 10.0
+
+
 def build_parser(description):
     """The command line of both trainers (DiT/DiC-compatible names and defaults)."""
     p = argparse.ArgumentParser(description=description,
@@ -74,6 +79,9 @@ def build_parser(description):
     run.add_argument("--resume", type=str, default=None,
                      help="continue a run exactly: a checkpoint, a run folder, or auto")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_MINUTES,
+                     help=f"minutes a process waits for the others in a collective before the job stops, "
+                          f"naming the ranks that did not arrive (default {DIST_TIMEOUT_MINUTES:g})")
     add_monitor_args(p)
     add_repa_args(p)
     official = p.add_argument_group("the official DiC train.py's flags (accepted so its commands run)")

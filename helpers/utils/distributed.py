@@ -8,6 +8,7 @@ killing torchrun's process group leaves the workers running. setup_distributed c
 exit_with_parent() in every torchrun worker, which then receives SIGTERM when its launcher dies.
 """
 import ctypes
+import datetime
 import gc
 import os
 import signal
@@ -35,7 +36,7 @@ class DistInfo:
         return self.rank == 0
 
 
-def setup_distributed():
+def setup_distributed(timeout_minutes=None):
     """Join the torchrun job (nccl on GPU, gloo on CPU), or run as a single process.
 
     Running `python train.py` without torchrun is allowed: it is a job of one process and
@@ -54,7 +55,8 @@ def setup_distributed():
         device = torch.device("cpu")
         backend = "gloo"
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        kwargs = {} if timeout_minutes is None else {"timeout": datetime.timedelta(minutes=timeout_minutes)}
+        dist.init_process_group(backend=backend, **kwargs)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
@@ -94,10 +96,48 @@ def cleanup_distributed():
     unless every rank reaches a barrier and the DDP objects are garbage collected first;
     callers should drop their DDP model before calling this.
     """
-    if is_distributed():
+    if is_distributed() and not _abandoned:
         dist.barrier()
         gc.collect()
         dist.destroy_process_group()
+
+
+_abandoned = False
+
+
+def abandon_process_group():
+    """A collective timed out: the teardown must not wait for the missing ranks again."""
+    global _abandoned
+    _abandoned = True
+
+
+class Heartbeat:
+    """Each rank records in the job's store (torchrun's TCPStore) the step whose collective it is
+    entering; when one times out, `behind(step)` names the ranks that did not arrive (a store write
+    per step: well under a millisecond)."""
+
+    PREFIX = "dic/heartbeat/"
+
+    def __init__(self, rank, world_size, step=0):
+        self.rank, self.world_size = rank, world_size
+        self.store = dist.distributed_c10d._get_default_store() if is_distributed() else None
+        self.arrive(step)
+
+    def arrive(self, step):
+        self.step = step
+        if self.store is not None:
+            self.store.set(f"{self.PREFIX}{self.rank}", str(step))
+
+    def behind(self, step):
+        """[(rank, the step it last arrived at)] of the ranks short of `step` (None: unknown)."""
+        if self.store is None:
+            return None
+        try:
+            self.store.set_timeout(datetime.timedelta(seconds=10))
+            seen = [int(self.store.get(f"{self.PREFIX}{r}")) for r in range(self.world_size)]
+        except Exception:  # noqa: BLE001 - the store itself is unreachable: nothing to name
+            return None
+        return [(r, s) for r, s in enumerate(seen) if s < step]
 
 
 def _poll_parent(parent, sig, interval):
