@@ -27,13 +27,14 @@ from tqdm import tqdm
 from helpers.data.order import EpochBatches
 from helpers.data.vae import downsample_factor_of_spec, encode, latent_channels, load_vae
 from helpers.training import flags as train_flags, runs, setup as training
+from helpers.training.interruptions import naming_hung_ranks, stop_at_step
 from helpers.training.monitor import Monitor
 from helpers.training.objectives import create_objective, objective_from_args, per_sample_draws
 from helpers.training.repa_objective import build_repa
-from helpers.training.runs import Progress, checkpoint_path, restore_rng_state, save_checkpoint, saved_args
+from helpers.training.runs import Progress, last_good_checkpoint, restore_rng_state, save_checkpoint, saved_args
 from helpers.utils import fastpath
-from helpers.utils.cli import EXIT_RUN_FAILED, JobError, Stopped, agree, run_main
-from helpers.utils.distributed import (Heartbeat, abandon_process_group, cleanup_distributed, is_distributed,
+from helpers.utils.cli import EXIT_RUN_FAILED, JobError, agree, run_main
+from helpers.utils.distributed import (Heartbeat, cleanup_distributed, is_distributed,
                                       setup_distributed)
 from helpers.utils.fastpath import ema_update
 from helpers.utils.log import LossFile, RunLogger, ThroughputMeter
@@ -295,8 +296,7 @@ def train_loop(args, engine, log, run, progress, monitor, stop=None, heartbeat=N
             loss_sum, skipped, stops, *term_sums = stats.tolist()
             loss_value = loss_sum / world_size
             if not math.isfinite(loss_value):
-                last = (f"last good checkpoint: {checkpoint_path(run.run_dir, progress.last_saved)}"
-                        if progress.last_saved is not None else "no checkpoint was saved yet")
+                last = last_good_checkpoint(run.run_dir, progress.last_saved)
                 raise JobError(f"loss became {loss_value} at step {progress.step}; {last} (resume it with "
                                f"--resume, e.g. with a lower --lr or a --max-grad-norm)", code=EXIT_RUN_FAILED)
             progress.loss_sum += loss_value
@@ -317,7 +317,7 @@ def train_loop(args, engine, log, run, progress, monitor, stop=None, heartbeat=N
             if progress.step >= target:
                 break
             if stops:   # preempted: this step saved by rank 0, then every process exits 75
-                stopped(run, progress, steps_per_epoch, flags, args.global_batch_size, engine.scaler, stop)
+                stop_at_step(run, progress, steps_per_epoch, flags, args.global_batch_size, engine.scaler, stop)
         else:   # the epoch's data ran out
             progress.epoch += 1
             progress.batch_in_epoch = progress.start_sample = 0
@@ -328,37 +328,6 @@ def train_loop(args, engine, log, run, progress, monitor, stop=None, heartbeat=N
     bar.close()
     log.set_progress(None)
     log.info(f"Done: step {progress.step}, run folder {run.run_dir}")
-
-
-@contextmanager
-def naming_hung_ranks(heartbeat, run, progress, timeout_minutes):
-    """A collective of the loop that fails (--dist-timeout passed) while some rank never arrived at
-    the step: one line naming those ranks (printed by the lowest rank that did arrive), the last
-    step every rank completed and the last good checkpoint."""
-    try:
-        yield
-    except (RuntimeError, dist.DistError) as e:
-        behind = heartbeat.behind(heartbeat.step)
-        if not behind:
-            raise
-        abandon_process_group()   # the teardown must not wait for them again
-        arrived = [r for r in range(run.world_size) if r not in dict(behind)]
-        last = (f"last good checkpoint: {checkpoint_path(run.run_dir, progress.last_saved)}"
-                if progress.last_saved is not None else "no checkpoint was saved yet")
-        raise JobError(f"rank(s) {', '.join(str(r) for r, _ in behind)} did not arrive at step {heartbeat.step} "
-                       f"within --dist-timeout {timeout_minutes:g} min (a stuck data loader, file system or "
-                       f"deadlock); every rank completed step {min(s for _, s in behind)}; {last}",
-                       code=EXIT_RUN_FAILED, rank=arrived[0] if arrived else run.rank) from e
-
-
-def stopped(run, progress, steps_per_epoch, flags, global_batch_size, scaler, stop):
-    """A stop signal reached a process during this step: save it (unless just saved) and raise
-    Stopped (exit code 75, a requeue for scripts/slurm_train.sh)."""
-    if progress.last_saved != progress.step:
-        save_checkpoint(run, progress, steps_per_epoch, flags, global_batch_size, scaler)
-    received = f"{stop.name} received" if stop is not None and stop.requested else "a process received a stop signal"
-    raise Stopped(f"{received}: stopped at step {progress.step} with its checkpoint "
-                  f"{checkpoint_path(run.run_dir, progress.step)}; run again with --resume auto to continue")
 
 
 def prepare_batch(args, run, batch, step):

@@ -266,11 +266,16 @@ def save_checkpoint(run, progress, steps_per_epoch, flags, global_batch_size, sc
             checkpoint["projector"] = fastpath.contiguous_state_dict(run.net.projectors.state_dict())
     failure = save_on_main(run, checkpoint, path)
     if failure is not None:   # every process: the same line, the same exit code
-        last = (f"last good checkpoint: {checkpoint_path(run.run_dir, progress.last_saved)}"
-                if progress.last_saved is not None else "no checkpoint was saved yet")
-        raise JobError(f"{failure[0]}; {last}", code=failure[1])
+        raise JobError(f"{failure[0]}; {last_good_checkpoint(run.run_dir, progress.last_saved)}", code=failure[1])
     progress.last_saved = progress.step
     return path
+
+
+def last_good_checkpoint(run_dir, last_saved):
+    """What every message of a run that ends early says of its checkpoints (NaN, full disk, hung rank)."""
+    if last_saved is None:
+        return "no checkpoint was saved yet"
+    return f"last good checkpoint: {checkpoint_path(run_dir, last_saved)}"
 
 
 def save_on_main(run, checkpoint, path):
