@@ -362,3 +362,26 @@ def test_extract_features_packed_equals_conversion(tmp_path, tiny_vae_dir, capsy
         _extract(**{**common, "features_path": other, "packed": True})
     assert "is a packed set made from" in capsys.readouterr().err
     assert sorted(os.listdir(other)) == ["imagenet32_packed"]
+
+
+def test_a_full_disk_is_one_line_before_any_row_is_copied(tmp_path, monkeypatch):
+    """The packed files' blocks are reserved up front (posix_fallocate): a disk too small for the set
+    gives the one no-space line, with nothing left behind, instead of a SIGBUS from the memory map."""
+    import errno
+    from helpers.utils import files
+    root = str(tmp_path)
+    _official_set(root)
+    calls = []
+
+    def full(fd, offset, length):
+        calls.append(length)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(files.os, "posix_fallocate", full)
+    with pytest.raises(files.NoSpaceError) as info:
+        pack_latents(root, progress=False, log=lambda *a: None)
+    message = str(info.value)
+    work = os.path.join(str(root), ".partial-" + PREFIX + "_packed")
+    assert message.startswith(f"no space left on {work} while writing {os.path.join(work, 'latents.npy')}")
+    assert "(needed about " in message and " MB free)" in message and info.value.code == 1
+    assert calls and calls[0] > 0
+    assert not any(name.startswith(".partial") for name in os.listdir(root)) and not os.path.exists(work)

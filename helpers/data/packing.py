@@ -16,7 +16,7 @@ from helpers.data.latents import (FEATURES_SUFFIX, PACKED_FORMAT, PACKED_INFO, P
                                   TMP_PREFIX, LatentFeatureDataset, packed_dir, read_packed_info,
                                   read_packed_names)
 from helpers.utils.cli import JobError
-from helpers.utils.files import atomic_write_text, fsync_path, remove_stale_temps
+from helpers.utils.files import NoSpaceError, atomic_write_text, fsync_path, remove_stale_temps, reserve_space
 from helpers.utils.locks import LOCK_NAME, RunLock
 
 PACKED_PROGRESS = "progress.json"   # only inside an unfinished .partial-<prefix>_packed folder
@@ -115,6 +115,13 @@ def _open_packed_arrays(work, done, count, shape):
     latents = np.lib.format.open_memmap(latents_path, mode="w+", dtype=np.float32,
                                         shape=(count, *shape))
     labels = np.lib.format.open_memmap(labels_path, mode="w+", dtype=np.int64, shape=(count,))
+    try:   # the whole set's blocks now: a full disk is one line here, never a SIGBUS mid-copy
+        reserve_space(latents_path, work)
+        reserve_space(labels_path, work)
+    except NoSpaceError:
+        del latents, labels
+        _remove_all_but(work, {LOCK_NAME})
+        raise
     return latents, labels
 
 
@@ -235,6 +242,11 @@ def pack_latents(feature_path, prefix=None, out_root=None, overwrite=False, work
                                          chunk_size, progress)
         _finish_packed_set(work, source, all_labels, progress_path)
         _publish(work, final, out_root, prefix, overwrite)
+    except NoSpaceError:   # nothing was written: leave no empty work folder behind
+        lock.release()
+        if not os.listdir(work):
+            os.rmdir(work)
+        raise
     finally:
         lock.release()
     return final

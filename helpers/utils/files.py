@@ -65,6 +65,23 @@ def no_space_error(folder, path, needed, partial=0):
                         f"{megabytes(needed)} MB, {free})")
 
 
+def reserve_space(path, folder):
+    """Allocate the blocks of `path` (a sparse file just sized, e.g. a new memory map) now, so that a
+    full disk is the one-line NoSpaceError here and not a SIGBUS when a page is written later.
+    File systems without fallocate keep the sparse file."""
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno in _NO_SPACE:
+            raise no_space_error(folder, path, size) from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    finally:
+        os.close(fd)
+
+
 def megabytes(nbytes):
     """'16', '0.3': MB to two significant digits below 10."""
     value = nbytes / MB
