@@ -119,7 +119,6 @@ def _open_packed_arrays(work, done, count, shape):
         reserve_space(latents_path, work)
         reserve_space(labels_path, work)
     except NoSpaceError:
-        del latents, labels
         _remove_all_but(work, {LOCK_NAME})
         raise
     return latents, labels
