@@ -107,6 +107,16 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))              # (N, D)
 
 
+def drop_labels(labels, num_classes, dropout_prob, force_drop_ids=None):
+    """Labels with a random fraction (or the forced ones: force_drop_ids == 1) replaced by the null
+    class `num_classes`, one draw per sample (DiT's token_drop)."""
+    if force_drop_ids is None:
+        drop_ids = torch.rand(labels.shape[0], device=labels.device) < dropout_prob
+    else:
+        drop_ids = force_drop_ids == 1
+    return torch.where(drop_ids, torch.full_like(labels, num_classes), labels)
+
+
 class LabelEmbedder(nn.Module):
     """Maps class labels to vectors; row `num_classes` is the null class used by CFG."""
 
@@ -119,11 +129,7 @@ class LabelEmbedder(nn.Module):
 
     def token_drop(self, labels, force_drop_ids=None):
         """Replace a random fraction (or the forced ones) of labels by the null class."""
-        if force_drop_ids is None:
-            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-        else:
-            drop_ids = force_drop_ids == 1
-        return torch.where(drop_ids, torch.full_like(labels, self.num_classes), labels)
+        return drop_labels(labels, self.num_classes, self.dropout_prob, force_drop_ids)
 
     def forward(self, labels, train, force_drop_ids=None):
         """Returns (embeddings (N, D), labels after dropout (N,))."""

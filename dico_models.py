@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dic_models import (ChannelLayerNorm, Downsample, PatchEmbed, TapsAndCheckpointing, TimestepEmbedder,
-                        Upsample, guided_forward, modulate)
+                        Upsample, drop_labels, guided_forward, modulate)
 
 
 #################################################################################
@@ -42,11 +42,7 @@ class LabelEmbedder(nn.Module):
 
     def token_drop(self, labels, force_drop_ids=None):
         """Replace a random fraction (or the forced ones) of labels by the null class, once per sample."""
-        if force_drop_ids is None:
-            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-        else:
-            drop_ids = force_drop_ids == 1
-        return torch.where(drop_ids, torch.full_like(labels, self.num_classes), labels)
+        return drop_labels(labels, self.num_classes, self.dropout_prob, force_drop_ids)
 
     def forward(self, labels, train, force_drop_ids=None):
         """Returns ([embeddings (N, w_l) per level], labels after dropout (N,)); one draw for all tables."""
