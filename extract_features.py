@@ -296,28 +296,27 @@ def extract(args, info, images, vae, prefix, latent_shape, num_images):
     counts = {"encoded": 0, "flipped": 0, "corrupt": 0}
     progress = tqdm(total=todo_images, unit="img", disable=not info.is_main,
                     desc=f"rank 0 of {info.world_size}")
-    stop = StopRequest().install()   # SIGTERM/SIGUSR1: stop after this block, agreed below; exit 75
-    for item in loader:
-        if stop.requested:
-            break
-        counts["corrupt"] += sum(index < num_images for index in item["corrupt"])
-        progress.update(sum(i < num_images for i in item["indices"] + item["corrupt"]))
-        if item["images"] is None:
-            continue
-        indices, labels = item["indices"], item["labels"]
-        x = item["images"].to(info.device, non_blocking=True)
-        variants = [(x, False)] + ([(torch.flip(x, dims=[-1]), True)] if args.flip else [])
-        for batch, flipped in variants:
-            gens = [image_generator(args.global_seed, i, flipped) for i in indices]
-            latents = encode(vae, batch, generator=gens).float().cpu()   # (n, C, H/f, W/f)
-            for index, latent, label in zip(indices, latents, labels):
-                if index >= num_images or not missing[index, int(flipped)]:
-                    continue
-                write_latent(args.features_path, names[int(flipped)](index), latent, label,
-                             prefix=prefix)
-                counts["flipped" if flipped else "encoded"] += 1
+    with StopRequest() as stop:   # SIGTERM/SIGUSR1: stop after this block, agreed below; exit 75
+        for item in loader:
+            if stop.requested:
+                break
+            counts["corrupt"] += sum(index < num_images for index in item["corrupt"])
+            progress.update(sum(i < num_images for i in item["indices"] + item["corrupt"]))
+            if item["images"] is None:
+                continue
+            indices, labels = item["indices"], item["labels"]
+            x = item["images"].to(info.device, non_blocking=True)
+            variants = [(x, False)] + ([(torch.flip(x, dims=[-1]), True)] if args.flip else [])
+            for batch, flipped in variants:
+                gens = [image_generator(args.global_seed, i, flipped) for i in indices]
+                latents = encode(vae, batch, generator=gens).float().cpu()   # (n, C, H/f, W/f)
+                for index, latent, label in zip(indices, latents, labels):
+                    if index >= num_images or not missing[index, int(flipped)]:
+                        continue
+                    write_latent(args.features_path, names[int(flipped)](index), latent, label,
+                                 prefix=prefix)
+                    counts["flipped" if flipped else "encoded"] += 1
     progress.close()
-    stop.restore()
 
     # On the job's device: NCCL (GPU jobs) reduces CUDA tensors only.
     totals = torch.tensor([counts["encoded"], counts["flipped"], present, counts["corrupt"], stop.requested],
