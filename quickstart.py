@@ -37,6 +37,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Objective-dependent defaults: the sampler and its steps, and the guidance scale.
 SAMPLER_DEFAULTS = {"ddpm": ("ddpm", 100), "sit": ("euler", 25)}
 CFG_DEFAULTS = {"ddpm": 1.0, "sit": 1.0}
+# Model-family learning rates: DiCo zero-initialises every block's modulation, so its blocks start as
+# identities; at DiC-Tiny's 1e-3 DiCo-Tiny reached 77% class accuracy
+# in 1,000 steps, at 2e-3 99% (cfg 1, the judge below; measured on a 2-core CPU).
+LR_DEFAULTS = {"DiCo": 2e-3}
+DEFAULT_LR = 1e-3
 # --sampler for each objective: DDPM checkpoints use sample.py's --sampler; flow-matching (SiT)
 # checkpoints its ODE (--mode ode --sampling-method ...) or SDE (--mode sde) sampler.
 SIT_SAMPLERS = {"euler": ["--mode", "ode", "--sampling-method", "euler"],
@@ -194,8 +199,10 @@ def parse_args(argv=None):
                         help="ddpm: DiT's diffusion; sit: SiT's flow matching (the sampler follows)")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3,
-                        help="higher than the paper's 1e-4: a 1M-parameter model on 1,438 images")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="higher than the paper's 1e-4: a 1M-parameter model on 1,438 images "
+                             f"(default {DEFAULT_LR:g}; " + ", ".join(f"{k}-*: {v:g}" for k, v in LR_DEFAULTS.items())
+                             + ")")
     parser.add_argument("--ema-decay", type=float, default=0.999,
                         help="shorter than the paper's 0.9999, which averages over ~10k steps")
     parser.add_argument("--log-every", type=int, default=50)
@@ -214,6 +221,8 @@ def parse_args(argv=None):
     args.sampler = args.sampler or sampler
     args.sampling_steps = args.sampling_steps or steps
     args.cfg_scale = CFG_DEFAULTS[args.objective] if args.cfg_scale is None else args.cfg_scale
+    if args.lr is None:
+        args.lr = LR_DEFAULTS.get(args.model.split("-")[0], DEFAULT_LR)
     allowed = DDPM_SAMPLERS if args.objective == "ddpm" else tuple(SIT_SAMPLERS)
     if args.sampler not in allowed:
         parser.error(f"--sampler {args.sampler} does not sample --objective {args.objective}: "
