@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -13,6 +14,7 @@ from test_repa_training import paired, repa_args, vit_weights  # noqa: F401  (fi
 from test_train import assert_opt_equal, assert_state_dicts_equal, call_main, load, only_run, run_script
 
 import sample
+import sample_ddp
 from dico_models import DiCo_models
 from helpers.sampling.checkpoint_model import head_learns_sigma, identify_model, read_checkpoint
 from helpers.sampling.flags import resolve_settings
@@ -87,11 +89,28 @@ def test_trains_with_grad_checkpointing_and_samples_without_model(tmp_path, caps
         assert image.size[1] == 16 + 4
 
 
-def test_repa_taps_the_matching_stage(tmp_path, paired, vit_weights):  # noqa: F811
+def test_flow_matching_trains_and_sample_ddp_writes_its_npz_without_model(tmp_path):
+    """--objective sit on DiCo-Tiny, then sample_ddp.py (SiT's Euler ODE, read from the checkpoint)
+    with no --model: a uint8 .npz of the requested count and image shape."""
+    assert call_main([*DIGITS, "--objective", "sit", "--max-steps", "2", "--ckpt-every", "2",
+                      "--results-dir", tmp_path / "r"]) == 0
+    ckpt = os.path.join(only_run(tmp_path / "r"), "checkpoints", "0000002.pt")
+    assert load(ckpt)["objective"]["name"] == "sit"
+    npz = sample_ddp.main(sample_ddp.parse_args(["--ckpt", ckpt, "--num-fid-samples", "5", "--per-proc-batch-size",
+                                                 "2", "--sampling-method", "euler", "--num-sampling-steps", "3",
+                                                 "--sample-dir", str(tmp_path / "s")]))
+    assert "DiCo-Tiny" in os.path.basename(npz) and "ode-euler-3" in os.path.basename(npz)
+    with np.load(npz) as f:
+        assert f["arr_0"].shape == (5, 16, 16, 3) and f["arr_0"].dtype == np.uint8
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "sit"])
+def test_repa_taps_the_matching_stage(tmp_path, paired, vit_weights, objective):  # noqa: F811
     argv = [a if a != "DiC-Tiny" else "DiCo-Tiny" for a in repa_args(paired, vit_weights, tmp_path / "r")]
-    assert call_main([*argv, "--max-steps", "2"]) == 0
+    assert call_main([*argv, "--max-steps", "2", "--objective", objective]) == 0
     checkpoint = load(os.path.join(only_run(tmp_path / "r"), "checkpoints", "0000002.pt"))
     assert checkpoint["objective"]["repa"]["tap"] == "enc1"                   # 8x8 latents: enc1 is 4x4
+    assert checkpoint["objective"]["name"] == objective
     assert checkpoint["args"]["model"] == "DiCo-Tiny"
 
 
