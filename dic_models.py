@@ -40,6 +40,29 @@ def group_count(channels, max_groups=32, min_channels_per_group=4):
 #              Gradient checkpointing and feature taps (DiC and DiT)            #
 #################################################################################
 
+def check_inputs(x, t, y, in_channels, factor, downsampling):
+    """One clear ValueError for inputs a U-shaped ConvNet cannot take: the layout, the channel count,
+    a side not divisible by `factor` (`downsampling` says why, e.g. "DiC downsamples 2 times"), t and y
+    not one entry per sample."""
+    if x.ndim != 4:
+        raise ValueError(f"x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != in_channels:
+        raise ValueError(
+            f"x has {x.shape[1]} channels but the model was built with in_channels={in_channels}; "
+            f"build it with in_channels={x.shape[1]} or pass matching latents"
+        )
+    H, W = x.shape[-2:]
+    if H % factor or W % factor:
+        raise ValueError(
+            f"input size {H}x{W} is not divisible by {factor} ({downsampling}); "
+            f"use an image/latent size that is a multiple of {factor}"
+        )
+    if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
+        raise ValueError(
+            f"t and y must be 1-D with one entry per sample ({x.shape[0]}), got t {tuple(t.shape)}, y {tuple(y.shape)}"
+        )
+
+
 class TapsAndCheckpointing:
     """Mixin for DiC and DiT: per-block gradient checkpointing and named intermediate features (REPA).
 
@@ -414,24 +437,8 @@ class DiC(TapsAndCheckpointing, nn.Module):
         return (size, size)
 
     def _check_inputs(self, x, t, y):
-        if x.ndim != 4:
-            raise ValueError(f"x must be (N, C, H, W), got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"x has {x.shape[1]} channels but the model was built with in_channels={self.in_channels}; "
-                f"build it with in_channels={x.shape[1]} or pass matching latents"
-            )
-        H, W = x.shape[-2:]
-        f = self.downsample_factor
-        if H % f or W % f:
-            raise ValueError(
-                f"input size {H}x{W} is not divisible by {f} (DiC downsamples {self.levels - 1} times); "
-                f"use an image/latent size that is a multiple of {f}"
-            )
-        if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
-            raise ValueError(
-                f"t and y must be 1-D with one entry per sample ({x.shape[0]}), got t {tuple(t.shape)}, y {tuple(y.shape)}"
-            )
+        check_inputs(x, t, y, self.in_channels, self.downsample_factor,
+                     f"DiC downsamples {self.levels - 1} times")
 
     def forward(self, x, t, y, force_drop_ids=None, return_features=None):
         """

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dic_models import (ChannelLayerNorm, Downsample, PatchEmbed, TapsAndCheckpointing, TimestepEmbedder,
-                        Upsample, drop_labels, guided_forward, modulate)
+                        Upsample, check_inputs, drop_labels, guided_forward, modulate)
 
 
 #################################################################################
@@ -216,21 +216,7 @@ class DiCo(TapsAndCheckpointing, nn.Module):
         return (size, size)
 
     def _check_inputs(self, x, t, y):
-        if x.ndim != 4:
-            raise ValueError(f"x must be (N, C, H, W), got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"x has {x.shape[1]} channels but the model was built with in_channels={self.in_channels}; "
-                f"build it with in_channels={x.shape[1]} or pass matching latents"
-            )
-        H, W = x.shape[-2:]
-        if H % 4 or W % 4:
-            raise ValueError(f"input size {H}x{W} is not divisible by 4 (DiCo downsamples twice); "
-                             f"use an image/latent size that is a multiple of 4")
-        if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
-            raise ValueError(
-                f"t and y must be 1-D with one entry per sample ({x.shape[0]}), got t {tuple(t.shape)}, y {tuple(y.shape)}"
-            )
+        check_inputs(x, t, y, self.in_channels, 4, "DiCo downsamples twice")
 
     def _stage(self, i, x, conds, wanted, features):
         for block in getattr(self, STAGES[i]):
