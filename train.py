@@ -114,9 +114,10 @@ def main(args, engine=None):
             for lock in locks:
                 lock.release()
             raise
+        flags = train_flags.run_flags(args)   # the run's settings: args.json, checkpoints, the tracker
         if dist_info.is_main:   # the log into <run>/log.txt, the flags into <run>/args.json
             log.attach_file(os.path.join(run_dir, "log.txt"))
-            runs.write_flags_file(run_dir, train_flags.run_flags(args))
+            runs.write_flags_file(run_dir, flags)
 
         # Data order: each process's share of every batch, in an order a resume can re-enter anywhere.
         data = EpochBatches(built["dataset"], dist_info.rank, dist_info.world_size, args.global_batch_size,
@@ -142,11 +143,11 @@ def main(args, engine=None):
 
         # Live samples, FID, TensorBoard/W&B; then the training loop.
         monitor = Monitor(train_flags.monitor_config(args), run, progress.step, resumed=progress.step > 0,
-                          flags=train_flags.run_flags(args))
+                          flags=flags)
         try:
             heartbeat = Heartbeat(run.rank, run.world_size, progress.step)   # who reached which step
             with StopRequest() as stop, naming_hung_ranks(heartbeat, run, progress, args.dist_timeout):
-                train_loop(args, engine, log, run, progress, monitor, stop, heartbeat)   # stop: exit 75
+                train_loop(args, flags, engine, log, run, progress, monitor, stop, heartbeat)   # stop: exit 75
         finally:
             monitor.close()
             if run.lock is not None:
@@ -240,7 +241,7 @@ def start_training(args, engine, log, run, progress):
     return model, opt, forward
 
 
-def train_loop(args, engine, log, run, progress, monitor, stop=None, heartbeat=None):
+def train_loop(args, flags, engine, log, run, progress, monitor, stop=None, heartbeat=None):
     device, world_size = run.device, run.world_size
     model, opt, forward = start_training(args, engine, log, run, progress)
     steps_per_epoch = run.data.steps_per_epoch
@@ -258,7 +259,6 @@ def train_loop(args, engine, log, run, progress, monitor, stop=None, heartbeat=N
     terms = run.objective.log_terms   # loss terms logged beside the loss (REPA: denoise, proj)
     stats = torch.zeros(3 + len(terms), device=device)   # loss, skipped images, stop requests, terms
     local_batch = args.global_batch_size // world_size
-    flags = train_flags.run_flags(args)   # saved with every checkpoint
 
     while progress.step < target:
         for micro_batches in run.data.steps(progress.epoch, start_sample=progress.start_sample):
