@@ -10,6 +10,7 @@ gives the reference's numbers. Samplers read the objective a checkpoint was trai
 "objective" entry (older checkpoints, which have none, were trained with DDPM).
 """
 import argparse
+import math
 
 import torch
 
@@ -18,8 +19,10 @@ from helpers.utils.cli import JobError
 from helpers.utils.seeds import generator
 from transport import create_transport
 
-OBJECTIVES = ("ddpm", "sit")
-PATH_TYPES = ("Linear", "GVP", "VP")
+OBJECTIVES = ("ddpm", "sit", "rf")
+PATH_TYPES = ("Linear", "GVP", "VP")   # SiT's paths (t = 1 data)
+RF_PATH_TYPES = ("linear", "cosine")   # REPA's paths (t = 1 noise)
+WEIGHTINGS = ("uniform", "lognormal")  # REPA's time distributions
 PREDICTIONS = ("velocity", "noise", "score")
 LOSS_WEIGHTS = ("velocity", "likelihood")
 
@@ -93,6 +96,64 @@ class SiT:
         return {"name": self.name, **self.settings, "learn_sigma": self.learn_sigma}
 
 
+class RF:
+    log_terms = ()
+
+    """REPA's rectified-flow objective (REPA's loss.py SILoss), in REPA's time: t = 1 is NOISE.
+    x_t = alpha_t x + sigma_t eps (linear: alpha = 1 - t, sigma = t; cosine: cos / sin of pi t / 2),
+    the model called with t in [0, 1] regressing v = d alpha/dt x + d sigma/dt eps (linear: eps - x);
+    t ~ U(0, 1) ("uniform") or the log-normal of EDM's sigmas ("lognormal": t = sigmoid(n), n ~ N(0, 1),
+    on the linear path). SiT's objective ("sit") is the same family in the opposite convention."""
+
+    name = "rf"
+
+    def __init__(self, path_type="linear", weighting="uniform", learn_sigma=False):
+        for flag, value, choices in (("--path-type", path_type, RF_PATH_TYPES), ("--weighting", weighting, WEIGHTINGS)):
+            if value not in choices:
+                raise JobError(f"{flag} {value!r} is not one of {', '.join(choices)} (objective rf)")
+        self.path_type, self.weighting, self.learn_sigma = path_type, weighting, bool(learn_sigma)
+
+    def interpolant(self, t):
+        """(alpha_t, sigma_t, d alpha_t, d sigma_t) of REPA's path at time t (tensor)."""
+        if self.path_type == "linear":
+            return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
+        half_pi = math.pi / 2
+        return (torch.cos(half_pi * t), torch.sin(half_pi * t), -half_pi * torch.sin(half_pi * t),
+                half_pi * torch.cos(half_pi * t))
+
+    def times(self, u):
+        """Times from uniforms in [0, 1): uniform, or log-normal through the normal quantile of u."""
+        if self.weighting == "uniform":
+            return u
+        sigma = torch.exp(math.sqrt(2.0) * torch.erfinv(2 * u.double().clamp(1e-12, 1 - 1e-12) - 1)).to(u.dtype)
+        return sigma / (1 + sigma) if self.path_type == "linear" else 2 / math.pi * torch.atan(sigma)
+
+    def draw_times(self, n):
+        """REPA's own draw (default generator, on the CPU, before the noise)."""
+        if self.weighting == "uniform":
+            return torch.rand((n, 1, 1, 1)).flatten()
+        sigma = torch.randn((n, 1, 1, 1)).exp().flatten()
+        return sigma / (1 + sigma) if self.path_type == "linear" else 2 / math.pi * torch.atan(sigma)
+
+    def training_losses(self, model, x, model_kwargs=None, draws=None, images=None):
+        """REPA's denoising loss per sample: t drawn first, then eps = randn_like(x), unless `draws`
+        fixes them. Returns {"loss": (B,), "pred": model output}."""
+        draws = draws or {}
+        t = draws.get("t")
+        t = (self.draw_times(x.shape[0]) if t is None else t).to(device=x.device, dtype=x.dtype)
+        noise = draws.get("noise")
+        noise = torch.randn_like(x) if noise is None else noise
+        alpha, sigma, d_alpha, d_sigma = (c.view(-1, *([1] * (x.ndim - 1))) for c in self.interpolant(t))
+        x_t = alpha * x + sigma * noise
+        target = d_alpha * x + d_sigma * noise
+        pred = first_channels(model, x.shape[1])(x_t, t, **(model_kwargs or {}))
+        return {"loss": ((pred - target) ** 2).mean(dim=list(range(1, x.ndim))), "pred": pred}
+
+    def config(self):
+        return {"name": self.name, "path_type": self.path_type, "weighting": self.weighting,
+                "learn_sigma": self.learn_sigma}
+
+
 def per_sample_draws(objective, x, indices, seed, step, class_dropout_prob):
     """Each sample's random draws from generator(seed, step, its dataset index), in this order: its
     noise, a uniform for its time, a uniform for its label dropout. They do not depend on the batch,
@@ -122,6 +183,8 @@ def create_objective(config):
         return DDPM(**config)
     if name == "sit":
         return SiT(**config)
+    if name == "rf":
+        return RF(**config)
     raise JobError(f"unknown objective {name!r}: choose one of {', '.join(OBJECTIVES)}")
 
 
@@ -140,9 +203,12 @@ def add_objective_args(parser, sampling=False):
     (all unset: taken from the checkpoint; for files that do not record their objective)."""
     group = parser.add_argument_group("objective" + (" (default: the checkpoint's)" if sampling else ""))
     group.add_argument("--objective", type=str, default=None if sampling else "ddpm", choices=OBJECTIVES,
-                       help="ddpm: DiT's diffusion; sit: SiT's flow matching (transport/)")
-    group.add_argument("--path-type", type=str, default=None if sampling else "Linear", choices=PATH_TYPES,
-                       help="sit: the interpolant path")
+                       help="ddpm: DiT's diffusion; sit: SiT's flow matching (transport/, t = 1 data); "
+                            "rf: REPA's rectified flow (t = 1 noise)")
+    group.add_argument("--path-type", type=str, default=None, choices=PATH_TYPES + RF_PATH_TYPES,
+                       help="the interpolant path: sit Linear (default), GVP, VP; rf linear (default), cosine")
+    group.add_argument("--weighting", type=str, default=None, choices=WEIGHTINGS,
+                       help="rf: the time distribution, uniform (default) or lognormal")
     group.add_argument("--prediction", type=str, default=None if sampling else "velocity", choices=PREDICTIONS,
                        help="sit: what the model predicts")
     group.add_argument("--loss-weight", type=str, default=None, choices=LOSS_WEIGHTS,
@@ -154,7 +220,8 @@ def add_objective_args(parser, sampling=False):
     return group
 
 
-OBJECTIVE_FLAGS = ("objective", "path_type", "prediction", "loss_weight", "train_eps", "sample_eps", "learn_sigma")
+OBJECTIVE_FLAGS = ("objective", "path_type", "prediction", "loss_weight", "train_eps", "sample_eps", "learn_sigma",
+                   "weighting")
 
 
 def objective_from_args(args, base=None):
@@ -163,7 +230,7 @@ def objective_from_args(args, base=None):
 
 
 def objective_config(objective=None, path_type=None, prediction=None, loss_weight=None, train_eps=None,
-                     sample_eps=None, learn_sigma=None, base=None):
+                     sample_eps=None, learn_sigma=None, weighting=None, base=None):
     """The objective config the flags' values ask for; values left unset (None) keep `base`'s (a
     checkpoint's config) or the defaults."""
     base = {k: v for k, v in (base or {}).items() if k != "repa"}
@@ -174,7 +241,17 @@ def objective_config(objective=None, path_type=None, prediction=None, loss_weigh
     learn_sigma = learn_sigma if learn_sigma is not None else base.get("learn_sigma", name == "ddpm")
     flow = dict(path_type=path_type, prediction=prediction, loss_weight=loss_weight, train_eps=train_eps,
                 sample_eps=sample_eps)
-    if name == "sit":
+    if weighting is not None and name != "rf":
+        raise JobError("--weighting is REPA's time distribution: add --objective rf")
+    if name == "rf":
+        sit_only = [f"--{k.replace('_', '-')}" for k in ("prediction", "loss_weight", "train_eps", "sample_eps")
+                    if flow[k] is not None and flow[k] != {"prediction": "velocity"}.get(k)]
+        if sit_only:
+            raise JobError(f"{sit_only[0]} is a setting of SiT's objective; REPA's rf predicts the velocity "
+                           f"on t in [0, 1]: drop it, or use --objective sit")
+        config["path_type"] = path_type or base.get("path_type", "linear")
+        config["weighting"] = weighting or base.get("weighting", "uniform")
+    elif name == "sit":
         for key, value in flow.items():
             config[key] = value if value is not None else base.get(key, {"path_type": "Linear",
                                                                          "prediction": "velocity"}.get(key))
