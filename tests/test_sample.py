@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -18,12 +19,14 @@ from helpers.utils.models import create_model
 from helpers.sampling.samplers import ReverseProcess
 from helpers.sampling.generation import clips_denoised, generate
 from helpers.sampling.guidance import make_model_fn
-from helpers.sampling.noise import IndexNoise, draw_labels
+from helpers.sampling.noise import IndexNoise, draw_labels, slerp
 from helpers.utils.seeds import derive_seed
 from helpers.data.vae import decode, load_vae
 
 
 DDPM = {"name": "ddpm", "learn_sigma": True}
+SIT = {"name": "sit", "path_type": "Linear", "prediction": "velocity", "loss_weight": None, "train_eps": None,
+       "sample_eps": None, "learn_sigma": True}   # make_checkpoint's heads learn sigma
 
 
 def reverse_process(steps, sampler="ddpm", clip_denoised=False, in_channels=4):
@@ -51,17 +54,22 @@ def random_model(model="DiC-Tiny", seed=0, **kwargs):
 
 
 def make_checkpoint(path, model="DiC-Tiny", image_size=16, in_channels=1, num_classes=10, vae="none",
-                    with_ema=True, with_args=True, seed=0):
-    """Our checkpoint format for a tiny random model (see random_model); "ema" differs from "model"."""
+                    with_ema=True, with_args=True, seed=0, objective=None, model_overrides=None):
+    """Our checkpoint format for a tiny random model (see random_model); "ema" differs from "model".
+    `objective`: the recorded objective config (None: none recorded, i.e. DDPM)."""
+    model_overrides = model_overrides or {}
     net = random_model(model, seed, input_size=image_size // (1 if vae == "none" else 2),
-                       in_channels=in_channels, num_classes=num_classes)
+                       in_channels=in_channels, num_classes=num_classes, **model_overrides)
     state = net.state_dict()
     checkpoint = {"model": state, "opt": {}}
     if with_ema:
         checkpoint["ema"] = {k: v + 0.01 * torch.randn_like(v) for k, v in state.items()}
     if with_args:
         checkpoint["args"] = dict(model=model, image_size=image_size, num_classes=num_classes, vae=vae,
-                                  in_channels=in_channels, model_overrides={}, global_seed=0)  # as train.py saves them
+                                  in_channels=in_channels, model_overrides=model_overrides,
+                                  global_seed=0)  # as train.py saves them
+    if objective is not None:
+        checkpoint["objective"] = dict(objective)
     atomic_save(checkpoint, path)
     return str(path)
 
@@ -177,6 +185,13 @@ def test_ddim_50_calls_the_model_5x_less_than_ddpm_250(tmp_path, monkeypatch):
     (["--class-labels", "3", "10"], "class label 10 is out of range for a 10-class model (valid: 0..9)"),
     (["--model", "DiC-Huge"], "unknown model 'DiC-Huge': choose one of DiC-S, DiC-B, DiC-XL, DiC-H, DiC-Tiny"),
     (["--num-classes", "20"], "checkpoint does not fit DiC-Tiny (input_size=16, in_channels=1, num_classes=20)"),
+    (["--cfg-scale", "1,4,0.5"], "--cfg-scale must be >= 1 (1 = no guidance), got 0.5"),
+    (["--cfg-scale", "1,nan"], "--cfg-scale must be a finite number, got nan"),
+    (["--cfg-scale", "1,4", "--nrow", "2"], "--nrow does not apply to a --cfg-scale sweep: its grid has one "
+                                            "column per scale"),
+    (["--interpolate", "1"], "--interpolate needs at least 2 images (the two seeds' own), got 1"),
+    (["--interpolate", "3", "--cfg-scale", "1,4"], "--interpolate walks at one --cfg-scale, got 2: run it once "
+                                                   "per scale"),
 ])
 def test_bad_input_is_one_clear_error_and_writes_nothing(tiny_ckpt, tmp_path, extra, message):
     out = tmp_path / "bad.png"
@@ -424,3 +439,79 @@ def test_several_processes_are_refused_before_any_work(tiny_ckpt, tmp_path, monk
     with pytest.raises(JobError, match="sample.py runs as one process: use sample_ddp.py"):
         sample.main(sample.parse_args(["--ckpt", tiny_ckpt, "--out", str(out)]))
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ the pictures of DiT's talks: sweep, walk
+
+def test_slerp_matches_hand_computed_values():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    ends = slerp(torch.randn(3, 4), torch.randn(3, 4), [0.0, 1.0])
+    walk = slerp(a, b, [0.0, 1 / 3, 0.5, 1.0])
+    assert torch.equal(walk[0], a) and torch.equal(walk[3], b)          # the ends exactly, any vectors
+    assert torch.equal(ends[0], slerp(ends[0], ends[1], [0.0])[0])
+    torch.testing.assert_close(walk[1], torch.tensor([3 ** 0.5 / 2, 0.5]))  # 30 degrees along the arc
+    torch.testing.assert_close(walk[2], (a + b) / 2 ** 0.5)             # the midpoint of the quarter circle
+    scaled = slerp(3 * a, 3 * b, torch.linspace(0, 1, 7))                 # orthogonal, equal norms: norm 3
+    torch.testing.assert_close(scaled.norm(dim=1), torch.full((7,), 3.0))
+    # 45 degrees apart: (sin(pi/8) / sin(pi/4)) (a + (1, 1)) = 0.5411961 (2, 1) at w = 1/2.
+    torch.testing.assert_close(slerp(a, torch.tensor([1.0, 1.0]), [0.5])[0], torch.tensor([1.0823922, 0.5411961]))
+    # Parallel (no arc) and zero vectors: the straight line.
+    torch.testing.assert_close(slerp(a, 2 * a, [0.5])[0], torch.tensor([1.5, 0.0]))
+    torch.testing.assert_close(slerp(torch.zeros(2), b, [0.25])[0], torch.tensor([0.0, 0.25]))
+
+
+def test_cfg_scale_parses_one_or_several_scales(capsys):
+    args = sample.parse_args(["--ckpt", "x.pt"])
+    assert (args.cfg_scales, args.cfg_scale, args.interpolate, args.nrow) == ((4.0,), 4.0, None, None)
+    args = sample.parse_args(["--ckpt", "x.pt", "--cfg-scale", "1,1.5,4"])
+    assert (args.cfg_scales, args.cfg_scale) == ((1.0, 1.5, 4.0), 4.0)   # the largest: the shared checks'
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--ckpt", "x.pt", "--cfg-scale", "1,,4"])
+    assert "--cfg-scale: takes a number or comma-separated numbers such as 1,1.5,4, got '1,,4'" in capsys.readouterr().err
+
+
+def tiles(path, count, columns, side=16, padding=2):
+    """The `count` images of a save_image grid (`columns` per row), as uint8 arrays."""
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    return [pixels[padding + r * (side + padding):][:side, padding + c * (side + padding):][:, :side]
+            for r, c in (divmod(k, columns) for k in range(count))]
+
+
+def test_cfg_sweep_column_equals_a_run_at_that_scale(tiny_ckpt, tmp_path, capsys):
+    """Every column starts from the same noise (ancestral ddpm: x_T and every per-step noise)."""
+    common = ["--ckpt", tiny_ckpt, "--class-labels", "1", "6", "--num-sampling-steps", "3", "--seed", "5"]
+    sweep = sample.main(sample.parse_args(common + ["--cfg-scale", "1,4", "--out", str(tmp_path / "sweep.png")]))
+    assert "Saved a guidance sweep of 2 labels (1 6) x 2 scales (1, 4)" in capsys.readouterr().out
+    with Image.open(sweep) as image:
+        assert image.size == grid_size(4, 2, 16)                         # 2 rows (labels) x 2 columns
+    grid = tiles(sweep, 4, 2)
+    for column, scale in enumerate(["1", "4"]):
+        single = sample.main(sample.parse_args(common + ["--cfg-scale", scale, "--nrow", "1",
+                                                         "--out", str(tmp_path / f"cfg{scale}.png")]))
+        assert all(np.array_equal(grid[2 * row + column], tile) for row, tile in enumerate(tiles(single, 2, 1)))
+    assert not np.array_equal(grid[0], grid[1])                          # the scale shows
+
+
+def test_cfg_sweep_refuses_a_model_without_a_null_label(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "nodrop.pt", model_overrides={"class_dropout_prob": 0.0})
+    with pytest.raises(JobError, match="has no null label .* pass --cfg-scale 1"):
+        sample.main(sample.parse_args(["--ckpt", ckpt, "--cfg-scale", "1,2", "--out", str(tmp_path / "x.png")]))
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("objective, sampler", [(None, []), (SIT, ["--mode", "sde"])], ids=["ddpm", "sit-sde"])
+def test_latent_walk_ends_are_the_two_seeds_images(tmp_path, capsys, objective, sampler):
+    """Ancestral samplers: the per-step noise is walked too, so both ends equal sample.py's images of
+    seeds 2 and 3. Compared in batches of the walk's shape (3 rows), where rounding is bit-exact."""
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt", objective=objective)
+    common = ["--ckpt", ckpt, "--num-sampling-steps", "3", "--cfg-scale", "2", *sampler]
+    walk = sample.main(sample.parse_args(common + ["--class-labels", "4", "9", "--seed", "2", "--interpolate", "3",
+                                                   "--out", str(tmp_path / "walk.png")]))
+    assert "Saved a latent walk of 3 images (label 4, seed 2 -> 3)" in capsys.readouterr().out
+    steps = tiles(walk, 3, 3)
+    for seed, end in (("2", steps[0]), ("3", steps[2])):
+        single = sample.main(sample.parse_args(common + ["--class-labels", "4", "4", "4", "--seed", seed,
+                                                         "--out", str(tmp_path / f"seed{seed}.png")]))
+        assert np.array_equal(tiles(single, 3, 4)[0], end)
+    assert not np.array_equal(steps[0], steps[1]) and not np.array_equal(steps[1], steps[2])

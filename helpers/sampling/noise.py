@@ -10,7 +10,12 @@ call (see IndexNoise's pad_to): batched kernels round a row the same way at any 
 batch of one shape, but not necessarily at another batch size. Each fast-path setting
 (--precision, --channels-last, --compile) keeps this guarantee as long as every process
 uses the same setting; only --precision bf16 changes the numbers beyond float rounding.
+
+A latent walk (sample.py --interpolate) draws from WalkNoise instead: every draw of image 0 of two
+seeds, spherically interpolated (slerp), so the walk's ends are those seeds' images.
 """
+import math
+
 import torch
 
 from helpers.utils.seeds import generator
@@ -58,3 +63,52 @@ def draw_labels(noise, num_classes, balanced=False):
     if balanced:
         labels[:len(noise.indices)] = torch.tensor([i % num_classes for i in noise.indices])
     return labels
+
+
+def slerp(a, b, weights, eps=1e-6):
+    """(len(weights), *a.shape): the spherical interpolation of a and b at each weight w in [0, 1],
+    (sin((1 - w) theta) a + sin(w theta) b) / sin(theta), theta the angle between a and b (flattened).
+
+    Why spherical: two independent Gaussian draws in many dimensions are nearly orthogonal with
+    nearly equal norms; the straight line between them passes through vectors of smaller norm
+    (about 1/sqrt(2) at the midpoint), which the model never saw as noise, while slerp keeps the
+    norm. The coefficients are computed first (in float64), so w = 0 and w = 1 give a and b exactly.
+    Nearly parallel (or anti-parallel, or zero) vectors have no well-defined arc: plain lerp then.
+    """
+    a64, b64 = a.double().flatten(), b.double().flatten()
+    norms = float(a64.norm() * b64.norm())
+    theta = math.acos(max(-1.0, min(1.0, float(a64 @ b64) / norms))) if norms > 0 else 0.0
+    rows = []
+    for w in weights:
+        w = float(w)
+        if math.sin(theta) < eps:
+            c0, c1 = 1.0 - w, w
+        else:
+            c0, c1 = math.sin((1.0 - w) * theta) / math.sin(theta), math.sin(w * theta) / math.sin(theta)
+        rows.append(c0 * a + c1 * b)
+    return torch.stack(rows)
+
+
+class WalkNoise:
+    """IndexNoise's draws for a latent walk of `steps` images between two seeds: every draw (x_T and
+    each per-step noise of an ancestral sampler) is the slerp of what image 0 of `seed` and image 0
+    of `seed + 1` draw (grid_noise's streams, the random label discarded) at w = linspace(0, 1, steps).
+
+    Why every draw, not x_T alone: the first and last images then draw exactly the numbers of
+    sample.py's image 0 of the two seeds, so they are those images for every sampler, the ancestral
+    ones (ddpm, SiT's sde) included (bit for bit at the same batch shape, see above); with the
+    per-step noise of one seed kept, the last image would be neither seed's. The walk stays smooth:
+    each draw moves continuously with w and slerp keeps its norm. A deterministic sampler (ddim,
+    dpm-solver, ode) draws x_T alone, so only x_T is interpolated.
+    """
+
+    def __init__(self, seed, steps, num_classes):
+        self.weights = torch.linspace(0, 1, steps, dtype=torch.float64).tolist()
+        self.ends = [grid_noise(s, 1, num_classes) for s in (seed, seed + 1)]
+        self.indices = list(range(steps))         # positions along the walk
+        self.rows = steps
+
+    def randn(self, shape, device="cpu"):
+        """(steps, *shape): the two seeds' next draws, slerped at each weight of the walk."""
+        a, b = (end.randn(shape)[0] for end in self.ends)
+        return slerp(a, b, self.weights).to(device)
