@@ -4,6 +4,11 @@ its constructor settings and the training objective in the metadata. sample.py a
 read the file directly (no --model needed).
 
     python export.py --ckpt results/000-DiC-XL/checkpoints/0400000.pt --out DiC-XL.safetensors
+    python export.py --ckpt REPA-SiT-XL-2-4M.pt --out REPA-SiT-XL-2.safetensors     # REPA's: objective rf
+
+Releases that do not record their objective are recognised from their content (helpers/utils/releases.py):
+REPA's files (projectors, REPA's args) export with REPA's rectified flow and without the projectors;
+SiT's release exports with SiT's flow given --model SiT-XL/2.
 
 Checkpoints are read with torch.load(weights_only=True), which refuses files that could run code
 when unpickled. A file you trust that holds other Python objects (e.g. from another codebase) is
@@ -23,7 +28,8 @@ import torch
 from helpers.utils.checkpoint import SAFETENSORS_EXT, atomic_save, extract_state_dict, load_checkpoint_file
 from helpers.utils.cli import JobError, one_line, run_main
 from helpers.utils.files import atomic_write
-from helpers.utils.models import model_names
+from helpers.utils.models import canonical_name, is_model_name, model_names
+from helpers.utils.releases import release_objective, sampling_args, split_projectors
 from helpers.training.objectives import create_objective, objective_of_checkpoint
 from helpers.training.runs import plain_rng_state, saved_args
 
@@ -62,14 +68,25 @@ def read_trusted(path):
         raise JobError(f"checkpoint {path} cannot be read ({type(e).__name__}: {one_line(e)})") from e
 
 
-def export_metadata(checkpoint, model_name):
+def export_metadata(checkpoint, model_name, objective):
     """The .safetensors metadata: model, sampler settings and objective, JSON-encoded strings."""
-    saved = to_plain(saved_args(checkpoint))
+    saved = to_plain(sampling_args(saved_args(checkpoint), checkpoint))
     sampler_args = {k: saved[k] for k in SAMPLER_ARGS if k in saved}
     sampler_args["model"] = model_name
     return {"format": EXPORT_FORMAT, "model": json.dumps(model_name), "args": json.dumps(sampler_args),
             "model_kwargs": json.dumps(checkpoint.get("model_kwargs") if isinstance(checkpoint, dict) else None),
-            "objective": json.dumps(objective_of_checkpoint(checkpoint) or create_objective(None).config())}
+            "objective": json.dumps(objective)}
+
+
+def checkpoint_objective(checkpoint, weights, given_name):
+    """The objective to record: the checkpoint's own, else a release's recognised from its content
+    (REPA's layout: rf; a SiT-named DiT file: SiT's flow), else DDPM (DiT's and DiC's releases)."""
+    recorded = objective_of_checkpoint(checkpoint)
+    if recorded is None:
+        recorded, recognised = release_objective(checkpoint, weights, given_name)
+        if recognised:
+            print(recognised.replace("sampling with", "exporting as"))
+    return recorded or create_objective(None).config()
 
 
 def main(args):
@@ -92,16 +109,18 @@ def main(args):
         return args.out
 
     # The chosen weights (EMA by default) and what a sampler needs to rebuild the model, as .safetensors:
-    weights = extract_state_dict(to_plain(checkpoint), args.weights)
-    model_name = args.model or saved_args(checkpoint).get("model")
-    if model_name not in model_names():
+    weights, projectors = split_projectors(extract_state_dict(to_plain(checkpoint), args.weights))
+    given_name = args.model or saved_args(checkpoint).get("model")
+    if not is_model_name(given_name):
         raise JobError(f"{args.ckpt} does not say which model it holds: pass --model (one of "
-                       f"{', '.join(model_names())})")
-    metadata = export_metadata(checkpoint, model_name)
+                       f"{', '.join(model_names())}, or SiT-XL/2 etc.)")
+    model_name = canonical_name(given_name)
+    metadata = export_metadata(checkpoint, model_name, checkpoint_objective(checkpoint, weights, given_name))
     from safetensors.torch import save_file
     tensors = {k: v.detach().contiguous() for k, v in weights.items()}
     atomic_write(args.out, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    print(f"Exported the {args.weights} weights of {model_name} ({len(tensors)} tensors) to {args.out}")
+    dropped = f", without its {len(projectors)} REPA projector tensors" if projectors else ""
+    print(f"Exported the {args.weights} weights of {model_name} ({len(tensors)} tensors{dropped}) to {args.out}")
     return args.out
 
 

@@ -6,9 +6,13 @@ one .npz (arr_0: uint8 (N, H, W, 3)) for FID and the other metrics, like DiT's s
     python sample_ddp.py --ckpt ...          # one process (CPU or one GPU)
 
     torchrun --nproc_per_node 8 sample_ddp.py --ckpt SiT-run.pt --mode sde --num-sampling-steps 250
+    torchrun --nproc_per_node 8 sample_ddp.py --model SiT-XL/2 --ckpt last.pt --mode sde --num-steps 250 \
+        --cfg-scale 1.8 --guidance-high 0.7                                     # REPA's release, as REPA
 
 The reverse process is the checkpoint's: DDPM (--sampler ddpm|ddim|dpm-solver) or, for a model
-trained with flow matching, SiT's ODE (--mode ode, any torchdiffeq method) or SDE (--mode sde).
+trained with flow matching, SiT's ODE (--mode ode, any torchdiffeq method) or SDE (--mode sde), or
+for REPA's rectified flow (rf; REPA's files are recognised by their content) REPA's Euler ODE
+(--heun) or Euler-Maruyama SDE.
 Image i depends only on (--global-seed, i, the settings): its label, its initial noise and every
 per-step noise (DDPM's, the SDE's) come from a generator seeded from (global seed, i). The images
 are made in chunks of --per-proc-batch-size consecutive indices, chunk k on rank k mod W, the last

@@ -205,8 +205,9 @@ def build(args, dist_info, resume_path):
 
     # Optimizer, and the weights: --ckpt's, or the resumed run's (with its optimizer state).
     opt = training.make_optimizer(net, args.lr, args.fused_adamw)
-    if args.ckpt:
-        training.load_initial_weights(args.ckpt, args.model, model, ema)
+    if args.ckpt:   # ours, official or REPA's; REPA's projectors go to ours with --repa (helpers/utils/releases.py)
+        from helpers.utils.releases import load_initial_weights
+        load_initial_weights(args.ckpt, args.model, model, ema, net.projectors if net is not model else None)
     if checkpoint is not None:
         training.load_resume_weights(checkpoint, resume_path, args.model, model, ema, net, opt)
     return dict(checkpoint=checkpoint, vae=vae, dataset=dataset, model=model, net=net, ema=ema, opt=opt,

@@ -5,6 +5,7 @@
     noise             per-index randomness: IndexNoise, grid_noise, draw_labels
     guidance          the guided model call: make_model_fn
     samplers          the reverse process of each objective: ReverseProcess, SamplerSettings
+    rf_samplers       REPA's Euler ODE and Euler-Maruyama SDE, with REPA's guidance (rf checkpoints)
     dpm_solver        DPM-Solver++(2M) on a DDPM model's epsilon
     generation        model_fn + sampler for the settings; latents -> images -> uint8 RGB
     sample_files      sample_ddp's PNG names and the .npz it packs

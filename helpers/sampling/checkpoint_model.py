@@ -11,13 +11,14 @@ import torch
 from helpers.data.vae import downsample_factor, downsample_factor_of_spec, latent_channels, load_vae
 from helpers.utils.checkpoint import extract_state_dict, identify_variant, load_checkpoint_file, load_model_weights
 from helpers.utils.cli import JobError
-from helpers.utils.models import create_model, model_names
+from helpers.utils.models import all_models, create_model, is_model_name, unknown_model_message
+from helpers.utils.releases import split_projectors
 
 
 @dataclass(frozen=True)
 class ModelSettings:
     """The resolved model flags build_model reads (helpers.sampling.flags.model_settings makes them)."""
-    model: str            # a registered name, e.g. DiC-XL or DiT-XL/2
+    model: str            # a registered name, e.g. DiC-XL or DiT-XL/2 (or its SiT alias)
     image_size: int       # image side in pixels
     num_classes: int
     vae: str              # ema, mse, a local AutoencoderKL folder, or "none" (pixel space)
@@ -27,7 +28,9 @@ class ModelSettings:
 
 
 def read_checkpoint(path, weights):
-    """(checkpoint, state_dict) with `weights` ("ema" or "model") picked out of ours/DiT's/bare files."""
+    """(checkpoint, state_dict) with `weights` ("ema" or "model") picked out of ours/DiT's/REPA's/bare
+    files; REPA's projectors (training state) are left out of state_dict, the checkpoint keeps them
+    (helpers/utils/releases.py recognises REPA's files by them)."""
     checkpoint = load_checkpoint_file(path)
     try:
         state_dict = extract_state_dict(checkpoint, which=weights)
@@ -36,7 +39,7 @@ def read_checkpoint(path, weights):
             raise JobError(f"checkpoint {path} has no 'ema' weights: use --weights model "
                                   f"to sample with its raw training weights") from e
         raise
-    return checkpoint, state_dict
+    return checkpoint, split_projectors(state_dict)[0]
 
 
 def _shapes_of(name, image_size, vae, in_channels, num_classes, model_kwargs, learn_sigma):
@@ -56,7 +59,7 @@ def head_learns_sigma(state_dict, model, image_size, vae, in_channels, num_class
     out, as DiT's and SiT's releases) or not; None when the model cannot tell. `model`: the model's
     name, or None to try every registered one."""
     shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
-    names = [model] if model else model_names()
+    names = [model] if model else list(all_models())
     for learn_sigma in (True, False):
         if any(_shapes_of(name, image_size, vae, in_channels, num_classes, model_kwargs, learn_sigma) == shapes
                for name in names):
@@ -71,8 +74,9 @@ def identify_model(state_dict, image_size, vae, in_channels, num_classes, learn_
 
 
 def check_model_name(name):
-    if name not in model_names():
-        raise JobError(f"unknown model {name!r}: choose one of {', '.join(model_names())}")
+    """One line for a --model that names no registered variant (nor a SiT alias of one)."""
+    if not is_model_name(name):
+        raise JobError(unknown_model_message(name))
 
 
 def check_label(label, num_classes):

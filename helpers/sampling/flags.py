@@ -7,6 +7,7 @@ checkpoint's saved training args (else defaults), and the typed settings the hel
     model_settings(args), sampler_settings(args)          # -> ModelSettings, SamplerSettings
 """
 import argparse
+import sys
 from dataclasses import fields
 
 from helpers.data.images import BUILTIN_DATASETS
@@ -14,13 +15,15 @@ from helpers.sampling.checkpoint_model import (ModelSettings, check_label, check
                                                identify_model)
 from helpers.sampling.dpm_solver import check_num_steps
 from helpers.sampling.guidance import GUIDE_CHANNELS
+from helpers.sampling.rf_samplers import RF_ODE_METHODS, RF_SDE_METHOD
 from helpers.sampling.samplers import (DDPM_SAMPLERS, DEFAULT_STEPS, DIFFUSION_FORMS, LAST_STEPS, SDE_METHODS,
                                        SIT_MODES, SamplerSettings)
 from helpers.training.objectives import add_objective_args, objective_from_args, objective_of_checkpoint
 from helpers.training.runs import saved_args
 from helpers.utils.cli import JobError
 from helpers.utils.fastpath import PRECISIONS, configure_tf32
-from helpers.utils.models import parse_args_with_overrides
+from helpers.utils.models import canonical_name, parse_args_with_overrides
+from helpers.utils.releases import release_objective, sampling_args
 
 # The labels DiT's sample.py conditions on (ImageNet ids).
 DIT_DEFAULT_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
@@ -37,9 +40,10 @@ def add_model_args(parser):
     parser.add_argument("--weights", type=str, choices=["ema", "model"], default="ema",
                         help="which weights of our/DiT's checkpoint to use (default: ema)")
     parser.add_argument("--model", type=str, default=None,
-                        help="model name, e.g. DiC-XL or DiT-XL/2 (default: checkpoint's, else DiC-XL)")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="image side in pixels (default: checkpoint's, else 256)")
+                        help="model name, e.g. DiC-XL or DiT-XL/2 (SiT-XL/2: the same network; default: "
+                             "checkpoint's, else DiC-XL)")
+    parser.add_argument("--image-size", "--resolution", dest="image_size", type=int, default=None,
+                        help="image side in pixels (--resolution: REPA's name; default: checkpoint's, else 256)")
     parser.add_argument("--num-classes", type=int, default=None,
                         help="number of classes (default: checkpoint's, else 1000)")
     parser.add_argument("--vae", type=str, default=None,
@@ -55,8 +59,9 @@ def add_sampling_args(parser, cfg_scale, cfg_scale_source):
     keeps its own --cfg-scale default (and says whose)."""
     parser.add_argument("--cfg-scale", type=float, default=cfg_scale,
                         help=f"classifier-free guidance scale; 1 = no guidance (default: {cfg_scale}, {cfg_scale_source})")
-    parser.add_argument("--guide-channels", type=str, choices=list(GUIDE_CHANNELS), default="official",
-                        help="official: guide the first 3 latent channels as DiT/DiC/SiT; all: every channel")
+    parser.add_argument("--guide-channels", type=str, choices=list(GUIDE_CHANNELS), default=None,
+                        help="official: guide the first 3 latent channels as DiT/DiC/SiT; all: every channel "
+                             "(default: all for REPA's rf checkpoints, as REPA; official otherwise)")
     add_sampler_args(parser)
     add_objective_args(parser, sampling=True)
     return parser
@@ -64,14 +69,19 @@ def add_sampling_args(parser, cfg_scale, cfg_scale_source):
 
 def add_sampler_args(parser):
     """The reverse-process flags of both sampling scripts (which apply depends on the objective)."""
-    parser.add_argument("--num-sampling-steps", type=int, default=None,
-                        help="steps (default: ddpm 250, ddim 50, dpm-solver 20, ode 50, sde 250)")
+    parser.add_argument("--num-sampling-steps", "--num-steps", dest="num_sampling_steps", type=int, default=None,
+                        help="steps (--num-steps: REPA's name; default: ddpm 250, ddim 50, dpm-solver 20, ode 50, "
+                             "sde 250)")
     parser.add_argument("--sampler", type=str, choices=DDPM_SAMPLERS, default="ddpm",
                         help="DDPM checkpoints: ddpm (ancestral), ddim (eta 0) or dpm-solver (DPM-Solver++)")
-    sit = parser.add_argument_group("flow-matching (SiT) checkpoints")
-    sit.add_argument("--mode", type=str, choices=SIT_MODES, default="ode", help="ode or sde sampling")
+    sit = parser.add_argument_group("flow-matching (SiT's sit and REPA's rf) checkpoints")
+    sit.add_argument("--mode", type=str.lower, choices=SIT_MODES, default="ode",
+                     help="ode or sde sampling (SiT's ODE / SDE too, also as the first argument, as SiT's scripts)")
     sit.add_argument("--sampling-method", type=str, default=None,
-                     help="ode: a torchdiffeq method (default dopri5); sde: Euler (default) or Heun")
+                     help="sit ode: a torchdiffeq method (default dopri5); sit sde: Euler (default) or Heun; rf: "
+                          "euler (ode), euler-maruyama (sde)")
+    sit.add_argument("--heun", action="store_true",
+                     help="rf, --mode ode: Heun's correction on every step but the last (REPA's --heun)")
     sit.add_argument("--atol", type=float, default=1e-6, help="ode: absolute tolerance")
     sit.add_argument("--rtol", type=float, default=1e-3, help="ode: relative tolerance")
     sit.add_argument("--reverse", action="store_true", help="ode: integrate data -> noise (SiT's flag)")
@@ -85,6 +95,9 @@ def add_sampler_args(parser):
                      help="guide only where REPA's time (1 = noise) is >= this (default 0)")
     sit.add_argument("--guidance-high", type=float, default=1.0,
                      help="guide only where REPA's time (1 = noise) is <= this (default 1)")
+    for flag, kind in (("--encoder-depth", int), ("--projector-embed-dims", str)):   # so REPA's commands run as typed
+        sit.add_argument(flag, type=kind, default=None,
+                         help="REPA's generate.py flag: it shapes the projectors, which sampling drops (not used)")
     return parser
 
 
@@ -100,10 +113,23 @@ def add_speed_args(parser):
 
 
 def parse_with_model_overrides(parser, argv=None):
-    """Parse flags; leftover official --network_g__key=value overrides become args.model_kwargs."""
+    """Parse flags; leftover official --network_g__key=value overrides become args.model_kwargs.
+    SiT's scripts take the mode first (`sample.py SDE ...`): that is --mode sde here."""
+    argv = mode_first(argv)
+    if argv[:1] == ["--mode"] and any(arg == "--mode" or arg.startswith("--mode=") for arg in argv[2:]):
+        parser.error(f"the mode is given twice ({argv[1].upper()} first, then --mode): give it once")
     args, overrides = parse_args_with_overrides(parser, argv)
     args.model_kwargs = overrides
     return args
+
+
+def mode_first(argv):
+    """argv with SiT's leading mode (ODE or SDE, any case) spelled as --mode: SiT's scripts read their
+    mode from the first argument, so that is the one place it can be."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].lower() in SIT_MODES:
+        return ["--mode", argv[0].lower(), *argv[1:]]
+    return argv
 
 
 def setup_speed(args):
@@ -160,9 +186,11 @@ def resolve_settings(args, checkpoint, state_dict, log=print):
 
     Modifies `args` in place: model, image_size, num_classes, vae, in_channels (pixel space),
     model_kwargs (constructor overrides: saved ones, then the command line's), objective_config
-    and the reverse-process flags (resolve_sampler_args). Says what it took.
+    (recorded, else a release's convention recognised from the file: helpers/utils/releases.py), the
+    model's registered name (SiT-XL/2 -> DiT-XL/2), guide_channels and the reverse-process flags
+    (resolve_sampler_args). Says what it took and what it recognised.
     """
-    saved = saved_args(checkpoint)
+    saved = sampling_args(saved_args(checkpoint), checkpoint)
     taken = []
     for name, default in DEFAULTS.items():
         if getattr(args, name) is not None:
@@ -187,7 +215,9 @@ def resolve_settings(args, checkpoint, state_dict, log=print):
                 weight = state_dict.get("x_embedder.proj.weight")
                 args.in_channels = int(weight.shape[1]) if weight is not None and weight.ndim == 4 else 3
     args.model_kwargs = {**_saved_model_kwargs(saved), **getattr(args, "model_kwargs", {})}
-    recorded = objective_of_checkpoint(checkpoint)
+    recorded, recognised = objective_of_checkpoint(checkpoint), None
+    if recorded is None:   # a release (REPA's layout, SiT's under its name) says it by its content
+        recorded, recognised = release_objective(checkpoint, state_dict, args.model)
     sizes = dict(image_size=args.image_size, vae=args.vae, in_channels=args.in_channels,   # fix the weights' shapes
                  num_classes=args.num_classes)
     if recorded is None and args.learn_sigma is None:   # official/bare files: the head says it
@@ -196,20 +226,33 @@ def resolve_settings(args, checkpoint, state_dict, log=print):
     if args.model is None:
         args.model = identify_model(state_dict, learn_sigma=args.objective_config["learn_sigma"], **sizes) \
             or DEFAULTS["model"]
-    resolve_sampler_args(args, args.objective_config)
     check_model_name(args.model)
+    args.model = canonical_name(args.model)
+    if args.guide_channels is None:   # REPA guides every channel; DiT, DiC and SiT the first 3
+        args.guide_channels = "all" if args.objective_config["name"] == "rf" else "official"
+    resolve_sampler_args(args, args.objective_config)
     for label in getattr(args, "class_labels", None) or []:
         check_label(label, args.num_classes)
     if taken and log is not None:
         log(f"Using the checkpoint's training settings: {' '.join(taken)} (pass them to override)")
+    if recognised and recorded["name"] == args.objective_config["name"] and log is not None:
+        log(recognised)
     return args
 
 
 def resolve_sampler_args(args, objective_config):
     """Check the flags against the checkpoint's objective (one line for a wrong combination) and
     fill the step count and ODE/SDE method defaults."""
-    sit = objective_config["name"] == "sit"
-    if sit:
+    name, heun = objective_config["name"], getattr(args, "heun", False)
+    if heun and not (name == "rf" and args.mode == "ode"):
+        raise JobError("--heun is REPA's ODE option (--mode ode on an rf checkpoint)" +
+                       (": REPA's SDE has no Heun step" if name == "rf" else
+                        "; for SiT's checkpoints use --sampling-method heun2 (ODE) or Heun (SDE)" if name == "sit" else
+                        f"; this checkpoint was trained with {name}"))
+    if name == "rf":
+        resolve_rf_sampler(args)
+        kind = args.mode
+    elif name == "sit":
         if args.sampler != "ddpm":
             raise JobError(f"--sampler {args.sampler} is for DDPM checkpoints; this one was trained with flow "
                            f"matching (sit): use --mode ode or --mode sde")
@@ -243,6 +286,29 @@ def resolve_sampler_args(args, objective_config):
     if kind == "dpm-solver":
         check_num_steps(args.num_sampling_steps)
     return args
+
+
+def resolve_rf_sampler(args):
+    """REPA's samplers for an rf checkpoint: sampling_method euler or heun (--heun) for --mode ode,
+    euler-maruyama for sde; SiT's solver settings are refused (REPA's samplers have none)."""
+    if args.sampler != "ddpm":
+        raise JobError(f"--sampler {args.sampler} is for DDPM checkpoints; this one was trained with REPA's "
+                       f"rectified flow (rf): use --mode ode or --mode sde")
+    sit_only = [flag for flag, value, default in (
+        ("--atol", args.atol, 1e-6), ("--rtol", args.rtol, 1e-3), ("--reverse", args.reverse, False),
+        ("--likelihood", args.likelihood, False), ("--diffusion-form", args.diffusion_form, "sigma"),
+        ("--diffusion-norm", args.diffusion_norm, 1.0), ("--last-step", args.last_step, "Mean"),
+        ("--last-step-size", args.last_step_size, 0.04)) if value != default]
+    if sit_only:
+        raise JobError(f"{sit_only[0]} is a setting of SiT's samplers; this checkpoint was trained with REPA's "
+                       f"rectified flow (rf) and samples with REPA's: --mode ode (Euler, --heun) or --mode sde "
+                       f"(Euler-Maruyama, last step 0.04)")
+    methods = RF_ODE_METHODS if args.mode == "ode" else (RF_SDE_METHOD,)
+    method = "heun" if getattr(args, "heun", False) else (args.sampling_method or methods[0]).lower()
+    if method not in methods or (args.sampling_method and args.sampling_method.lower() != method):
+        raise JobError(f"--sampling-method {args.sampling_method}: REPA's {args.mode.upper()} sampler is "
+                       f"{' or '.join(methods)} (--heun for heun)")
+    args.sampling_method = method
 
 
 #################################################################################

@@ -19,11 +19,14 @@ def clips_denoised(vae):
 def make_sampling(model, vae, objective_config, settings, speed):
     """(model_fn, sampler) for the resolved settings (helpers.sampling.samplers.SamplerSettings) of the
     checkpoint's objective: the guided model call and the reverse process. `speed`: make_model_fn's
-    fast-path keyword arguments."""
-    sit = objective_config["name"] == "sit"
-    interval = (settings.guidance_low, settings.guidance_high) if sit else None
-    model_fn = make_model_fn(model, settings.cfg_scale, settings.guide_channels, **speed, guidance_interval=interval)
-    sampler = ReverseProcess(settings, objective_config, model.in_channels, clip_denoised=clips_denoised(vae))
+    fast-path keyword arguments. REPA's samplers (rf) guide themselves, as REPA's code does (they
+    decide where from their float64 time grid), so their model_fn is the plain call."""
+    name = objective_config["name"]
+    interval = (settings.guidance_low, settings.guidance_high) if name == "sit" else None
+    cfg_scale = 1.0 if name == "rf" else settings.cfg_scale
+    model_fn = make_model_fn(model, cfg_scale, settings.guide_channels, **speed, guidance_interval=interval)
+    sampler = ReverseProcess(settings, objective_config, model.in_channels, clip_denoised=clips_denoised(vae),
+                             null_label=model.num_classes)
     return model_fn, sampler
 
 

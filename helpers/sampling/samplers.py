@@ -4,6 +4,8 @@ IndexNoise (helpers/sampling/noise.py), so a sample depends on its index and the
     DDPM checkpoints   --sampler ddpm (DiT's ancestral sampler), ddim (eta 0), dpm-solver (DPM-Solver++(2M),
                        diffusers' scheduler on the model's epsilon)
     SiT checkpoints    --mode ode (torchdiffeq: dopri5, euler, heun2, rk4, ...) or sde (Euler, Heun), as SiT
+    rf (REPA) ones     --mode ode (REPA's Euler; --heun) or sde (REPA's Euler-Maruyama), as REPA, which
+                       guide inside the sampler (helpers/sampling/rf_samplers.py)
 
     sampler = ReverseProcess(settings, objective_config, in_channels)     # settings: SamplerSettings
     latents = sampler(model_fn, noise, labels, shape, device, progress)    # sampler.nfe: model calls of
@@ -16,6 +18,7 @@ from tqdm import tqdm
 
 from diffusion import create_diffusion
 from helpers.sampling.dpm_solver import dit_betas, dpm_solver_sample, eps_from_model_output
+from helpers.sampling.rf_samplers import rf_sample
 from helpers.training.objectives import first_channels
 from transport import Sampler, create_transport
 
@@ -33,11 +36,12 @@ class SamplerSettings:
     makes them from the command line; the defaults are the flags'). Which fields apply depends on
     the checkpoint's objective: `sampler` for DDPM, the rest but guidance for SiT's ODE/SDE."""
     cfg_scale: float = 1.0              # classifier-free guidance scale; 1 = no guidance
-    guide_channels: str = "official"    # official (the first 3 latent channels) or all
+    guide_channels: str = "official"    # official (the first 3 latent channels) or all (rf's default)
     sampler: str = "ddpm"               # DDPM checkpoints: ddpm, ddim or dpm-solver
     num_sampling_steps: int = None      # None until resolved: DEFAULT_STEPS of the sampler or mode
-    mode: str = "ode"                   # SiT checkpoints: ode or sde
-    sampling_method: str = None         # ode: a torchdiffeq method (dopri5); sde: Euler or Heun
+    mode: str = "ode"                   # SiT and rf checkpoints: ode or sde
+    sampling_method: str = None         # SiT ode: a torchdiffeq method (dopri5); SiT sde: Euler or Heun;
+                                        # rf: euler or heun (ode), euler-maruyama (sde)
     atol: float = 1e-6                  # ode: tolerances
     rtol: float = 1e-3
     reverse: bool = False               # ode: integrate data -> noise
@@ -50,9 +54,15 @@ class SamplerSettings:
     guidance_high: float = 1.0
 
 
+def is_flow(objective_config):
+    """Whether the objective samples with --mode ode|sde (SiT's flow and REPA's rf) rather than DDPM's --sampler."""
+    return objective_config["name"] in ("sit", "rf")
+
+
 def sampler_name(settings, objective_config):
-    """'ddpm-250', 'ode-dopri5-50', ...: what sample folders and logs call the reverse process."""
-    if objective_config["name"] == "sit":
+    """'ddpm-250', 'ode-dopri5-50', 'sde-euler-maruyama-250', ...: what sample folders and logs call the
+    reverse process."""
+    if is_flow(objective_config):
         return f"{settings.mode}-{settings.sampling_method}-{settings.num_sampling_steps}"
     return f"{settings.sampler}-{settings.num_sampling_steps}"
 
@@ -60,7 +70,9 @@ def sampler_name(settings, objective_config):
 def sampler_record(settings, objective_config):
     """Everything of the reverse process that decides a sample's pixels (for sample_ddp's record)."""
     keys = ["num_sampling_steps"]
-    if objective_config["name"] == "sit":
+    if objective_config["name"] == "rf":
+        keys += ["mode", "sampling_method", "guidance_low", "guidance_high"]
+    elif objective_config["name"] == "sit":
         keys += ["mode", "sampling_method", "atol", "rtol", "reverse", "guidance_low", "guidance_high"]
         if settings.mode == "sde":
             keys += ["diffusion_form", "diffusion_norm", "last_step", "last_step_size"]
@@ -87,17 +99,19 @@ class ReverseProcess:
     """Latents from per-index noise: __call__(model_fn, noise, labels, shape, device, progress).
 
     `settings`: a SamplerSettings (or anything with the fields it reads: DDPM's sampler and
-    num_sampling_steps; SiT's mode, sampling_method, num_sampling_steps and the ODE's or SDE's own)."""
+    num_sampling_steps; SiT's mode, sampling_method, num_sampling_steps and the ODE's or SDE's own;
+    rf's mode, sampling_method, num_sampling_steps and its guidance). `null_label`: the model's
+    num_classes, for rf's guidance (REPA's samplers guide; the other objectives' model_fn does)."""
 
-    def __init__(self, settings, objective_config, in_channels, clip_denoised=False):
+    def __init__(self, settings, objective_config, in_channels, clip_denoised=False, null_label=None):
         self.settings, self.config, self.in_channels = settings, objective_config, in_channels
-        self.clip_denoised = clip_denoised
+        self.clip_denoised, self.null_label = clip_denoised, null_label
         self.nfe, self.last_latents = None, None
         if objective_config["name"] == "sit":
             transport = {k: objective_config.get(k) for k in ("path_type", "prediction", "loss_weight",
                                                                "train_eps", "sample_eps")}
             self.transport_sampler = Sampler(create_transport(**transport))
-        elif settings.sampler in ("ddpm", "ddim"):
+        elif objective_config["name"] != "rf" and settings.sampler in ("ddpm", "ddim"):
             steps = settings.num_sampling_steps
             respacing = f"ddim{steps}" if settings.sampler == "ddim" else str(steps)
             self.diffusion = create_diffusion(respacing, learn_sigma=objective_config.get("learn_sigma", True),
@@ -108,7 +122,10 @@ class ReverseProcess:
     def __call__(self, model_fn, noise, labels, shape, device, progress=False):
         x = noise.randn(shape, device=device)                                 # x_T / x_0 of SiT: (N, C, H, W)
         y = labels.to(device)
-        if self.config["name"] == "sit":
+        if self.config["name"] == "rf":
+            x = rf_sample(self.settings, self.config, model_fn, noise, x, y, self.in_channels, self.null_label,
+                          device, progress)
+        elif self.config["name"] == "sit":
             x = self._sit(model_fn, noise, x, y, device)
         elif self.settings.sampler == "dpm-solver":
             betas = dit_betas(self.config.get("noise_schedule", "linear"), self.config.get("diffusion_steps", 1000))

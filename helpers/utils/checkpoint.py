@@ -18,7 +18,7 @@ import torch
 
 from helpers.utils.cli import JobError, one_line
 from helpers.utils.files import atomic_write
-from helpers.utils.models import all_models
+from helpers.utils.models import all_models, canonical_name
 
 SAFETENSORS_EXT = ".safetensors"
 # What checkpoints of this project written before the safe format hold besides tensors.
@@ -184,7 +184,7 @@ def load_model_weights(model, state_dict, model_name):
         return model
     in_channels, num_classes = _infer_config(state_dict, model)
     found = identify_variant(state_dict, model.input_size, in_channels, num_classes, model.learn_sigma)
-    if found is not None and found != model_name:
+    if found is not None and found != canonical_name(model_name):
         raise JobError(f"checkpoint holds {found} weights but the model is {model_name}: "
                               f"pass --model {found} or a {model_name} checkpoint")
     missing = sorted(set(expected) - set(got))

@@ -1,4 +1,10 @@
-"""One lookup over the model registries, so every script takes `--model DiC-XL`, `--model DiCo-XL` or `--model DiT-XL/2`."""
+"""One lookup over the model registries, so every script takes `--model DiC-XL`, `--model DiCo-XL` or `--model DiT-XL/2`.
+
+SiT's and REPA's names `SiT-{S,B,L,XL}/{2,4,8}` are aliases of DiT's: the same network (SiT and REPA
+train DiT's architecture), so one registered name per architecture. What an alias cannot say is the
+training convention (DDPM, SiT's flow, REPA's rectified flow): the checkpoint decides that
+(helpers/utils/releases.py), the SiT name only where the file does not.
+"""
 import ast
 
 from dic_models import DiC_models
@@ -10,19 +16,44 @@ from dit_models import DiT_models
 OVERRIDE_PREFIX = "--network_g__"
 
 
+# SiT-XL/2 -> DiT-XL/2, ...: SiT's and REPA's spelling of DiT's variants.
+MODEL_ALIASES = {"SiT" + name[len("DiT"):]: name for name in DiT_models}
+
+
+def canonical_name(name):
+    """The registered name of `name` (SiT-XL/2 -> DiT-XL/2); other names unchanged."""
+    return MODEL_ALIASES.get(name, name)
+
+
+def is_sit_name(name):
+    """True for SiT's/REPA's spelling of a DiT variant (SiT-XL/2)."""
+    return name in MODEL_ALIASES
+
+
 def all_models():
     """Name -> constructor for every registered DiC, DiT and DiCo variant."""
     return {**DiC_models, **DiT_models, **DiCo_models}
 
 
 def model_names():
-    """Every valid `--model` value, DiC first, then DiT, then DiCo."""
+    """Every registered name, DiC first, then DiT, then DiCo (each architecture once: no aliases)."""
     return list(all_models())
+
+
+def is_model_name(name):
+    """True for a valid `--model` value: a registered name or a SiT alias of one."""
+    return canonical_name(name) in all_models()
+
+
+def unknown_model_message(name):
+    """The one line for a `--model` that names nothing."""
+    return (f"unknown model {name!r}: choose one of {', '.join(model_names())} (SiT-S/B/L/XL with /2, /4, /8 "
+            f"name the DiT variant of the same size)")
 
 
 def is_dit(name):
     """True for a DiT variant (they use patch embeddings, so sizes must divide the patch)."""
-    return name in DiT_models
+    return canonical_name(name) in DiT_models
 
 
 def module_of(name):
@@ -33,10 +64,10 @@ def module_of(name):
 def create_model(name, **kwargs):
     """Build a registered model by name; unknown names raise one clear error listing the valid ones."""
     registry = all_models()
-    if name not in registry:
-        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(registry)}")
+    if not is_model_name(name):
+        raise ValueError(unknown_model_message(name))
     try:
-        return registry[name](**kwargs)
+        return registry[canonical_name(name)](**kwargs)
     except TypeError as e:  # an override the constructor does not take, e.g. a typo
         if "unexpected keyword argument" not in str(e):
             raise
