@@ -3,6 +3,7 @@
 Multi-process behaviour runs through real `torchrun --nproc_per_node 2` (gloo on CPU); single-process
 checks call train.main() in-process (same code path, no interpreter start-up).
 """
+import dataclasses
 import os
 import re
 import subprocess
@@ -17,6 +18,7 @@ from conftest import REPO_ROOT, make_image_folder, subprocess_env
 import train
 from helpers.data import order as data_order
 from helpers.training import runs
+from helpers.training.setup import DataConfig, build_dataset
 from helpers.utils.cli import run_main
 from helpers.data.images import ImageFolderDataset
 from helpers.data.per_file_writer import write_latent
@@ -299,10 +301,23 @@ def test_bad_sizes_and_labels(tmp_path, capsys):
     _bad(tmp_path, capsys, [*TINY, "--dataset", "digits", "--network_g__skip_stride=0"], "skip_stride must be >= 1")
     _bad(tmp_path, capsys, [*TINY, "--dataset", "digits", "--num-classes", "5"], "10 classes")
     folder = make_image_folder(tmp_path / "img", num_classes=3, per_class=1)
-    _bad(tmp_path, capsys, [*TINY, "--data-path", folder, "--vae", "none", "--image-size", "16",
-                            "--num-classes", "2"], "has 3 classes")
+    _bad(tmp_path, capsys, [*TINY, "--data-path", folder, "--vae", "none", "--image-size", "16", "--num-classes",
+                            "2"], f"{folder} has 3 class folders (n00000000, n00000001, n00000002), labels 0..2, but "
+                                  f"--num-classes is 2: pass --num-classes 3 or more (or leave it out: the folders "
+                                  f"set it)")
     _bad(tmp_path, capsys, [*TINY, "--data-path", folder, "--image-size", "16", "--num-classes", "3",
                             "--vae", str(tmp_path / "novae")], "--vae")
+
+
+def test_latents_set_the_classes_from_their_labels(tmp_path):
+    """--feature-path without --num-classes: max label + 1 (their labels are the class indices)."""
+    root = make_latents(tmp_path / "lat", n=8, num_classes=5)
+    config = DataConfig(data_path=None, feature_path=root, dataset=None, image_size=64, num_classes=None, vae="ema",
+                        skip_nonfinite=False, allow_empty_classes=False, repa=False)
+    dataset, channels, side, classes = build_dataset(config, 8)
+    assert (channels, side, classes.count) == (4, 8, 5) and dataset.num_classes == 5
+    assert classes.note == f"5 classes from {root} (labels 0..4 of its 8 latents); --num-classes overrides"
+    assert build_dataset(dataclasses.replace(config, num_classes=7), 8)[3] == (7, None)   # --num-classes 7
 
 
 def test_resume_errors_write_nothing(tmp_path, capsys, latents):

@@ -35,7 +35,9 @@ def build_parser(description):
     data.add_argument("--dataset", type=str, default=None, choices=sorted(BUILTIN_DATASETS),
                       help="a built-in pixel-space dataset (no download)")
     data.add_argument("--image-size", type=int, default=None, help="pixels (default 256; 16 for --dataset)")
-    data.add_argument("--num-classes", type=int, default=None, help="default 1000 (the dataset's for --dataset)")
+    data.add_argument("--num-classes", type=int, default=None,
+                      help="default: the data's (one per class folder, the latents' max label + 1, the "
+                           "built-in dataset's; a resumed run's own)")
     data.add_argument("--vae", type=str, default=None,
                       help="ema | mse | a local AutoencoderKL folder | none (default ema; none for --dataset)")
     data.add_argument("--num-workers", type=int, default=None, help="DataLoader workers per process (default 4)")
@@ -125,7 +127,7 @@ def resolve_args(args, world_size):
     args.num_workers = 4 if args.num_workers is None else args.num_workers
     args.vae = "ema" if args.vae is None else ("none" if str(args.vae).lower() == "none" else args.vae)
     args.image_size = 256 if args.image_size is None else args.image_size
-    args.num_classes = 1000 if args.num_classes is None else args.num_classes
+    # --num-classes left unset with --data-path/--feature-path: build_dataset counts the data's classes
     if args.model not in model_names():
         raise JobError(f"unknown model {args.model!r}: choose one of {', '.join(model_names())}")
     for flag, value, low in (("--image-size", args.image_size, 1), ("--num-classes", args.num_classes, 1),
