@@ -195,8 +195,9 @@ def build(args, dist_info, resume_path):
 
     # Objective, model and EMA (with --repa: the projectors beside the model, the encoders frozen).
     objective = create_objective(objective_from_args(args))
+    overrides = {"class_dropout_prob": args.class_dropout_prob, **args.model_overrides}   # flags.check_class_dropout
     model_kwargs = dict(input_size=side, in_channels=args.in_channels, num_classes=args.num_classes,
-                        learn_sigma=objective.learn_sigma, **args.model_overrides)
+                        learn_sigma=objective.learn_sigma, **overrides)
     model = training.build_model(args.model, model_kwargs, args.image_size, vae_factor).to(device)
     model.set_grad_checkpointing(args.grad_checkpointing)
     net = model

@@ -9,9 +9,14 @@ from dataclasses import dataclass
 import torch
 
 from helpers.data.vae import downsample_factor, downsample_factor_of_spec, latent_channels, load_vae
-from helpers.utils.checkpoint import extract_state_dict, identify_variant, load_checkpoint_file, load_model_weights
+from helpers.utils.checkpoint import (extract_state_dict, identify_variant, load_checkpoint_file, load_model_weights,
+                                     strip_wrapper_prefixes)
 from helpers.utils.cli import JobError
 from helpers.utils.models import create_model, model_names
+
+# The class-label table of DiC, DiT and DiCo: num_classes rows, plus the null label's when trained with dropout.
+LABEL_TABLES = ("y_embedder_ls.0.embedding_table.weight", "y_embedder.embedding_table.weight",
+                "y_embedder.embedding_table_0.weight")
 
 
 @dataclass(frozen=True)
@@ -81,9 +86,20 @@ def check_label(label, num_classes):
                             f"(valid: 0..{num_classes - 1})")
 
 
+def null_label_kwargs(state_dict, num_classes):
+    """{"class_dropout_prob": 0} for weights whose label table has no null row (trained with
+    --class-dropout-prob 0), so the model is built to their shapes; {} otherwise (any positive
+    value builds the same model, and sampling never drops labels). Read from the weights, so
+    ours, exported and bare files alike."""
+    weights = strip_wrapper_prefixes(state_dict)
+    rows = next((weights[key].shape[0] for key in LABEL_TABLES if key in weights), None)
+    return {"class_dropout_prob": 0.0} if rows == num_classes else {}
+
+
 def build_model(settings, state_dict, device, cfg_scale):
     """(model, vae) ready to sample, from resolved ModelSettings: VAE first (it fixes the latent
     shape). `cfg_scale` > 1 needs a model trained with class dropout (it has a null label)."""
+    model_kwargs = {**null_label_kwargs(state_dict, settings.num_classes), **settings.model_kwargs}
     vae = load_vae(settings.vae, device)
     factor = downsample_factor(vae)
     if settings.image_size % factor:
@@ -94,7 +110,7 @@ def build_model(settings, state_dict, device, cfg_scale):
                             f"{latent_channels(vae)} latent channels (--in-channels is for --vae none)")
     in_channels = latent_channels(vae, settings.in_channels or 3)
     kwargs = dict(input_size=settings.image_size // factor, in_channels=in_channels,
-                  num_classes=settings.num_classes, learn_sigma=settings.learn_sigma, **settings.model_kwargs)
+                  num_classes=settings.num_classes, learn_sigma=settings.learn_sigma, **model_kwargs)
     try:
         model = create_model(settings.model, **kwargs)
     except TypeError as e:  # an override the constructor does not take
