@@ -110,6 +110,28 @@ def test_interrupted_run_resumes_to_the_same_npz_and_a_done_run_is_left_alone(la
     assert os.stat(npz).st_mtime_ns == mtime and open(npz, "rb").read() == open(reference, "rb").read()
 
 
+def test_a_killed_npz_write_leaves_its_temp_in_the_locked_folder_and_the_rerun_removes_it(latent_ckpt, reference,
+                                                                                          tmp_path, monkeypatch):
+    """The .npz is packed inside the locked sample folder, so what a killed packing leaves is a temp
+    file there, which the rerun removes; another job's live temp beside the folder is never touched."""
+    other_job = tmp_path / ".tmp-another-job.npz"
+    other_job.write_bytes(b"another job's .npz, being written")
+
+    def killed(folder, num, path, *args, **kwargs):   # as SIGKILL mid-write leaves it: a temp beside `path`
+        with open(os.path.join(os.path.dirname(path), ".tmp-x8z1q.npz"), "wb") as f:
+            f.write(b"PK half an npz")
+        raise SystemExit(137)
+    monkeypatch.setattr(sample_ddp, "write_npz_from_pngs", killed)
+    with pytest.raises(SystemExit):
+        run_in_process(latent_ckpt, tmp_path, "--per-proc-batch-size", "3")
+    assert (tmp_path / FOLDER / ".tmp-x8z1q.npz").exists()
+    monkeypatch.undo()
+    npz = run_in_process(latent_ckpt, tmp_path, "--per-proc-batch-size", "3")
+    assert open(npz, "rb").read() == open(reference, "rb").read()
+    assert sorted(os.listdir(tmp_path)) == [".tmp-another-job.npz", FOLDER, f"{FOLDER}.npz"]
+    assert not [name for name in os.listdir(tmp_path / FOLDER) if name.startswith(".tmp-")]
+
+
 def test_random_labels_are_the_checkpoints_classes(tmp_path, monkeypatch):
     ckpt = make_checkpoint(tmp_path / "three.pt", num_classes=3)
     drawn, original = [], sample_ddp.draw_labels
