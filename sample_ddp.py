@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from helpers.utils.cli import JobError, Stopped, agree, run_main
 from helpers.utils.distributed import cleanup_distributed, gather_objects, setup_distributed
-from helpers.utils.files import atomic_write, atomic_write_text, check_writable, remove_stale_temps
+from helpers.utils.files import atomic_write, atomic_write_text, check_writable, fsync_folder, remove_stale_temps
 from helpers.utils.locks import RunLock
 from helpers.utils.preemption import StopRequest
 from helpers.sampling.checkpoint_model import build_model, read_checkpoint
@@ -52,6 +52,8 @@ from helpers.sampling.samplers import sampler_name, sampler_record
 SETTINGS_FILE = "sampling_settings.json"
 # What older settings files implied for keys they lack (their noise came from another seed rule).
 LEGACY_SETTINGS = {"precision": "tf32", "clip_denoised": False, "seed_rule": "seedsequence"}
+# The .npz while rank 0 packs it: a temp name (helpers/utils/files.TMP_PATTERN) inside the locked sample folder.
+STAGED_NPZ = ".tmp-packing.npz"
 SEED_RULE = "derive_seed"   # helpers.utils.seeds: image i's generator is generator(global seed, i)
 
 
@@ -122,6 +124,20 @@ def create_output(args, sample_folder, locks):
         atomic_write_text(settings_path, json.dumps(image_settings(args), indent=2))
 
 
+def pack_npz(sample_folder, num, npz_path, image_shape):
+    """Rank 0, holding the folder's lock: the PNGs packed into `npz_path`, built as STAGED_NPZ inside
+    the sample folder, then renamed beside it. Every temp file of a killed packing is then in the
+    locked folder, where the rerun's remove_stale_temps takes it (the sample dir, shared with other
+    jobs' .npz writes, is never swept). Only a job holding this folder's lock writes its .npz, so
+    the check before the rename has no race."""
+    staged = os.path.join(sample_folder, STAGED_NPZ)
+    write_npz_from_pngs(sample_folder, num, staged, image_shape, progress=True)
+    if os.path.lexists(npz_path):
+        raise JobError(f"{npz_path} appeared while this job packed its samples: move it away and rerun")
+    os.replace(staged, npz_path)   # one rename: no moment with the .npz both published and staged
+    fsync_folder(os.path.dirname(os.path.abspath(npz_path)))
+
+
 def my_chunks(rank, world_size, total, batch_size):
     """This rank's batches: chunk k = images [k B, (k + 1) B) goes to rank k mod W. A batch then holds
     the same images whatever the process count, which adaptive ODE solvers need (they choose their
@@ -181,7 +197,7 @@ def main(args):
             raise Stopped(f"{stops[0]} received: stopped between chunks, the finished samples kept in "
                           f"{sample_folder}; run the same command again to continue")
         if dist.is_main:
-            write_npz_from_pngs(sample_folder, args.num_fid_samples, npz_path, expected_shape[1:], progress=True)
+            pack_npz(sample_folder, args.num_fid_samples, npz_path, expected_shape[1:])
             print(f"Saved .npz file to {npz_path} [shape={expected_shape}].")
     finally:
         for lock in locks:

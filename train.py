@@ -129,6 +129,8 @@ def main(args, engine=None):
                            model_kwargs=built["model_kwargs"], lock=(locks or [None])[-1],
                            loss_file=LossFile(os.path.join(run_dir, "losses.csv")) if dist_info.is_main else None)
         log_setup(args, run, resumed=checkpoint is not None)
+        if built["classes_note"]:
+            log.info(built["classes_note"])   # "N classes from <data> (...); --num-classes overrides"
         if run.is_main:
             runs.warn_if_disk_small(run_dir, runs.checkpoint_bytes(run.model, run.ema, run.net), log)
 
@@ -183,7 +185,8 @@ def build(args, dist_info, resume_path):
 
     # Data, and the VAE that encodes --data-path images or decodes live samples.
     vae_factor = downsample_factor_of_spec(args.vae)
-    dataset, channels, side = training.build_dataset(train_flags.data_config(args), vae_factor)
+    dataset, channels, side, classes = training.build_dataset(train_flags.data_config(args), vae_factor)
+    args.num_classes = classes.count   # --num-classes, the resumed run's, else the data's own (saved with the run)
     training.check_batch_fits(dataset, args.global_batch_size)
     decodes = args.sample_every or args.fid_every   # live samples and FID decode latents
     encodes = args.data_path and not args.feature_path
@@ -192,8 +195,9 @@ def build(args, dist_info, resume_path):
 
     # Objective, model and EMA (with --repa: the projectors beside the model, the encoders frozen).
     objective = create_objective(objective_from_args(args))
+    overrides = {"class_dropout_prob": args.class_dropout_prob, **args.model_overrides}   # flags.check_class_dropout
     model_kwargs = dict(input_size=side, in_channels=args.in_channels, num_classes=args.num_classes,
-                        learn_sigma=objective.learn_sigma, **args.model_overrides)
+                        learn_sigma=objective.learn_sigma, **overrides)
     model = training.build_model(args.model, model_kwargs, args.image_size, vae_factor).to(device)
     model.set_grad_checkpointing(args.grad_checkpointing)
     net = model
@@ -211,7 +215,7 @@ def build(args, dist_info, resume_path):
     if checkpoint is not None:
         training.load_resume_weights(checkpoint, resume_path, args.model, model, ema, net, opt)
     return dict(checkpoint=checkpoint, vae=vae, dataset=dataset, model=model, net=net, ema=ema, opt=opt,
-                objective=objective, model_kwargs=model_kwargs)
+                objective=objective, model_kwargs=model_kwargs, classes_note=classes.note)
 
 
 def start_training(args, engine, log, run, progress):

@@ -115,6 +115,24 @@ def test_sample_py_into_a_read_only_folder_fails_before_sampling(tmp_path, monke
         sample.main(sample.parse_args(["--ckpt", ckpt, "--out", str(out)]))
 
 
+def test_sample_py_refuses_a_size_the_model_cannot_take_before_any_work(tmp_path, monkeypatch):
+    """DiC-Tiny downsamples by 4 and DiT-S/4 patches by 4: --image-size 30 is one line, before the
+    VAE or the model is built (the trainer's rule, on the meta device)."""
+    from helpers.sampling import checkpoint_model
+    monkeypatch.setattr(checkpoint_model, "load_vae", lambda *a: pytest.fail("sampling work started"))
+    ckpt = make_checkpoint(tmp_path / "c.pt")
+    with pytest.raises(JobError, match=r"^--image-size 30 gives a 30x30 model input \(VAE factor 1\) that DiC-Tiny "
+                                       r"cannot take: it downsamples by 4, so use an image size divisible by 4 "
+                                       r"\(e.g. 28\)$"):
+        sample.main(sample.parse_args(["--ckpt", ckpt, "--image-size", "30", "--out", str(tmp_path / "g.png")]))
+    assert not (tmp_path / "g.png").exists()
+    dit = checkpoint_model.ModelSettings(model="DiT-S/4", image_size=30, num_classes=10, vae="none", in_channels=3,
+                                         model_kwargs={}, learn_sigma=True)
+    with pytest.raises(JobError, match=r"input_size 30 is not divisible by patch_size 4; use an image size "
+                                       r"divisible by 4 \(e.g. 28\)$"):
+        checkpoint_model.check_settings(dit, {}, cfg_scale=1.0)
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_every_file_a_script_writes_has_the_mode_of_a_plain_open(tmp_path, latents, umask):
     old = os.umask(umask)

@@ -110,6 +110,39 @@ def test_interrupted_run_resumes_to_the_same_npz_and_a_done_run_is_left_alone(la
     assert os.stat(npz).st_mtime_ns == mtime and open(npz, "rb").read() == open(reference, "rb").read()
 
 
+def test_a_killed_npz_write_leaves_its_temp_in_the_locked_folder_and_the_rerun_removes_it(latent_ckpt, reference,
+                                                                                          tmp_path, monkeypatch):
+    """The .npz is packed inside the locked sample folder, so what a killed packing leaves is a temp
+    file there, which the rerun removes; another job's live temp beside the folder is never touched."""
+    other_job = tmp_path / ".tmp-another-job.npz"
+    other_job.write_bytes(b"another job's .npz, being written")
+
+    def killed(folder, num, path, *args, **kwargs):   # as SIGKILL mid-write leaves it: a temp beside `path`
+        with open(os.path.join(os.path.dirname(path), ".tmp-x8z1q.npz"), "wb") as f:
+            f.write(b"PK half an npz")
+        raise SystemExit(137)
+    monkeypatch.setattr(sample_ddp, "write_npz_from_pngs", killed)
+    with pytest.raises(SystemExit):
+        run_in_process(latent_ckpt, tmp_path, "--per-proc-batch-size", "3")
+    assert (tmp_path / FOLDER / ".tmp-x8z1q.npz").exists()
+    monkeypatch.undo()
+    npz = run_in_process(latent_ckpt, tmp_path, "--per-proc-batch-size", "3")
+    assert open(npz, "rb").read() == open(reference, "rb").read()
+    assert sorted(os.listdir(tmp_path)) == [".tmp-another-job.npz", FOLDER, f"{FOLDER}.npz"]
+    assert not [name for name in os.listdir(tmp_path / FOLDER) if name.startswith(".tmp-")]
+
+
+def test_random_labels_are_the_checkpoints_classes(tmp_path, monkeypatch):
+    ckpt = make_checkpoint(tmp_path / "three.pt", num_classes=3)
+    drawn, original = [], sample_ddp.draw_labels
+    monkeypatch.setattr(sample_ddp, "draw_labels", lambda noise, n, balanced: drawn.append(
+        (n, original(noise, n, balanced))) or drawn[-1][1])
+    sample_ddp.main(sample_ddp.parse_args(["--ckpt", ckpt, "--num-fid-samples", "8", "--num-sampling-steps", "2",
+                                           "--per-proc-batch-size", "8", "--cfg-scale", "1",
+                                           "--sample-dir", str(tmp_path / "s")]))
+    assert [n for n, _ in drawn] == [3] and set(drawn[0][1].tolist()) == {0, 1, 2}
+
+
 def test_pixel_space_grey_samples_are_rgb_and_labels_can_be_balanced(tmp_path, capsys):
     ckpt = make_checkpoint(tmp_path / "pixels.pt")  # 1-channel 16 px, vae none, from its args
     npz = sample_ddp.main(sample_ddp.parse_args(
@@ -138,6 +171,9 @@ def test_bad_cfg_scale_is_a_one_line_error_and_creates_nothing(latent_ckpt, tmp_
      "checkpoint holds DiC-Tiny weights but the model is DiC-S: pass --model DiC-Tiny or a DiC-S checkpoint"),
     (["--model", "DiT-XL/9"], JobError, "unknown model 'DiT-XL/9': choose one of"),
     (["--num-fid-samples", "0"], JobError, "--per-proc-batch-size and --num-fid-samples must be >= 1"),
+    (["--image-size", "30"], JobError, "--image-size 30 gives a 15x15 model input (VAE factor 2) that DiC-Tiny cannot "
+                                       "take: it downsamples by 4, so use an image size divisible by 8 (e.g. 24)"),
+    (["--image-size", "15"], JobError, "--image-size 15 is not a multiple of the VAE's downsampling factor 2"),
 ])
 def test_bad_input_creates_no_output(latent_ckpt, tmp_path, extra, error, message):
     with pytest.raises(error) as info:

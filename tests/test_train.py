@@ -3,6 +3,7 @@
 Multi-process behaviour runs through real `torchrun --nproc_per_node 2` (gloo on CPU); single-process
 checks call train.main() in-process (same code path, no interpreter start-up).
 """
+import dataclasses
 import os
 import re
 import subprocess
@@ -14,10 +15,12 @@ import torch
 
 from conftest import REPO_ROOT, make_image_folder, subprocess_env
 
+import sample
 import train
 from helpers.data import order as data_order
 from helpers.training import runs
-from helpers.utils.cli import run_main
+from helpers.training.setup import DataConfig, build_dataset
+from helpers.utils.cli import JobError, run_main
 from helpers.data.images import ImageFolderDataset
 from helpers.data.per_file_writer import write_latent
 from helpers.utils.log import read_losses
@@ -299,10 +302,60 @@ def test_bad_sizes_and_labels(tmp_path, capsys):
     _bad(tmp_path, capsys, [*TINY, "--dataset", "digits", "--network_g__skip_stride=0"], "skip_stride must be >= 1")
     _bad(tmp_path, capsys, [*TINY, "--dataset", "digits", "--num-classes", "5"], "10 classes")
     folder = make_image_folder(tmp_path / "img", num_classes=3, per_class=1)
-    _bad(tmp_path, capsys, [*TINY, "--data-path", folder, "--vae", "none", "--image-size", "16",
-                            "--num-classes", "2"], "has 3 classes")
+    _bad(tmp_path, capsys, [*TINY, "--data-path", folder, "--vae", "none", "--image-size", "16", "--num-classes",
+                            "2"], f"{folder} has 3 class folders (n00000000, n00000001, n00000002), labels 0..2, but "
+                                  f"--num-classes is 2: pass --num-classes 3 or more (or leave it out: the folders "
+                                  f"set it)")
+    _bad(tmp_path, capsys, [*TINY, "--dataset", "digits", "--class-dropout-prob", "1"],
+         "--class-dropout-prob must be in [0, 1) (0.1 as DiT; 0 for a model never sampled with guidance), got 1.0")
+    _bad(tmp_path, capsys, [*TINY, "--dataset", "digits", "--class-dropout-prob", "0", "--sample-cfg-scale", "4"],
+         "--sample-cfg-scale 4.0 needs a null label, which --class-dropout-prob 0 does not train")
     _bad(tmp_path, capsys, [*TINY, "--data-path", folder, "--image-size", "16", "--num-classes", "3",
                             "--vae", str(tmp_path / "novae")], "--vae")
+
+
+def test_class_folders_set_the_classes_a_resume_keeps_them_and_samplers_draw_only_those(tmp_path, capsys):
+    """A user's 2 class folders train a 2-class model (said in the log), not DiT's 1000; --num-classes
+    overrides and --class-dropout-prob 0 builds a model without a null label; a resume keeps both;
+    sample.py then draws the checkpoint's classes and refuses guidance."""
+    folder = make_image_folder(tmp_path / "img", num_classes=2, per_class=2, size=(20, 20))
+    common = [*TINY, "--data-path", folder, "--vae", "none", "--image-size", "16", "--global-batch-size", "4"]
+    assert call_main([*common, "--results-dir", tmp_path / "a", "--max-steps", "1"]) == 0
+    assert (f"2 classes from {folder} (class folders n00000000, n00000001); --num-classes overrides"
+            in open(os.path.join(only_run(tmp_path / "a"), "log.txt")).read())
+    assert load(os.path.join(only_run(tmp_path / "a"), "checkpoints", "0000001.pt"))["args"]["num_classes"] == 2
+
+    argv = [*common, "--results-dir", tmp_path / "b"]
+    assert call_main([*argv, "--max-steps", "1", "--num-classes", "3", "--class-dropout-prob", "0"]) == 0
+    capsys.readouterr()
+    assert call_main([*argv, "--max-steps", "2", "--resume", "auto"]) == 0   # neither flag: the run's own
+    out = capsys.readouterr().out
+    assert "classes from" not in out and "resuming with" not in out
+    ckpt_path = os.path.join(only_run(tmp_path / "b"), "checkpoints", "0000002.pt")
+    ckpt = load(ckpt_path)
+    assert (ckpt["args"]["num_classes"], ckpt["args"]["class_dropout_prob"]) == (3, 0)
+    assert ckpt["model"]["y_embedder_ls.0.embedding_table.weight"].shape[0] == 3      # no null-label row
+
+    grid = tmp_path / "grid.png"
+    with pytest.raises(JobError, match="has no null label .* pass --cfg-scale 1"):
+        sample.main(sample.parse_args(["--ckpt", ckpt_path, "--out", str(grid)]))
+    with pytest.raises(JobError, match=r"class label 3 is out of range for a 3-class model \(valid: 0..2\)"):
+        sample.main(sample.parse_args(["--ckpt", ckpt_path, "--out", str(grid), "--class-labels", "3"]))
+    assert not grid.exists()
+    sample.main(sample.parse_args(["--ckpt", ckpt_path, "--out", str(grid), "--cfg-scale", "1",
+                                   "--num-sampling-steps", "2"]))
+    assert "(labels 0 1 2 0 1 2 0 1)" in capsys.readouterr().out
+
+
+def test_latents_set_the_classes_from_their_labels(tmp_path):
+    """--feature-path without --num-classes: max label + 1 (their labels are the class indices)."""
+    root = make_latents(tmp_path / "lat", n=8, num_classes=5)
+    config = DataConfig(data_path=None, feature_path=root, dataset=None, image_size=64, num_classes=None, vae="ema",
+                        skip_nonfinite=False, allow_empty_classes=False, repa=False)
+    dataset, channels, side, classes = build_dataset(config, 8)
+    assert (channels, side, classes.count) == (4, 8, 5) and dataset.num_classes == 5
+    assert classes.note == f"5 classes from {root} (labels 0..4 of its 8 latents); --num-classes overrides"
+    assert build_dataset(dataclasses.replace(config, num_classes=7), 8)[3] == (7, None)   # --num-classes 7
 
 
 def test_resume_errors_write_nothing(tmp_path, capsys, latents):
@@ -381,7 +434,7 @@ def test_new_runs_never_reuse_a_folder(tmp_path, capsys):
     assert os.listdir(results / "004-DiC-Tiny" / "checkpoints") == ["0000001.pt"]
     ckpt = load(results / "004-DiC-Tiny" / "checkpoints" / "0000001.pt")   # the override reached the model
     assert ckpt["model_kwargs"] == {"input_size": 16, "in_channels": 1, "num_classes": 10, "learn_sigma": True,
-                                    "skip_stride": 1}
+                                    "class_dropout_prob": 0.1, "skip_stride": 1}
     assert ckpt["args"]["model_overrides"] == {"skip_stride": 1} and ckpt["args"]["dataset"] == "digits"
     # DiT's number (count of entries), moved past every number in use.
     assert os.path.basename(runs.create_run_dir(str(results), "DiT-XL/2")) == "005-DiT-XL-2"

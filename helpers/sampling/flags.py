@@ -11,6 +11,7 @@ import sys
 from dataclasses import fields
 
 from helpers.data.images import BUILTIN_DATASETS
+from helpers.data.vae import downsample_factor_of_spec
 from helpers.sampling.checkpoint_model import (ModelSettings, check_label, check_model_name, head_learns_sigma,
                                                identify_model)
 from helpers.sampling.dpm_solver import check_num_steps
@@ -20,7 +21,7 @@ from helpers.sampling.samplers import (DDPM_SAMPLERS, DEFAULT_STEPS, DIFFUSION_F
                                        SIT_MODES, SamplerSettings)
 from helpers.training.objectives import add_objective_args, objective_from_args, objective_of_checkpoint
 from helpers.training.runs import saved_args
-from helpers.utils.cli import JobError
+from helpers.utils.cli import JobError, one_line
 from helpers.utils.fastpath import PRECISIONS, configure_tf32
 from helpers.utils.models import canonical_name, parse_args_with_overrides
 from helpers.utils.releases import release_objective, sampling_args
@@ -159,8 +160,18 @@ def check_common_args(args):
     seed = getattr(args, "seed", getattr(args, "global_seed", 0))
     if seed < 0:
         raise JobError(f"the seed must be >= 0, got {seed}")
-    if args.in_channels is not None and args.in_channels < 1:
-        raise JobError(f"--in-channels must be >= 1, got {args.in_channels}")
+    for flag, value in (("--in-channels", args.in_channels), ("--image-size", args.image_size),
+                        ("--num-classes", args.num_classes)):
+        if value is not None and value < 1:
+            raise JobError(f"{flag} must be >= 1, got {value}")
+    if args.vae is not None:
+        try:   # a folder's config.json read, nothing loaded
+            downsample_factor_of_spec(args.vae)
+        except ValueError as e:
+            raise JobError(one_line(e)) from e
+    negative = [label for label in getattr(args, "class_labels", None) or [] if label < 0]
+    if negative:   # the upper bound is the checkpoint's class count (resolve_settings)
+        raise JobError(f"class label {negative[0]} is negative: labels are class indices 0, 1, ...")
 
 
 def _saved_in_channels(saved):

@@ -35,7 +35,9 @@ def build_parser(description):
     data.add_argument("--dataset", type=str, default=None, choices=sorted(BUILTIN_DATASETS),
                       help="a built-in pixel-space dataset (no download)")
     data.add_argument("--image-size", type=int, default=None, help="pixels (default 256; 16 for --dataset)")
-    data.add_argument("--num-classes", type=int, default=None, help="default 1000 (the dataset's for --dataset)")
+    data.add_argument("--num-classes", type=int, default=None,
+                      help="default: the data's (one per class folder, the latents' max label + 1, the "
+                           "built-in dataset's; a resumed run's own)")
     data.add_argument("--vae", type=str, default=None,
                       help="ema | mse | a local AutoencoderKL folder | none (default ema; none for --dataset)")
     data.add_argument("--num-workers", type=int, default=None, help="DataLoader workers per process (default 4)")
@@ -46,6 +48,9 @@ def build_parser(description):
     model = p.add_argument_group("model and optimisation")
     model.add_argument("--model", type=str, default="DiC-XL", help=f"one of {', '.join(model_names())}")
     model.add_argument("--global-batch-size", type=int, default=256, help="processes x micro-batch x accumulation")
+    model.add_argument("--class-dropout-prob", type=float, default=0.1,
+                       help="share of labels dropped to the null class in training, which classifier-free "
+                            "guidance needs (DiT's 0.1); 0: no null class, sample with --cfg-scale 1")
     model.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer step")
     model.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     model.add_argument("--draws", type=str, default="per-sample", choices=["per-sample", "global"],
@@ -125,7 +130,7 @@ def resolve_args(args, world_size):
     args.num_workers = 4 if args.num_workers is None else args.num_workers
     args.vae = "ema" if args.vae is None else ("none" if str(args.vae).lower() == "none" else args.vae)
     args.image_size = 256 if args.image_size is None else args.image_size
-    args.num_classes = 1000 if args.num_classes is None else args.num_classes
+    # --num-classes left unset with --data-path/--feature-path: build_dataset counts the data's classes
     if args.model not in model_names():
         raise JobError(f"unknown model {args.model!r}: choose one of {', '.join(model_names())}")
     for flag, value, low in (("--image-size", args.image_size, 1), ("--num-classes", args.num_classes, 1),
@@ -137,6 +142,7 @@ def resolve_args(args, world_size):
             raise JobError(f"{flag} must be >= {low}, got {value}")
     if not args.lr > 0:
         raise JobError(f"--lr must be positive, got {args.lr}")
+    check_class_dropout(args)
     if not 0 <= args.ema_decay < 1:
         raise JobError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if args.max_grad_norm is not None and not args.max_grad_norm > 0:
@@ -167,12 +173,33 @@ def resolve_args(args, world_size):
     return args
 
 
+def check_class_dropout(args):
+    """--class-dropout-prob in [0, 1) (1 would never show the model a label), and one value with a
+    --network_g__class_dropout_prob override: runs from before the flag set it that way, so the
+    override wins unless the flag says otherwise. 0 leaves the model without a null label, so
+    guided live samples are refused here rather than at their first step."""
+    override = args.model_overrides.get("class_dropout_prob")
+    if override is not None:
+        if "class_dropout_prob" in args.explicit and override != args.class_dropout_prob:
+            raise JobError(f"--class-dropout-prob {args.class_dropout_prob} and --network_g__class_dropout_prob="
+                           f"{override} disagree: pass one of them")
+        args.class_dropout_prob = override
+    if not isinstance(args.class_dropout_prob, (int, float)) or not 0 <= args.class_dropout_prob < 1:
+        raise JobError(f"--class-dropout-prob must be in [0, 1) (0.1 as DiT; 0 for a model never sampled with "
+                       f"guidance), got {args.class_dropout_prob!r}")
+    if args.class_dropout_prob == 0 and args.sample_cfg_scale > 1:   # live samples and FID guide with the null label
+        raise JobError(f"--sample-cfg-scale {args.sample_cfg_scale} needs a null label, which --class-dropout-prob 0 "
+                       f"does not train: pass --sample-cfg-scale 1 or a positive --class-dropout-prob")
+
+
 # Flags a resumed run does not take from its checkpoint.
 _NOT_INHERITED = {"resume", "ckpt", "explicit", "no_progress", "mixed_precision", "ckpt_iter", "start_epoch"}
 # Flags that change the training itself: changed on resume, the run goes on, but not as it would have.
 _EXACTNESS = ("data_path", "feature_path", "dataset", "image_size", "vae", "global_batch_size", "global_seed", "draws",
               "lr", "precision", "mixed_precision", "max_grad_norm", "model_overrides", "fused_adamw",
               "channels_last", "compile", "objective")
+
+_EXACTNESS += ("class_dropout_prob",)   # how often the null label trains (0: the model has none)
 
 
 def inherit_args(args, saved):

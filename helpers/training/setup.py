@@ -6,7 +6,7 @@ Nothing is written until every check has passed on every process: errors are one
 and a run that fails validation leaves no folder behind.
 """
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -61,16 +61,23 @@ class DataConfig:
     feature_path: Optional[str]   # precomputed latents
     dataset: Optional[str]        # a built-in pixel-space dataset
     image_size: int
-    num_classes: int
+    num_classes: Optional[int]    # None: the data's own count (class folders, or the latents' labels)
     vae: str                      # named in errors (the latents' VAE factor is passed apart)
     skip_nonfinite: bool
     allow_empty_classes: bool
     repa: bool                    # latents come with the images they were made from
 
 
+class Classes(NamedTuple):
+    """The run's number of classes, and the log line saying it came from the data (None when
+    --num-classes, a resumed run or a built-in dataset set it)."""
+    count: int
+    note: Optional[str]
+
+
 def build_dataset(config, vae_factor):
-    """(dataset, in_channels, model input side) for the chosen source (`config` a DataConfig);
-    one-line errors for bad data."""
+    """(dataset, in_channels, model input side, Classes) for the chosen source (`config` a
+    DataConfig); one-line errors for bad data, and for a label the class count cannot hold."""
     side = config.image_size // vae_factor
     if config.feature_path:
         dataset = LatentFeatureDataset(config.feature_path, skip_nonfinite=config.skip_nonfinite)
@@ -80,11 +87,13 @@ def build_dataset(config, vae_factor):
                            f"with --vae {config.vae} (factor {vae_factor}) needs {c}x{side}x{side}: pass "
                            f"--image-size {h * vae_factor} (or the --vae the latents were made with)")
         dataset.check_labels(config.num_classes)   # every label: an integer in [0, --num-classes)
+        classes = latent_classes(dataset, config.num_classes, config.feature_path)
+        dataset.num_classes = classes.count        # later reads check the range too
         if config.repa:   # each latent with the image it came from, for the encoder
             images = ImageFolderDataset(config.data_path, config.image_size, random_flip=False, channels=3,
                                         allow_empty_classes=config.allow_empty_classes)
             dataset = LatentsWithImages(dataset, images)
-        return dataset, c, side
+        return dataset, c, side, classes
     if config.image_size % vae_factor:
         raise JobError(f"--image-size {config.image_size} is not divisible by the VAE's factor {vae_factor}: "
                        f"use a multiple of {vae_factor}")
@@ -95,11 +104,43 @@ def build_dataset(config, vae_factor):
         dataset = ImageFolderDataset(config.data_path, config.image_size, random_flip=True, channels=3,
                                      allow_empty_classes=config.allow_empty_classes)
         channels = 3
-    if dataset.num_classes > config.num_classes:
-        raise JobError(f"{config.data_path or 'built-in ' + config.dataset} has {dataset.num_classes} classes "
-                       f"(labels up to {dataset.num_classes - 1}) >= --num-classes {config.num_classes}: pass "
-                       f"--num-classes {dataset.num_classes} or more")
-    return dataset, channels, side
+    return dataset, channels, side, image_classes(dataset, config.num_classes, config.data_path, config.dataset)
+
+
+def latent_classes(dataset, num_classes, path):
+    """Classes of a latent set: `num_classes` (its labels already checked against it), else the
+    labels' own count (max label + 1), so a 5-class set trains a 5-class model, not DiT's 1000."""
+    if num_classes is not None:
+        return Classes(num_classes, None)
+    count = dataset.num_classes_seen
+    note = (f"{count} class{'es' * (count > 1)} from {path} (labels 0..{count - 1} of its {len(dataset):,} "
+            f"latents); --num-classes overrides")
+    return Classes(count, note)
+
+
+def image_classes(dataset, num_classes, data_path, builtin):
+    """Classes of class folders or a built-in set: `num_classes`, else one per class folder (an
+    unseen label would waste an embedding row; DiT's default of 1000 lets sampling draw them).
+    A folder whose label `num_classes` cannot hold is refused in one line."""
+    found = dataset.num_classes
+    if num_classes is None:
+        note = (f"{found} class{'es' * (found > 1)} from {data_path} (class folders {preview(dataset.classes)}); "
+                f"--num-classes overrides")
+        return Classes(found, note)
+    if found > num_classes:
+        what = f"class folders ({preview(dataset.classes)})" if data_path else "classes"
+        raise JobError(f"{data_path or 'built-in ' + builtin} has {found} {what}, labels 0..{found - 1}, but "
+                       f"--num-classes is {num_classes}: pass --num-classes {found} or more"
+                       f"{' (or leave it out: the folders set it)' if data_path else ''}")
+    return Classes(num_classes, None)
+
+
+def preview(names, shown=3):
+    """'a, b, c' or 'a, b, ..., z (26)': class names for one log line, however many there are."""
+    names = list(names)
+    if len(names) <= shown + 1:
+        return ", ".join(names)
+    return f"{', '.join(names[:shown - 1])}, ..., {names[-1]} ({len(names)})"
 
 
 def check_batch_fits(dataset, global_batch_size):
