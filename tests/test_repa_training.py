@@ -86,6 +86,7 @@ def test_repa_two_process_resume_is_bit_identical(tmp_path, paired, vit_weights,
     repa = a["objective"]["repa"]
     assert a["args"]["max_grad_norm"] == 1.0 and a["args"]["manifold_coeff"] == repa["manifold_coeff"]
     assert a["objective"]["name"] == objective and repa["recipe"] == "U-REPA" and repa["token_grid"] == [4, 4]
+    assert repa["proj_coeff"] == 0.25
     if urepa:   # the mid stage's 2x2 projected, then upsampled to the encoder's 4x4 tokens
         assert repa["tap"] == "mid" and repa["manifold_coeff"] == 3.0 and repa["upsample"] == "bilinear"
         assert "'recipe': 'U-REPA'" in one_go.stdout
@@ -182,16 +183,18 @@ def resolved(*argv, saved=None):
 
 
 def test_each_family_starts_from_its_authors_recipe():
-    """--repa: U-REPA's for the U-shaped DiC and DiCo (mid stage, w = 3), REPA's for DiT (block
-    --encoder-depth, w = 0), gradient clipping at 1.0 for both; each flag overrides; no --repa, no change."""
+    """--repa: U-REPA's for the U-shaped DiC and DiCo (mid stage, lambda 0.25, w = 3), REPA's for DiT
+    (block --encoder-depth, lambda 0.5, w = 0), gradient clipping at 1.0 for both; each flag overrides;
+    no --repa, no change."""
     for model in ("DiC-Tiny", "DiCo-Tiny"):
         args = resolved("--model", model, "--repa")
-        assert (args.repa_stage, args.manifold_coeff, args.max_grad_norm) == ("mid", 3.0, 1.0)
+        assert (args.repa_stage, args.proj_coeff, args.manifold_coeff, args.max_grad_norm) == ("mid", 0.25, 3.0, 1.0)
     args = resolved("--model", "DiT-S/2", "--repa")
-    assert (args.encoder_depth, args.manifold_coeff, args.max_grad_norm) == (8, 0.0, 1.0)
+    assert (args.encoder_depth, args.proj_coeff, args.manifold_coeff, args.max_grad_norm) == (8, 0.5, 0.0, 1.0)
     args = resolved("--model", "DiC-Tiny", "--repa", "--repa-stage", "auto", "--manifold-coeff", "0",
-                    "--max-grad-norm", "inf")
-    assert (args.repa_stage, args.manifold_coeff, args.max_grad_norm) == ("auto", 0.0, float("inf"))
+                    "--max-grad-norm", "inf", "--proj-coeff", "0.5")
+    assert (args.repa_stage, args.proj_coeff, args.manifold_coeff, args.max_grad_norm) == ("auto", 0.5, 0.0,
+                                                                                           float("inf"))
     args = resolved("--model", "DiC-Tiny")
     assert (args.repa_stage, args.manifold_coeff, args.max_grad_norm) == (None, None, None)
     from helpers.utils.cli import JobError
@@ -205,9 +208,10 @@ def test_a_run_from_before_the_recipes_resumes_as_it_started():
     from helpers.training import flags
     old = vars(resolved("--model", "DiC-Tiny", "--repa", "--repa-stage", "auto", "--max-grad-norm", "inf"))
     old = {k: v for k, v in old.items() if k not in ("manifold_coeff", "explicit")}
-    old["max_grad_norm"] = None
+    old["max_grad_norm"], old["proj_coeff"] = None, 0.5
     args = resolved(saved=old)
-    assert (args.repa_stage, args.manifold_coeff, args.max_grad_norm) == ("auto", 0.0, float("inf"))
+    assert (args.repa_stage, args.proj_coeff, args.manifold_coeff, args.max_grad_norm) == ("auto", 0.5, 0.0,
+                                                                                           float("inf"))
     log = Warnings()
     flags.warn_changed_settings(args, old, log)
     assert log.lines == []

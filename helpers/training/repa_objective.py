@@ -2,13 +2,13 @@
 objective through the same training_losses interface (helpers/training/repa.py holds the encoders, the
 projector and the loss itself).
 
-    --repa --enc-type dinov2-vit-b --enc-weights dinov2_vitb14_pretrain.pth --proj-coeff 0.5
+    --repa --enc-type dinov2-vit-b --enc-weights dinov2_vitb14_pretrain.pth
     loss = denoising loss (DDPM's, SiT's or RF's) + proj_coeff * (REPA + manifold_coeff * manifold)
     REPA: mean over tokens and encoders of -cos; manifold: U-REPA's token-pair similarity term
 
 Each model family starts from its authors' recipe (repa_recipe): DiT aligns its tokens after block
 --encoder-depth without the manifold term (REPA); the U-shaped DiC/DiCo align the middle stage,
-projected then upsampled to the encoder's token grid, with manifold_coeff 3 (U-REPA); both clip the
+projected then upsampled to the encoder's token grid, proj_coeff 0.25, manifold_coeff 3 (U-REPA); both clip the
 gradient norm at 1.0. Any of these can be overridden by its flag. The projectors train with the model
 (optimizer, DDP, checkpoints under "projector", exact resume); sampling and export.py leave them out.
 The encoders are frozen, in eval mode, get no gradient, run in bf16 on a GPU and are never saved.
@@ -26,6 +26,8 @@ from helpers.training.repa import (ENCODERS, Projector, encoder_tokens, load_enc
 REPA_MAX_GRAD_NORM = 1.0   # REPA's train.py --max-grad-norm (U-REPA trains with REPA's script)
 U_REPA_STAGE = "mid"        # U-REPA: the lowest-resolution stage aligns best (FID 6.25 vs 9.35 at layer 8)
 U_REPA_MANIFOLD = 3.0       # U-REPA's best w (w = 0: 6.25, 2: 5.81, 3: 5.72, 4: 5.79 FID at 100K)
+REPA_PROJ_COEFF = 0.5       # REPA's lambda
+U_REPA_PROJ_COEFF = 0.25    # U-REPA's lambda is not stated; its sweep holding lambda * w fixed suggests 0.25
 
 
 def repa_recipe(transformer):
@@ -33,15 +35,18 @@ def repa_recipe(transformer):
     --encoder-depth block), U-REPA's for a U-shaped network (DiC, DiCo: the mid stage, manifold w = 3).
     Both clip at REPA's gradient norm. Values for flags left unset (None)."""
     if transformer:
-        return {"recipe": "REPA", "max_grad_norm": REPA_MAX_GRAD_NORM, "manifold_coeff": 0.0, "repa_stage": None}
-    return {"recipe": "U-REPA", "max_grad_norm": REPA_MAX_GRAD_NORM, "manifold_coeff": U_REPA_MANIFOLD,
-            "repa_stage": U_REPA_STAGE}
+        return {"recipe": "REPA", "max_grad_norm": REPA_MAX_GRAD_NORM, "proj_coeff": REPA_PROJ_COEFF,
+                "manifold_coeff": 0.0, "repa_stage": None}
+    return {"recipe": "U-REPA", "max_grad_norm": REPA_MAX_GRAD_NORM, "proj_coeff": U_REPA_PROJ_COEFF,
+            "manifold_coeff": U_REPA_MANIFOLD, "repa_stage": U_REPA_STAGE}
 
 
 def add_repa_args(parser):
     g = parser.add_argument_group("REPA (representation alignment; off by default)")
     g.add_argument("--repa", action="store_true", help="add REPA's projection loss to the objective")
-    g.add_argument("--proj-coeff", type=float, default=0.5, help="weight of the projection loss")
+    g.add_argument("--proj-coeff", type=float, default=None,
+                   help=f"weight lambda of the projection term (default {REPA_PROJ_COEFF:g} for DiT, REPA's; "
+                        f"{U_REPA_PROJ_COEFF:g} for DiC/DiCo, inferred for U-REPA)")
     g.add_argument("--enc-type", type=str, default="dinov2-vit-b", help=f"encoders, comma-separated: {', '.join(ENCODERS)}")
     g.add_argument("--enc-weights", type=str, default=None,
                    help="local weights of each encoder, comma-separated (default: download through timm)")
@@ -119,7 +124,7 @@ class RepaConfig:
     """REPA's settings, from the trainers' flags of the same names (flags.repa_config)."""
     enc_type: str                          # encoders, comma-separated
     enc_weights: Optional[str]             # their local weights, comma-separated (None: timm download)
-    proj_coeff: float
+    proj_coeff: Optional[float]            # lambda (None: the recipe's, 0.5 for DiT, 0.25 for DiC/DiCo)
     projector_embed_dims: Optional[str]    # comma-separated (None: each encoder's token width)
     encoder_depth: int                     # DiT: the aligned block
     repa_stage: Optional[str]              # DiC/DiCo: the aligned stage, or auto (None: the recipe's, mid)
@@ -138,7 +143,7 @@ class RepaConfig:
         if weights and len(weights) != len(names):
             raise JobError(f"--enc-weights names {len(weights)} files for {len(names)} encoders (--enc-type "
                            f"{self.enc_type}): pass one per encoder, comma-separated")
-        if not self.proj_coeff >= 0:
+        if self.proj_coeff is not None and not self.proj_coeff >= 0:
             raise JobError(f"--proj-coeff must be >= 0, got {self.proj_coeff}")
         if self.manifold_coeff is not None and not self.manifold_coeff >= 0:
             raise JobError(f"--manifold-coeff must be >= 0, got {self.manifold_coeff}")
@@ -156,7 +161,7 @@ def build_repa(config, model, base_objective, device):
         raise JobError(f"--projector-embed-dims {config.projector_embed_dims} must be each encoder's token width "
                        f"({', '.join(str(e.embed_dim) for e in encoders)}): the loss compares them")
     recipe = repa_recipe(is_transformer(model))
-    config = replace(config, **{key: recipe[key] for key in ("repa_stage", "manifold_coeff")
+    config = replace(config, **{key: recipe[key] for key in ("repa_stage", "proj_coeff", "manifold_coeff")
                                 if getattr(config, key) is None})
     tap, out_grid, conv = choose_tap(config, model, grid)
     projectors = [Projector(model.feature_channels(tap), dim, conv=conv, out_grid=out_grid).to(device)
