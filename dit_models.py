@@ -182,10 +182,11 @@ class DiT(dic_models.TapsAndCheckpointing, nn.Module):
         pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.x_embedder.grid_size)
         self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
 
-        # Patch embedding weight initialised like a Linear on the flattened kernel (its bias keeps
-        # PyTorch's Conv2d default, as in DiT, where only nn.Linear biases are zeroed):
+        # Patch embedding initialised like a Linear: xavier on the flattened kernel, bias zero (DiT's
+        # initialize_weights zeroes it explicitly; a Conv2d is not reached by _basic_init above):
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
 
         # Label table and timestep MLP weights ~ N(0, 0.02):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)

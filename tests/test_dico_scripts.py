@@ -105,11 +105,14 @@ def test_flow_matching_trains_and_sample_ddp_writes_its_npz_without_model(tmp_pa
 
 
 @pytest.mark.parametrize("objective", ["ddpm", "sit"])
-def test_repa_taps_the_matching_stage(tmp_path, paired, vit_weights, objective):  # noqa: F811
+def test_repa_taps_u_repas_stage(tmp_path, paired, vit_weights, objective):  # noqa: F811
+    """DiCo, U-shaped like DiC, starts from U-REPA's recipe: the middle stage, upsampled to the
+    encoder's 4x4 grid, with the manifold term (W = 3)."""
     argv = [a if a != "DiC-Tiny" else "DiCo-Tiny" for a in repa_args(paired, vit_weights, tmp_path / "r")]
     assert call_main([*argv, "--max-steps", "2", "--objective", objective]) == 0
     checkpoint = load(os.path.join(only_run(tmp_path / "r"), "checkpoints", "0000002.pt"))
-    assert checkpoint["objective"]["repa"]["tap"] == "enc1"                   # 8x8 latents: enc1 is 4x4
+    assert checkpoint["objective"]["repa"]["tap"] == "mid"                    # 8x8 latents: mid is 2x2
+    assert checkpoint["objective"]["repa"]["manifold_coeff"] == 3
     assert checkpoint["objective"]["name"] == objective
     assert checkpoint["args"]["model"] == "DiCo-Tiny"
 

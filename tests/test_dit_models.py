@@ -237,6 +237,58 @@ def test_dit_initialisation(dit_s2):
     assert torch.count_nonzero(out) == 0
 
 
+def official_fresh_state_dict(seed, depth, hidden, patch, input_size, in_channels=4, num_classes=1000):
+    """A fresh official DiT (learn_sigma) under torch.manual_seed(seed), re-stated from the official
+    models.py: its modules are built in DiT.__init__'s order (x_embedder = timm's PatchEmbed Conv2d,
+    t_embedder, y_embedder, pos_embed, blocks, final_layer), each drawing PyTorch's default init from
+    the global RNG, then initialize_weights runs in its order. Returns {official key: tensor}."""
+    torch.manual_seed(seed)
+    h, out = hidden, patch * patch * 2 * in_channels
+    patch_conv = torch.nn.Conv2d(in_channels, h, kernel_size=patch, stride=patch, bias=True)
+    t0, t2 = torch.nn.Linear(256, h), torch.nn.Linear(h, h)
+    table = torch.nn.Embedding(num_classes + 1, h)
+    names = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")
+    blocks = [dict(zip(names, (torch.nn.Linear(h, 3 * h), torch.nn.Linear(h, h), torch.nn.Linear(h, 4 * h),
+                               torch.nn.Linear(4 * h, h), torch.nn.Linear(h, 6 * h)))) for _ in range(depth)]
+    final_linear, final_ada = torch.nn.Linear(h, out), torch.nn.Linear(h, 2 * h)
+    # initialize_weights: self.apply(_basic_init) visits the Linears in registration order.
+    for linear in [t0, t2] + [lin for block in blocks for lin in block.values()] + [final_linear, final_ada]:
+        torch.nn.init.xavier_uniform_(linear.weight)
+        torch.nn.init.constant_(linear.bias, 0)
+    pos_embed = torch.from_numpy(sincos_table(h, input_size // patch)).float().unsqueeze(0)
+    w = patch_conv.weight.data
+    torch.nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+    torch.nn.init.constant_(patch_conv.bias, 0)
+    torch.nn.init.normal_(table.weight, std=0.02)
+    torch.nn.init.normal_(t0.weight, std=0.02)
+    torch.nn.init.normal_(t2.weight, std=0.02)
+    for lin in [block["adaLN_modulation.1"] for block in blocks] + [final_ada, final_linear]:
+        torch.nn.init.constant_(lin.weight, 0)
+        torch.nn.init.constant_(lin.bias, 0)
+    sd = {"pos_embed": pos_embed, "x_embedder.proj.weight": patch_conv.weight, "x_embedder.proj.bias": patch_conv.bias,
+          "t_embedder.mlp.0.weight": t0.weight, "t_embedder.mlp.0.bias": t0.bias,
+          "t_embedder.mlp.2.weight": t2.weight, "t_embedder.mlp.2.bias": t2.bias,
+          "y_embedder.embedding_table.weight": table.weight}
+    for i, block in enumerate(blocks):
+        for name, lin in block.items():
+            sd[f"blocks.{i}.{name}.weight"], sd[f"blocks.{i}.{name}.bias"] = lin.weight, lin.bias
+    sd.update({"final_layer.linear.weight": final_linear.weight, "final_layer.linear.bias": final_linear.bias,
+               "final_layer.adaLN_modulation.1.weight": final_ada.weight,
+               "final_layer.adaLN_modulation.1.bias": final_ada.bias})
+    return {k: v.detach() for k, v in sd.items()}
+
+
+def test_fresh_dit_equals_the_official_initialisation_tensor_for_tensor():
+    """Same seed, same tensors as official DiT's __init__ + initialize_weights, the patch bias zeroed."""
+    expected = official_fresh_state_dict(seed=3, depth=12, hidden=384, patch=2, input_size=8)
+    torch.manual_seed(3)
+    got = DiT_models["DiT-S/2"](input_size=8).state_dict()
+    assert list(got) == list(expected) and len(got) == 132
+    equal = [k for k in expected if torch.equal(got[k], expected[k])]
+    assert len(equal) == 132, sorted(set(expected) - set(equal))
+    assert torch.count_nonzero(got["x_embedder.proj.bias"]) == 0
+
+
 # ------------------------------------------------------------------------------------------------
 # Loading official checkpoints and forward numerics
 # ------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """helpers/training/repa.py: encoder names and loading (timm and official DINOv2 layouts, safetensors, folders,
 position-embedding resampling, one-line errors), preprocessing numbers, target tokens, the projector,
 the alignment loss and its averaging, and that generator and encoder tokens share one order."""
+import math
 import time
 
 import pytest
@@ -10,8 +11,8 @@ import torch.nn.functional as F
 import timm
 
 from helpers.utils.cli import JobError
-from helpers.training.repa import (ENCODERS, Projector, encoder_tokens, load_encoder, preprocess,
-                          projection_loss, read_encoder_weights)
+from helpers.training.repa import (ENCODERS, Projector, encoder_tokens, load_encoder, manifold_loss, preprocess,
+                                   projection_loss, read_encoder_weights)
 
 TINY = dict(depth=2, embed_dim=32, num_heads=2)   # a DINOv2-shaped ViT small enough for CPU tests
 
@@ -198,7 +199,7 @@ def pooled_pixel_encoder(images, grid):
 def identity_projector(**kwargs):
     """A map projector whose MLP is the identity: only flattening (and resizing) remain."""
     proj = Projector(3, 3, hidden_dim=4, conv=True, **kwargs)
-    proj.mlp = nn.Identity()
+    proj.mlp = nn.Sequential()   # an empty Sequential: the identity
     return proj
 
 
@@ -214,3 +215,84 @@ def test_generator_and_encoder_token_orders_agree():
     mid = F.adaptive_avg_pool2d(blocky, (8, 8))
     up = identity_projector(out_grid=(16, 16), upsample="nearest")(mid)
     assert projection_loss(up, pooled_pixel_encoder(blocky, (16, 16)))[0].item() == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_projector_starts_as_repas():
+    """REPA's initialize_weights reaches the projector: xavier-uniform weights, zero biases, drawn after
+    the layers' default init (an independent re-statement under the same seed); the 1x1-conv form
+    draws the same values."""
+    torch.manual_seed(4)
+    layers = [nn.Linear(6, 7), nn.Linear(7, 7), nn.Linear(7, 5)]       # PyTorch's default draws first
+    for layer in layers:
+        nn.init.xavier_uniform_(layer.weight)
+        nn.init.constant_(layer.bias, 0)
+    torch.manual_seed(4)
+    lin = Projector(6, 5, hidden_dim=7)
+    torch.manual_seed(4)
+    conv = Projector(6, 5, hidden_dim=7, conv=True)
+    got = [m for m in lin.mlp if isinstance(m, nn.Linear)]
+    convs = [m for m in conv.mlp if isinstance(m, nn.Conv2d)]
+    for layer, mine, c in zip(layers, got, convs):
+        assert torch.equal(mine.weight, layer.weight) and torch.equal(c.weight[:, :, 0, 0], layer.weight)
+        assert torch.count_nonzero(mine.bias) == 0 and torch.count_nonzero(c.bias) == 0
+    big = Projector(384, 768)   # REPA's sizes: |w| <= sqrt(6 / (fan_in + fan_out))
+    for m, (fan_in, fan_out) in zip(big.mlp[::2], [(384, 2048), (2048, 2048), (2048, 768)]):
+        assert m.weight.abs().max().item() <= math.sqrt(6 / (fan_in + fan_out))
+        assert m.weight.std().item() == pytest.approx(math.sqrt(2 / (fan_in + fan_out)), rel=0.02)
+
+
+def test_mid_stage_projector_upsamples_after_its_mlp():
+    """U-REPA's order: the MLP runs on the small map, its output is resized (bilinear) to the token grid."""
+    torch.manual_seed(0)
+    proj = Projector(6, 5, hidden_dim=7, conv=True, out_grid=(4, 4))
+    fmap = torch.randn(2, 6, 2, 2)
+    after = F.interpolate(proj.mlp(fmap), size=(4, 4), mode="bilinear", align_corners=False)
+    before = proj.mlp(F.interpolate(fmap, size=(4, 4), mode="bilinear", align_corners=False))
+    out = proj(fmap)
+    torch.testing.assert_close(out, after.flatten(2).transpose(1, 2))
+    assert (out - before.flatten(2).transpose(1, 2)).abs().max() > 1e-3   # the other order differs
+
+
+def test_alignment_losses_are_fp32_under_fp16_autocast():
+    """fp16 features whose norms overflow fp16 (|z| ~ 1.2e5 > 65504): REPA issue #46. The losses are
+    finite and equal the fp32 ones; normalising in fp16 gives a zero cosine instead."""
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randn(2, 5, 256, generator=g) * 8e3).half()
+    b = (a.float() + torch.randn(2, 5, 256, generator=g) * 8e3).half()
+    assert a.isfinite().all() and b.isfinite().all() and a.float().norm(dim=-1).min() > 65504
+    expected_proj, expected_manifold = projection_loss(a.float(), b.float())[0], manifold_loss(a.float(), b.float())[0]
+    with torch.autocast("cpu", dtype=torch.float16):
+        proj, manifold = projection_loss(a, b)[0], manifold_loss(a, b)[0]
+        fp16 = (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1).mean()
+    assert proj.dtype == manifold.dtype == torch.float32 and proj.isfinite() and manifold.isfinite()
+    torch.testing.assert_close(proj, expected_proj, rtol=1e-6, atol=0)
+    torch.testing.assert_close(manifold, expected_manifold, rtol=1e-6, atol=0)
+    assert expected_proj.item() < -0.5 and fp16.item() == 0.0
+
+
+def test_manifold_loss_hand_case():
+    """Per sample: mean over the T x T token pairs of (cos_h(i, j) - cos_y(i, j))^2.
+    Tokens y = (1, 0), (0, 1): cos_y = [[1, 0], [0, 1]].
+    sample 0: h = (1, 0), (1, 1): cos_h off-diagonal 1/sqrt(2) -> 2 * 1/2 over 4 pairs = 0.25
+    sample 1: h = (1, 0), (-1, 0): off-diagonal -1          -> 2 * 1 over 4 pairs   = 0.5"""
+    y = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]] * 2)
+    h = torch.tensor([[[1.0, 0.0], [1.0, 1.0]], [[1.0, 0.0], [-1.0, 0.0]]])
+    loss, per_sample = manifold_loss(h, y)
+    torch.testing.assert_close(per_sample, torch.tensor([0.25, 0.5]))
+    torch.testing.assert_close(loss, torch.tensor(0.375))
+    # two encoders: their per-sample values are averaged (encoder 2: h equal to y, 0)
+    torch.testing.assert_close(manifold_loss([h, y], [y, y])[1], torch.tensor([0.125, 0.25]))
+    with pytest.raises(JobError, match="do not match encoder tokens"):
+        manifold_loss(h, y[:, :1])
+
+
+def test_manifold_loss_is_zero_for_the_same_similarity_structure():
+    """Positive per-token scales and a rotation of the feature space keep every token-pair cosine."""
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(2, 16, 8, generator=g)
+    scale = torch.rand(2, 16, 1, generator=g) * 5 + 0.1
+    rotation = torch.linalg.qr(torch.randn(8, 8, generator=g))[0]
+    for h in (y * scale, y @ rotation, (y * scale) @ rotation):
+        assert manifold_loss(h, y)[0].item() == pytest.approx(0.0, abs=1e-10)
+    assert manifold_loss(torch.randn(2, 16, 8, generator=g), y)[0].item() > 0.05
+    assert manifold_loss(-y, y)[0].item() == pytest.approx(0.0, abs=1e-10)   # sign flips every h: cosines kept

@@ -1,5 +1,6 @@
-"""REPA in the trainers: exact 2-process resume (projector included) for both trainers and both
-objectives, a frozen encoder, latents paired with their own images, and checkpoints that sample and
+"""REPA in the trainers: exact 2-process resume (projector included) for both trainers and the
+objectives (rf with U-REPA's manifold term among them), each family's recipe (REPA's for DiT, U-REPA's
+for DiC/DiCo), a frozen encoder, latents paired with their own images, and checkpoints that sample and
 export as plain ones. The encoder is a DINOv2-shaped ViT-S/14 with random weights saved to a file
 (no download); at 64 px it sees 56 px inputs, a 4 x 4 token grid."""
 import os
@@ -56,13 +57,16 @@ def repa_args(paired, weights, results, *extra):
             "--log-every", "1", "--ckpt-every", "2", *map(str, extra)]
 
 
-@pytest.mark.parametrize("script,objective", [
-    ("train.py", "ddpm"), ("train_accelerate.py", "sit"),
-    pytest.param("train.py", "sit", marks=pytest.mark.slow),             # the other two pairs: slow (CI time)
-    pytest.param("train_accelerate.py", "ddpm", marks=pytest.mark.slow)])
-def test_repa_two_process_resume_is_bit_identical(tmp_path, paired, vit_weights, script, objective):
+@pytest.mark.parametrize("script,objective,flags", [
+    pytest.param("train.py", "rf", ("--manifold-coeff", "3"), id="train.py-rf-manifold3"),   # U-REPA's recipe
+    pytest.param("train_accelerate.py", "sit", (), id="train_accelerate.py-sit"),           # (the default)
+    pytest.param("train.py", "sit", (), marks=pytest.mark.slow, id="train.py-sit"),   # the others: slow (CI time)
+    pytest.param("train_accelerate.py", "ddpm", (), marks=pytest.mark.slow, id="train_accelerate.py-ddpm"),
+    pytest.param("train.py", "ddpm", ("--repa-stage", "auto", "--manifold-coeff", "0"), marks=pytest.mark.slow,
+                 id="train.py-ddpm-repa-auto")])
+def test_repa_two_process_resume_is_bit_identical(tmp_path, paired, vit_weights, script, objective, flags):
     env = {"ACCELERATE_USE_CPU": "true"} if script == "train_accelerate.py" else None
-    common = ["--objective", objective]
+    common = ["--objective", objective, *flags]
     one_go = run_script(repa_args(paired, vit_weights, tmp_path / "a", *common, "--max-steps", 4), nproc=2,
                         script=script, env=env)
     first = run_script(repa_args(paired, vit_weights, tmp_path / "b", *common, "--max-steps", 2), nproc=2,
@@ -71,13 +75,23 @@ def test_repa_two_process_resume_is_bit_identical(tmp_path, paired, vit_weights,
                          nproc=2, script=script, env=env)
     assert one_go.returncode == first.returncode == resumed.returncode == 0, resumed.output[-3000:]
     assert "Denoise Loss: " in one_go.stdout and "Proj Loss: " in one_go.stdout
+    urepa = "--repa-stage" not in flags   # DiC-Tiny's default: U-REPA's mid stage (2x2), manifold w = 3
+    assert ("Manifold Loss: " in one_go.stdout) == urepa and "grad clip 1.0" in one_go.stdout
     a = load(os.path.join(only_run(tmp_path / "a"), "checkpoints", "0000004.pt"))
     b = load(os.path.join(only_run(tmp_path / "b"), "checkpoints", "0000004.pt"))
     for key in ("model", "ema", "projector"):
         assert_state_dicts_equal(a[key], b[key])
     assert_opt_equal(a["opt"], b["opt"])
     assert len(a["opt"]["state"]) == len(list(create_model("DiC-Tiny", input_size=8, num_classes=3).parameters())) + 6
-    assert a["objective"]["name"] == objective and a["objective"]["repa"]["tap"] == "enc1"   # DiC-Tiny enc1: 4x4
+    repa = a["objective"]["repa"]
+    assert a["args"]["max_grad_norm"] == 1.0 and a["args"]["manifold_coeff"] == repa["manifold_coeff"]
+    assert a["objective"]["name"] == objective and repa["recipe"] == "U-REPA" and repa["token_grid"] == [4, 4]
+    assert repa["proj_coeff"] == 0.25
+    if urepa:   # the mid stage's 2x2 projected, then upsampled to the encoder's 4x4 tokens
+        assert repa["tap"] == "mid" and repa["manifold_coeff"] == 3.0 and repa["upsample"] == "bilinear"
+        assert "'recipe': 'U-REPA'" in one_go.stdout
+    else:       # auto: enc1 is on the 4x4 grid already
+        assert repa["tap"] == "enc1" and repa["manifold_coeff"] == 0.0 and repa["upsample"] is None
 
 
 def test_latents_are_paired_with_their_own_images(tmp_path, paired, vit_weights):
@@ -149,3 +163,59 @@ def test_a_repa_checkpoint_samples_and_exports_as_a_plain_one(tmp_path, vit_weig
     capsys.readouterr()
     assert call_main([*digits[:-2], "--max-steps", "3", "--resume", str(plain), *repa]) == 2
     assert f"{plain} was trained without --repa: it has no projector to resume" in capsys.readouterr().err
+
+
+class Warnings:
+    def __init__(self):
+        self.lines = []
+
+    def warning(self, message):
+        self.lines.append(message)
+
+
+def resolved(*argv, saved=None):
+    """The trainers' flags as resolve_args leaves them (after inherit_args when `saved` is given)."""
+    from helpers.training import flags
+    args = flags.parse_args(flags.build_parser("test"), ["--dataset", "digits", *map(str, argv)])
+    if saved is not None:
+        flags.inherit_args(args, saved)
+    return flags.resolve_args(args, world_size=1)
+
+
+def test_each_family_starts_from_its_authors_recipe():
+    """--repa: U-REPA's for the U-shaped DiC and DiCo (mid stage, lambda 0.25, w = 3), REPA's for DiT
+    (block --encoder-depth, lambda 0.5, w = 0), gradient clipping at 1.0 for both; each flag overrides;
+    no --repa, no change."""
+    for model in ("DiC-Tiny", "DiCo-Tiny"):
+        args = resolved("--model", model, "--repa")
+        assert (args.repa_stage, args.proj_coeff, args.manifold_coeff, args.max_grad_norm) == ("mid", 0.25, 3.0, 1.0)
+    args = resolved("--model", "DiT-S/2", "--repa")
+    assert (args.encoder_depth, args.proj_coeff, args.manifold_coeff, args.max_grad_norm) == (8, 0.5, 0.0, 1.0)
+    args = resolved("--model", "DiC-Tiny", "--repa", "--repa-stage", "auto", "--manifold-coeff", "0",
+                    "--max-grad-norm", "inf", "--proj-coeff", "0.5")
+    assert (args.repa_stage, args.proj_coeff, args.manifold_coeff, args.max_grad_norm) == ("auto", 0.5, 0.0,
+                                                                                           float("inf"))
+    args = resolved("--model", "DiC-Tiny")
+    assert (args.repa_stage, args.manifold_coeff, args.max_grad_norm) == (None, None, None)
+    from helpers.utils.cli import JobError
+    with pytest.raises(JobError, match="--manifold-coeff must be >= 0, got -1.0"):
+        resolved("--model", "DiC-Tiny", "--repa", "--manifold-coeff", "-1")
+
+
+def test_a_run_from_before_the_recipes_resumes_as_it_started():
+    """A saved --repa run without manifold_coeff (made before the recipes) keeps no manifold term, its
+    auto stage and no clipping (inf: scales by exactly 1), without a spurious max_grad_norm warning."""
+    from helpers.training import flags
+    old = vars(resolved("--model", "DiC-Tiny", "--repa", "--repa-stage", "auto", "--max-grad-norm", "inf"))
+    old = {k: v for k, v in old.items() if k not in ("manifold_coeff", "explicit")}
+    old["max_grad_norm"], old["proj_coeff"] = None, 0.5
+    args = resolved(saved=old)
+    assert (args.repa_stage, args.proj_coeff, args.manifold_coeff, args.max_grad_norm) == ("auto", 0.5, 0.0,
+                                                                                           float("inf"))
+    log = Warnings()
+    flags.warn_changed_settings(args, old, log)
+    assert log.lines == []
+    args = resolved("--manifold-coeff", "3", "--max-grad-norm", "1", saved=old)   # asked for: taken
+    assert (args.manifold_coeff, args.max_grad_norm) == (3.0, 1.0)
+    flags.warn_changed_settings(args, old, log)
+    assert [line.split("=")[0] for line in log.lines] == ["resuming with max_grad_norm"]

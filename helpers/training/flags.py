@@ -7,10 +7,11 @@ from dataclasses import fields
 from helpers.utils import fastpath
 from helpers.utils.cli import JobError
 from helpers.data.images import BUILTIN_DATASETS
-from helpers.utils.models import model_names, parse_args_with_overrides
+from helpers.utils.models import (canonical_name, is_dit, is_model_name, model_names, parse_args_with_overrides,
+                                  unknown_model_message)
 from helpers.training.monitor import MonitorConfig, add_monitor_args
 from helpers.training.objectives import add_objective_args
-from helpers.training.repa_objective import RepaConfig, add_repa_args
+from helpers.training.repa_objective import RepaConfig, add_repa_args, repa_recipe
 from helpers.training.setup import DataConfig
 
 
@@ -59,7 +60,8 @@ def build_parser(description):
     model.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (weight decay 0)")
     model.add_argument("--precision", type=str, default="tf32", choices=list(fastpath.PRECISIONS),
                        help="tf32 (official), fp32 (strict) or bf16 (autocast)")
-    model.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient norm (default off)")
+    model.add_argument("--max-grad-norm", type=float, default=None,
+                       help="clip the gradient norm (default off; 1.0 with --repa, REPA's; inf: never clip)")
     model.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per step")
     model.add_argument("--ema-warmup", action="store_true",
                        help="EMA decay min(--ema-decay, (1 + step) / (10 + step)): short runs average less early")
@@ -131,8 +133,9 @@ def resolve_args(args, world_size):
     args.vae = "ema" if args.vae is None else ("none" if str(args.vae).lower() == "none" else args.vae)
     args.image_size = 256 if args.image_size is None else args.image_size
     # --num-classes left unset with --data-path/--feature-path: build_dataset counts the data's classes
-    if args.model not in model_names():
-        raise JobError(f"unknown model {args.model!r}: choose one of {', '.join(model_names())}")
+    if not is_model_name(args.model):
+        raise JobError(unknown_model_message(args.model))
+    args.model = canonical_name(args.model)   # SiT-XL/2 (SiT's and REPA's name) trains DiT-XL/2
     for flag, value, low in (("--image-size", args.image_size, 1), ("--num-classes", args.num_classes, 1),
                              ("--global-batch-size", args.global_batch_size, 1), ("--epochs", args.epochs, 1),
                              ("--log-every", args.log_every, 1), ("--ckpt-every", args.ckpt_every, 1),
@@ -156,6 +159,7 @@ def resolve_args(args, world_size):
                        f"{world_size * args.grad_accum_steps}")
     monitor_config(args).check()
     if args.repa:
+        fill_repa_recipe(args)
         repa_config(args).check()
         if args.feature_path and not args.data_path:
             raise JobError("--repa with --feature-path needs --data-path too: the encoder sees each latent's own image "
@@ -192,12 +196,20 @@ def check_class_dropout(args):
                        f"does not train: pass --sample-cfg-scale 1 or a positive --class-dropout-prob")
 
 
+def fill_repa_recipe(args):
+    """--repa's flags left unset take the model family's recipe (repa_recipe: REPA's for DiT, U-REPA's
+    for DiC/DiCo; gradient clipping at 1.0), so args.json and the checkpoints record the values used."""
+    for key, value in repa_recipe(is_dit(args.model)).items():
+        if key in vars(args) and getattr(args, key) is None:
+            setattr(args, key, value)
+
+
 # Flags a resumed run does not take from its checkpoint.
 _NOT_INHERITED = {"resume", "ckpt", "explicit", "no_progress", "mixed_precision", "ckpt_iter", "start_epoch"}
 # Flags that change the training itself: changed on resume, the run goes on, but not as it would have.
 _EXACTNESS = ("data_path", "feature_path", "dataset", "image_size", "vae", "global_batch_size", "global_seed", "draws",
               "lr", "precision", "mixed_precision", "max_grad_norm", "model_overrides", "fused_adamw",
-              "channels_last", "compile", "objective")
+              "channels_last", "compile", "objective", "repa", "proj_coeff", "manifold_coeff")
 
 _EXACTNESS += ("class_dropout_prob",)   # how often the null label trains (0: the model has none)
 
@@ -211,12 +223,26 @@ def inherit_args(args, saved):
             if key == "channels_last" and isinstance(value, str):   # format 1 saved auto|on|off
                 value = value == "on"
             setattr(args, key, value)
+    if saved.get("repa") and "manifold_coeff" not in saved:
+        keep_pre_recipe_repa(args)
     return args
+
+
+def keep_pre_recipe_repa(args):
+    """A --repa run saved before the family recipes went on as it started: no manifold term, its own
+    stage choice (auto) and no gradient clipping (inf: clip_grad_norm_ then scales by exactly 1),
+    unless the command line says otherwise."""
+    for key, value in (("manifold_coeff", 0.0), ("repa_stage", "auto"), ("max_grad_norm", float("inf"))):
+        if key not in args.explicit and getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 def warn_changed_settings(args, saved, log):
     for key in _EXACTNESS:
-        if key in saved and saved[key] != getattr(args, key, None):
+        now, then = getattr(args, key, None), saved.get(key)
+        if key == "max_grad_norm" and {now, then} <= {None, float("inf")}:
+            continue   # both mean "no clipping"
+        if key in saved and then != now:
             log.warning(f"resuming with {key}={getattr(args, key, None)!r} where the run used {saved[key]!r}: "
                         f"training goes on, but not as the uninterrupted run would have")
 

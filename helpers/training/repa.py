@@ -7,6 +7,7 @@ Facts in /work/shared/spec/REPA.md. Independent of the training loop: a trainer 
     out, feats = model(x_t, t, y, return_features=(stage,))          # one forward
     z = encoder_tokens(encoder, preprocess(images))                  # (B, T, D_enc), no grad
     loss_proj, per_sample = projection_loss([projector(feats[stage])], [z])
+    loss_manifold, _ = manifold_loss([projector(feats[stage])], [z])  # U-REPA's token-pair structure term
 
 Token order everywhere: row-major (h, then w), the ViT's patch order (and DiT's).
 """
@@ -137,9 +138,11 @@ def encoder_tokens(encoder, images):
 class Projector(nn.Module):
     """h_phi: REPA's per-token MLP D -> 2048 -> 2048 -> z_dim with SiLU; returns tokens (B, T, z_dim).
 
-    conv=True builds the same MLP from 1x1 Conv2d (for DiC stage maps). Input (B, T, D) tokens or a
+    conv=True builds the same MLP from 1x1 Conv2d (DiC's checkpoint layout; applied as Linears, the
+    same function, see per_token). Input (B, T, D) tokens or a
     (B, C, H, W) map, flattened row-major. out_grid=(h, w): a map is resized after projection to the
-    encoder's token grid (U-REPA's mid stage), bilinear by default (align_corners=False).
+    encoder's token grid (U-REPA's mid stage), bilinear by default (align_corners=False), AFTER the
+    MLP: U-REPA's best order (after-MLP 5.72 FID vs before-MLP 5.84).
     """
 
     def __init__(self, in_dim, z_dim, hidden_dim=2048, conv=False, out_grid=None, upsample="bilinear"):
@@ -150,6 +153,25 @@ class Projector(nn.Module):
         self.conv = conv
         self.out_grid = tuple(out_grid) if out_grid is not None else None
         self.upsample = upsample
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """REPA's init (its SiT initialize_weights reaches the projectors): xavier-uniform weights and zero
+        biases on every layer, not PyTorch's default. A 1x1 conv has the Linear's fans, so both forms
+        draw the same values."""
+        for layer in self.mlp:
+            if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    def per_token(self, tokens):
+        """The MLP on (..., D) tokens, a 1x1-conv layer applied as the Linear it is (same weights, same
+        function): PyTorch's CPU convolution of small maps is several times slower than the matmul
+        (about 9x measured on a 2x2 map, 64 -> 2048 -> 2048 channels, the tests' U-REPA mid stage)."""
+        for layer in self.mlp:
+            conv = isinstance(layer, nn.Conv2d)
+            tokens = F.linear(tokens, layer.weight.flatten(1), layer.bias) if conv else layer(tokens)
+        return tokens
 
     def forward(self, h):
         if h.ndim == 3:                                       # (B, T, D) tokens
@@ -157,14 +179,32 @@ class Projector(nn.Module):
                 raise JobError("a conv or upsampling Projector needs a (B, C, H, W) map, got tokens; "
                                "build Projector(conv=False, out_grid=None) for DiT tokens")
             return self.mlp(h)
-        if self.conv:
-            z = self.mlp(h)                                   # (B, z, H, W)
-        else:
-            z = self.mlp(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        z = self.per_token(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)   # (B, z, H, W)
         if self.out_grid is not None and tuple(z.shape[-2:]) != self.out_grid:
             align = False if self.upsample in ("bilinear", "bicubic") else None
             z = F.interpolate(z, size=self.out_grid, mode=self.upsample, align_corners=align)
         return z.flatten(2).transpose(1, 2)                   # (B, H*W, z), row-major
+
+
+def unit_fp32(z):
+    """z L2-normalised on its last dim in fp32 with autocast off: under fp16 the sum of squares
+    overflows (|z| > 256 gives inf, a zero or NaN cosine), REPA issue #46's NaN after 70-160K steps."""
+    with torch.autocast(z.device.type, enabled=False):
+        return F.normalize(z.float(), dim=-1)
+
+
+def _encoder_pairs(projected, targets):
+    """(projected, target) pairs, one per encoder, checked: single tensors are one encoder."""
+    if torch.is_tensor(projected):
+        projected, targets = [projected], [targets]
+    if len(projected) != len(targets) or not projected:
+        raise JobError(f"REPA got {len(projected)} projections for {len(targets)} encoders; "
+                       f"pass one projector output per encoder")
+    for z_tilde, z in zip(projected, targets):
+        if z_tilde.shape != z.shape:
+            raise JobError(f"projected features {tuple(z_tilde.shape)} do not match encoder tokens "
+                           f"{tuple(z.shape)}; build the projector with the encoder's dim and token grid")
+    return list(zip(projected, targets))
 
 
 def projection_loss(projected, targets):
@@ -173,18 +213,31 @@ def projection_loss(projected, targets):
     projected, targets: lists (one entry per encoder) of (B, T_k, D_k) tensors (or single tensors).
     Returns (loss scalar, per_sample (B,)) where per_sample[b] = mean over encoders of the
     token-mean of -cos for sample b, and loss = per_sample.mean() (equal to REPA's order).
+    Computed in fp32 whatever the autocast (unit_fp32).
     """
-    if torch.is_tensor(projected):
-        projected, targets = [projected], [targets]
-    if len(projected) != len(targets) or not projected:
-        raise JobError(f"projection_loss got {len(projected)} projections for {len(targets)} encoders; "
-                       f"pass one projector output per encoder")
     per_encoder = []
-    for z_tilde, z in zip(projected, targets):
-        if z_tilde.shape != z.shape:
-            raise JobError(f"projected features {tuple(z_tilde.shape)} do not match encoder tokens "
-                           f"{tuple(z.shape)}; build the projector with the encoder's dim and token grid")
-        cos = (F.normalize(z_tilde, dim=-1) * F.normalize(z, dim=-1)).sum(dim=-1)   # (B, T)
-        per_encoder.append(-cos.mean(dim=1))                                         # (B,)
+    for z_tilde, z in _encoder_pairs(projected, targets):
+        cos = (unit_fp32(z_tilde) * unit_fp32(z)).sum(dim=-1)   # (B, T)
+        per_encoder.append(-cos.mean(dim=1))                     # (B,)
+    per_sample = torch.stack(per_encoder).mean(dim=0)
+    return per_sample.mean(), per_sample
+
+
+def self_similarity(tokens):
+    """(B, T, T) cosine similarities of every token pair of each sample, in fp32."""
+    unit = unit_fp32(tokens)
+    with torch.autocast(unit.device.type, enabled=False):
+        return unit @ unit.transpose(1, 2)
+
+
+def manifold_loss(projected, targets):
+    """U-REPA's manifold loss (Eqs. 3-5): per sample, the squared difference of the token-pair cosine
+    similarity matrices of the projected features and of the encoder tokens, averaged over all pairs
+    (i, j) (the paper leaves the constant open), then over batch and encoders as projection_loss.
+    Zero when the two token sets have the same similarity structure, whatever their values.
+    Returns (loss scalar, per_sample (B,))."""
+    per_encoder = []
+    for z_tilde, z in _encoder_pairs(projected, targets):
+        per_encoder.append(((self_similarity(z_tilde) - self_similarity(z)) ** 2).mean(dim=(1, 2)))
     per_sample = torch.stack(per_encoder).mean(dim=0)
     return per_sample.mean(), per_sample
