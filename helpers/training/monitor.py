@@ -20,9 +20,8 @@ from helpers.evaluation.inception import load_extractor
 from helpers.evaluation.metrics import compute_statistics, frechet_distance
 from helpers.evaluation.npz_files import read_npz_statistics
 from helpers.utils.files import atomic_write
-from helpers.sampling.samplers import ReverseProcess, SamplerSettings
-from helpers.sampling.generation import clips_denoised, generate, to_uint8_rgb
-from helpers.sampling.guidance import make_model_fn
+from helpers.sampling.samplers import SamplerSettings
+from helpers.sampling.generation import generate, make_sampling, to_uint8_rgb
 from helpers.sampling.noise import IndexNoise, draw_labels
 from helpers.utils.seeds import derive_seed
 from helpers.training.tracking import Tracker
@@ -88,12 +87,13 @@ class MonitorConfig:
                                f"weights-inception-2015-12-05 .pth")
 
 
-def monitor_sampler(objective_config, steps, in_channels, clip_denoised):
-    """The run's reverse process at `steps` steps: DPM-Solver++ for DDPM, SiT's Heun ODE (heun2) for
-    flow matching."""
-    settings = SamplerSettings(sampler="dpm-solver", num_sampling_steps=steps, mode="ode",
-                               sampling_method="heun2", atol=1e-6, rtol=1e-3, reverse=False)
-    return ReverseProcess(settings, objective_config, in_channels, clip_denoised=clip_denoised)
+def monitor_settings(objective_config, steps, cfg_scale):
+    """The live samples' reverse process at `steps` steps: DPM-Solver++ for DDPM, a Heun ODE for flow
+    matching (SiT's heun2; REPA's Heun for rf), guided as each objective's authors guide (rf: REPA's
+    all channels; else DiT's first 3)."""
+    return SamplerSettings(cfg_scale=cfg_scale, guide_channels="all" if objective_config["name"] == "rf" else "official",
+                           sampler="dpm-solver", num_sampling_steps=steps, mode="ode", sampling_method="heun2",
+                           atol=1e-6, rtol=1e-3, reverse=False)
 
 
 class Monitor:
@@ -102,8 +102,7 @@ class Monitor:
 
     def __init__(self, config, run, progress_step, resumed, flags=None):
         self.config, self.run = config, run
-        self.sampler = monitor_sampler(run.objective.config(), config.sample_steps, run.model.in_channels,
-                                       clips_denoised(run.vae))
+        self.sampler_settings = monitor_settings(run.objective.config(), config.sample_steps, config.sample_cfg_scale)
         self.extractor, self.ref_stats = None, None
         self.tracker = Tracker(run.run_dir, tensorboard=config.tensorboard, wandb=config.wandb,
                                wandb_project=config.wandb_project, wandb_entity=config.wandb_entity,
@@ -113,8 +112,8 @@ class Monitor:
     def _images(self, noise, labels):
         """uint8 (N, H, W, 3) images of the EMA for `noise`'s rows."""
         run = self.run
-        model_fn = make_model_fn(run.ema, self.config.sample_cfg_scale)
-        return to_uint8_rgb(generate(run.ema, run.vae, self.sampler, model_fn, noise, labels,
+        model_fn, sampler = make_sampling(run.ema, run.vae, run.objective.config(), self.sampler_settings, speed={})
+        return to_uint8_rgb(generate(run.ema, run.vae, sampler, model_fn, noise, labels,
                                      self.config.image_size, run.device))
 
     @torch.no_grad()
