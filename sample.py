@@ -73,7 +73,7 @@ def main(args):
     check_common_args(args)
     check_grid_args(args)
     device = setup_distributed().device  # this node's GPU (LOCAL_RANK) under a 1-process torchrun
-    speed = setup_speed(args)  # --precision, --channels-last, --compile
+    speed = setup_speed(args, device)  # --precision (said in one line), --channels-last, --compile
 
     # Settings left unset come from the checkpoint's saved args; load the model (EMA weights by
     # default) and the VAE (the largest scale decides whether guidance needs a null label):

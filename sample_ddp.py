@@ -156,7 +156,7 @@ def main(args):
     # Setup DDP (one process without torchrun); the device comes from LOCAL_RANK:
     dist = setup_distributed()
     device = dist.device
-    speed = setup_speed(args)  # --precision, --channels-last, --compile
+    speed = setup_speed(args, device, log=print if dist.is_main else None)  # --precision, --channels-last, --compile
     log = print if dist.is_main else (lambda *a, **k: None)
     agree(lambda: check_writable(args.sample_dir, folder=True, keep_folder=False), on_main_only=True)
 

@@ -180,6 +180,7 @@ def build(args, dist_info, resume_path):
         checkpoint = runs.load_resume_checkpoint(resume_path)
         train_flags.inherit_args(args, saved_args(checkpoint))
     train_flags.resolve_args(args, world_size)
+    args.precision = fastpath.choose_precision(args.precision, device, args.mixed_precision)   # auto -> tf32
     seed_everything(args.global_seed * world_size + rank)   # DiT's per-process seed (model init, dropout)
     fastpath.configure_tf32(args.precision in ("tf32", "bf16"))   # as official DiT/DiC; off for fp32
 
@@ -406,6 +407,7 @@ def log_setup(args, run, resumed):
              f"{run.world_size} processes)")
     log.info(f"Objective: {run.objective.config()}; VAE: {args.vae}; precision: {args.precision}; lr {args.lr}; "
              f"EMA decay {args.ema_decay}{f'; grad clip {args.max_grad_norm}' if args.max_grad_norm else ''}")
+    log.info(fastpath.precision_line(args.precision, fastpath.bf16_support(run.device), args.mixed_precision))
     if args.ckpt:
         log.info(f"Initialised model and EMA weights from {args.ckpt}")
     if args.model_domain:

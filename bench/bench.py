@@ -55,11 +55,12 @@ for _path in (BENCH_DIR, REPO_ROOT):
 
 import torch  # noqa: E402
 
-from configs import sample_configs, train_configs  # noqa: E402
+from configs import fast_precision, sample_configs, train_configs  # noqa: E402
 from diffusion import create_diffusion  # noqa: E402
 from gmacs import SPEC_GMACS_256, count_gmacs  # noqa: E402
 from grad_checkpointing import bench_grad_checkpointing  # noqa: E402
 from helpers.utils.fastpath import autocast_forward, configure_tf32  # noqa: E402
+from helpers.utils.cli import JobError  # noqa: E402
 from helpers.utils.files import atomic_write_text  # noqa: E402
 from helpers.utils.models import create_model, model_names  # noqa: E402
 from latent_reading import bench_data  # noqa: E402
@@ -67,7 +68,7 @@ from measuring import describe_machine, fmt, release_memory  # noqa: E402
 from report import markdown_report, timing_basis, train_rate  # noqa: E402
 from sampling_speed import bench_sample  # noqa: E402
 from sit_repa import bench_repa, bench_sit_sample, bench_sit_train  # noqa: E402
-from training_step import bench_train  # noqa: E402
+from training_step import bench_train_rows  # noqa: E402
 
 QUICK_MODELS = ["DiC-S", "DiT-S/2"]
 ALL_MODELS = ["DiC-S", "DiC-B", "DiC-XL", "DiC-H", "DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2",
@@ -127,7 +128,14 @@ def build_parser():
     p.add_argument("--gc-iters", type=int, default=None,
                    help="timed forward + backward pairs of the gradient checkpointing rows (default cpu 2, cuda 5)")
     p.add_argument("--precision", choices=["tf32", "fp32"], default="tf32",
-                   help="the eager rows' precision, as the trainers' --precision (fast rows: bf16)")
+                   help="the eager rows' precision, as the trainers' --precision (fast rows: --fast-precision)")
+    p.add_argument("--fast-precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="the fast rows' precision: auto = bf16 where the device has bf16 instructions, else fp32 "
+                        "(bf16 on an AVX2 CPU runs reference kernels, ~40x slower: refused unless DIC_FORCE_BF16=1)")
+    p.add_argument("--in-turns", action=argparse.BooleanOptionalAction, default=None,
+                   help="time one model's training configs in turns, one step of each per round (default: on "
+                        "for cpu, where other jobs share the cores; off for cuda); each alone where they do not "
+                        "all fit in memory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="dense bf16 peak of the device for the MFU column (default: known GPUs, e.g. H100 989)")
@@ -147,10 +155,14 @@ def apply_device_defaults(p, args):
                     sample_batch=32 if cuda else 2, sample_steps_scale=1.0 if cuda else 0.01,
                     threads=None if cuda else 1, extra_configs="eager fp32,fast" if cuda else "eager fp32",
                     repa_encoder="dinov2-vit-b" if cuda else "dinov2-vit-s", repa_batch=32 if cuda else 2,
-                    gc_batch=32 if cuda else 1, gc_iters=5 if cuda else 2)
+                    gc_batch=32 if cuda else 1, gc_iters=5 if cuda else 2, in_turns=not cuda)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    try:   # the fast rows' precision on this device, said in one line at the start of the run
+        args.fast_precision, args.precision_line = fast_precision(args.fast_precision, torch.device(args.device))
+    except JobError as e:
+        p.error(str(e))
 
 
 def resolve_and_check(p, args):
@@ -199,15 +211,15 @@ def parse_args(argv=None):
     return args
 
 
-def warm_up_libraries(device, diffusion):
-    """One throwaway DiC-Tiny step in fp32 and bf16, so one-time library set-up (oneDNN/cuDNN
-    initialisation, first allocations) is not charged to the first measured config."""
+def warm_up_libraries(device, diffusion, precision):
+    """One throwaway DiC-Tiny step in fp32 and the fast rows' precision, so one-time library set-up
+    (oneDNN/cuDNN initialisation, first allocations) is not charged to the first measured config."""
     model = create_model("DiC-Tiny", input_size=16, num_classes=10).to(device)
     x = torch.randn(2, 4, 16, 16, device=device)
     y = torch.zeros(2, dtype=torch.long, device=device)
     t = torch.zeros(2, dtype=torch.long, device=device)
-    for precision in ("fp32", "bf16"):
-        diffusion.training_losses(autocast_forward(model, device, precision), x, t, dict(y=y))["loss"].mean().backward()
+    for p in sorted({"fp32", precision}):
+        diffusion.training_losses(autocast_forward(model, device, p), x, t, dict(y=y))["loss"].mean().backward()
     del model
     release_memory(device)
 
@@ -222,8 +234,7 @@ def bench_model(name, args, device, diffusion):
     base = create_model(name, input_size=args.latent_size)   # built once on CPU, copied per config
     entry = {"params": params, "gmacs": gmacs, "gmacs_paper": paper, "train": {}, "sample": {}}
     if args.train:
-        for cfg_name, cfg in train_configs(args).items():
-            entry["train"][cfg_name] = bench_train(name, base, cfg, args, device, diffusion)
+        entry["train"] = bench_train_rows(name, base, train_configs(args), args, device, diffusion)
     if args.sample:
         for cfg_name, cfg in sample_configs(args).items():
             entry["sample"][cfg_name] = bench_sample(name, base, cfg, args, device)
@@ -258,6 +269,7 @@ def main(argv=None):
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     configure_tf32(args.precision == "tf32")
+    print(args.precision_line, flush=True)
     machine = describe_machine(device, torch.get_num_threads())
     res = {"command": " ".join(["python", "bench/bench.py"] + (sys.argv[1:] if argv is None else list(argv))),
            "machine": machine,
@@ -266,7 +278,7 @@ def main(argv=None):
            "models": {}}
     print(f"machine: {machine}", flush=True)
     diffusion = create_diffusion(timestep_respacing="")
-    warm_up_libraries(device, diffusion)
+    warm_up_libraries(device, diffusion, args.fast_precision)
     for name in args.model_list:
         res["models"][name] = bench_model(name, args, device, diffusion)
     if args.grad_checkpointing:

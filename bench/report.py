@@ -69,9 +69,12 @@ def _header_lines(res, basis):
     lines.append(f"- sampling: {a['sample_batch']} images per batch (+ as many null-label rows), CFG {CFG_SCALE}, "
                  f"latency per image = batch latency / images"
                  + ("; **extrapolated** = median step time x steps" if a["sample_steps_scale"] < 1 else ""))
-    lines.append("- fast = bf16 autocast + fused AdamW + foreach EMA"
+    lines.append(f"- fast = {a['fast_precision']}{' autocast' if a['fast_precision'] == 'bf16' else ''} + fused AdamW "
+                 f"+ foreach EMA"
                  + (" + channels_last" if a["fast_channels_last"] else " (NCHW; --channels-last adds channels_last)")
-                 + (" (+ torch.compile row)" if a["compile"] else ""))
+                 + (" (+ torch.compile row)" if a["compile"] else "") + f"; {a['precision_line']}")
+    lines.append("- training rows timed " + ("in turns (one step of each config per round, median per config)"
+                                            if a["in_turns"] else "one config after another"))
     if basis == "cpu":
         lines.append("- **ratios (`vs eager`, DiC/DiT) use process CPU time**: with one thread it counts the "
                      "work done and not the time other processes held the cores (this machine is shared); "

@@ -379,7 +379,7 @@ def test_compiled_sampling_equals_eager_up_to_rounding():
 
 def test_speed_flags_defaults_and_sample_py_end_to_end(tiny_ckpt, tmp_path):
     args = sample.parse_args(["--ckpt", "x.pt"])
-    assert (args.precision, args.channels_last, args.compile) == ("tf32", False, False)
+    assert (args.precision, args.channels_last, args.compile) == ("auto", False, False)
     assert args.cfg_scale == 4.0
     fast = ["--ckpt", tiny_ckpt, "--class-labels", "1", "2", "--num-sampling-steps", "3",
             "--precision", "bf16", "--channels-last", "--out"]

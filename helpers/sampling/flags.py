@@ -22,7 +22,7 @@ from helpers.sampling.samplers import (DDPM_SAMPLERS, DEFAULT_STEPS, DIFFUSION_F
 from helpers.training.objectives import add_objective_args, objective_from_args, objective_of_checkpoint
 from helpers.training.runs import saved_args
 from helpers.utils.cli import JobError, one_line
-from helpers.utils.fastpath import PRECISIONS, configure_tf32
+from helpers.utils.fastpath import PRECISION_CHOICES, bf16_support, choose_precision, configure_tf32, precision_line
 from helpers.utils.models import canonical_name, parse_args_with_overrides
 from helpers.utils.releases import release_objective, sampling_args
 
@@ -104,8 +104,9 @@ def add_sampler_args(parser):
 
 def add_speed_args(parser):
     """The fast path, with the trainers' meanings. What changes the numbers (bf16, compile) is opt-in."""
-    parser.add_argument("--precision", type=str, choices=PRECISIONS, default="tf32",
-                        help="tf32 (TF32 matmuls on GPU, as DiT), fp32 (strict) or bf16 (autocast)")
+    parser.add_argument("--precision", type=str, choices=PRECISION_CHOICES, default="auto",
+                        help="auto (default: tf32, TF32 matmuls on GPU as DiT, plain fp32 on CPU), tf32, fp32 "
+                             "(strict) or bf16 (autocast; refused where the device has no bf16 instructions)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                         help="NHWC weights and activations (default off)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
@@ -133,8 +134,13 @@ def mode_first(argv):
     return argv
 
 
-def setup_speed(args):
-    """Apply TF32 for --precision tf32/bf16; returns make_model_fn's fast-path keyword arguments."""
+def setup_speed(args, device, log=print):
+    """Settle --precision on `device` (auto -> tf32; bf16 refused where the device has no bf16
+    instructions), say it in one line through `log` (None: silent), apply TF32 for tf32/bf16;
+    returns make_model_fn's fast-path keyword arguments."""
+    args.precision = choose_precision(args.precision, device)
+    if log is not None:
+        log(precision_line(args.precision, bf16_support(device)))
     configure_tf32(args.precision in ("tf32", "bf16"))
     return dict(precision=args.precision, channels_last=bool(args.channels_last), compile=bool(args.compile))
 

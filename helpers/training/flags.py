@@ -58,8 +58,9 @@ def build_parser(description):
                        help="per-sample: noise/time/label dropout from (seed, step, index), the same on any layout; "
                             "global: DiT's draws from each process's RNG")
     model.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (weight decay 0)")
-    model.add_argument("--precision", type=str, default="tf32", choices=list(fastpath.PRECISIONS),
-                       help="tf32 (official), fp32 (strict) or bf16 (autocast)")
+    model.add_argument("--precision", type=str, default="auto", choices=list(fastpath.PRECISION_CHOICES),
+                       help="auto (default: tf32, the official TF32 on GPU, plain fp32 on CPU), tf32, fp32 (strict) "
+                            "or bf16 (autocast; refused where the device has no bf16 instructions)")
     model.add_argument("--max-grad-norm", type=float, default=None,
                        help="clip the gradient norm (default off; 1.0 with --repa, REPA's; inf: never clip)")
     model.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per step")

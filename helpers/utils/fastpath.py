@@ -8,8 +8,8 @@ bench/bench.py):
     * `make_adamw(..., fused="auto")`: AdamW with torch's defaults (betas (0.9, 0.999), eps 1e-8,
       no amsgrad) through the fused kernel (CUDA and CPU) or the foreach kernel; the updates equal
       the plain for-loop AdamW up to float rounding (foreach is bit-identical on CPU).
-    * `ema_update`: DiT's `ema.mul_(decay).add_(param, alpha=1 - decay)` done with foreach ops;
-      bit-identical to DiT's per-parameter loop (tested on CPU).
+    * `ema_update`: DiT's `ema.mul_(decay).add_(param, alpha=1 - decay)` as one foreach lerp
+      (one pass instead of two); equals DiT's per-parameter loop to a few ulp (tested on CPU).
     * `load_optimizer_state`: a resumed optimizer keeps the kernel it was built with (torch's
       load_state_dict would take the saved `fused`/`foreach` flags).
     * `to_channels_last` / `channels_last_input`: NHWC memory layout for the convolutions; same
@@ -28,14 +28,30 @@ bench/bench.py):
       first steps pay the compile time; 15 s cold for a tiny conv net on CPU). Random ops in the
       graph use the eager generator, so a compiled training run equals the eager one up to float
       rounding (4 DiC-Tiny steps: ~1e-8 relative on the weights).
+
+Which precision runs (`choose_precision`, one line from `precision_line`): `--precision auto` (the
+default everywhere) is tf32: DiT's TF32 on GPUs, the same plain fp32 on CPUs. bf16 stays opt-in
+even where the CPU has bf16 instructions, though it trains DiC-S 1.6-1.8x and DiC-Tiny 1.5x faster there
+(bench/README.md): it changes the numbers (~1%), and a default that followed the CPU would train
+other numbers on every other machine (machines here differ from session to session) and under
+every test that checks fp32 numbers with the default flags. An explicit bf16 on a device without bf16
+instructions (an AVX2 CPU: oneDNN's reference kernels, measured 40x slower than fp32) is refused
+with the fix, as `--fused-adamw on` is where there is no fused kernel: what was asked is run or
+refused, never swapped for something else. DIC_FORCE_BF16=1 runs it anyway (slowly).
 """
+import os
+import platform
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
 from helpers.utils.checkpoint import strip_wrapper_prefixes
+from helpers.utils.cli import JobError
 
 PRECISIONS = ("fp32", "tf32", "bf16")
+PRECISION_CHOICES = ("auto",) + PRECISIONS   # the --precision flag's choices; auto resolves to one of PRECISIONS
+FORCE_BF16_ENV = "DIC_FORCE_BF16"            # "1": run an explicit bf16 even where it would be slow
 
 
 #################################################################################
@@ -87,6 +103,115 @@ def autocast_forward(fn, device, precision):
 
 
 #################################################################################
+#                       Precision for the device at hand                        #
+#################################################################################
+
+@dataclass(frozen=True)
+class Bf16Support:
+    """What a device offers bf16 autocast. fast: kernels better than reference code (native bf16
+    instructions, or oneDNN's AVX512 emulation); native: bf16 instructions; hardware: their name
+    for the messages ("AVX512-BF16", "AMX", "AVX2", a GPU's name)."""
+    device_type: str
+    fast: bool
+    native: bool
+    hardware: str
+
+
+def cpu_bf16_flags():
+    """The CPU probe (tests monkeypatch it): oneDNN's bf16 check, the x86 bf16 instructions,
+    torch's kernel level (AVX2, AVX512, ...) and whether the CPU is an x86 one."""
+    return dict(mkldnn_bf16=bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                avx512_bf16=bool(torch.cpu._is_avx512_bf16_supported()),
+                amx=bool(torch.cpu._is_amx_tile_supported()),
+                capability=torch.backends.cpu.get_cpu_capability(),
+                x86=platform.machine().lower() in ("x86_64", "amd64", "i686", "i386"))
+
+
+def cpu_bf16_support(flags):
+    """Bf16Support of a CPU from cpu_bf16_flags(). oneDNN's check also passes for AVX512 without
+    bf16 instructions (it emulates them: fast, not native); where it fails, bf16 runs reference kernels."""
+    if not flags["x86"]:
+        return Bf16Support("cpu", flags["mkldnn_bf16"], flags["mkldnn_bf16"],
+                           "bf16 instructions" if flags["mkldnn_bf16"] else flags["capability"])
+    native = flags["amx"] or flags["avx512_bf16"]
+    hardware = "AMX" if flags["amx"] else "AVX512-BF16" if flags["avx512_bf16"] else flags["capability"]
+    return Bf16Support("cpu", flags["mkldnn_bf16"], native, hardware)
+
+
+def bf16_support(device):
+    """Bf16Support of `device` (a torch.device or its name), probed."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return cpu_bf16_support(cpu_bf16_flags())
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return Bf16Support("cuda", native, native, torch.cuda.get_device_name(device))
+    return Bf16Support(device.type, False, False, device.type)   # no autocast there (autocast_context)
+
+
+def slow_bf16_reason(support):
+    """Why bf16 is slow on a device without fast bf16, for the messages."""
+    if support.device_type == "cpu":
+        return (f"this CPU has no bf16 instructions ({support.hardware}): bf16 would run reference kernels, "
+                f"~40x slower than fp32")
+    return (f"this {support.device_type} device ({support.hardware}) has no native bf16: bf16 would be "
+            f"emulated, slower than fp32")
+
+
+def resolve_precision(requested, support, force=False, flag="--precision bf16",
+                      fix="use --precision fp32 (or auto)"):
+    """The precision to run for a requested one on a device with `support` (a Bf16Support).
+
+    auto -> tf32 everywhere (DiT's TF32 on GPU; tf32 is plain fp32 on CPU): bf16 stays opt-in (see
+    the module docstring). bf16 where `support.fast` is False -> JobError naming `fix`, unless
+    `force` (DIC_FORCE_BF16=1). fp32, tf32 and bf16 otherwise run as asked.
+    """
+    if requested not in PRECISION_CHOICES:
+        raise JobError(f"--precision {requested!r}: choose one of {', '.join(PRECISION_CHOICES)}")
+    if requested == "auto":
+        return "tf32"
+    if requested == "bf16" and not support.fast and not force:
+        raise JobError(f"{flag}: {slow_bf16_reason(support)}; {fix}, or set {FORCE_BF16_ENV}=1 to run bf16 anyway")
+    return requested
+
+
+def precision_line(precision, support, accelerate=None):
+    """One line: what runs, and what else this device offers, e.g. "precision: tf32 (plain fp32
+    on cpu); this CPU has no bf16 instructions (AVX2): ...". `accelerate`: accelerate's
+    mixed_precision, which is what runs when it is bf16 or fp16."""
+    where = support.hardware if support.device_type == "cuda" else support.device_type
+    if accelerate in ("bf16", "fp16"):
+        precision, how = accelerate, f"{accelerate} autocast by accelerate"
+    elif precision == "tf32":
+        how = "TF32 matmuls and convolutions" if support.device_type == "cuda" else "plain fp32"
+    else:
+        how = {"bf16": "bf16 autocast", "fp32": "strict fp32"}[precision]
+    line = f"precision: {precision} ({how} on {where})"
+    if precision == "bf16" and not support.fast:
+        return f"{line}, forced by {FORCE_BF16_ENV}=1; {slow_bf16_reason(support)}"
+    if precision in ("bf16", "fp16") or support.device_type != "cpu":
+        return line
+    if support.native:
+        return (f"{line}; this CPU has bf16 instructions ({support.hardware}): --precision bf16 trains ~1.5-1.8x "
+                f"faster on such CPUs (bench/README.md) but changes the numbers, so it is opt-in")
+    if support.fast:
+        return (f"{line}; this CPU emulates bf16 ({support.hardware}, no bf16 instructions): "
+                f"--precision bf16 is unmeasured here")
+    return f"{line}; {slow_bf16_reason(support)}, so auto never picks it"
+
+
+def choose_precision(requested, device, accelerate=None):
+    """resolve_precision on `device` (probed), forced by DIC_FORCE_BF16=1 in the environment.
+    accelerate's mixed_precision (`accelerate`) gets the same check when it is bf16."""
+    support = bf16_support(device)
+    force = os.environ.get(FORCE_BF16_ENV) == "1"
+    if accelerate == "bf16":
+        resolve_precision("bf16", support, force, flag="accelerate's mixed_precision bf16",
+                          fix="launch without --mixed_precision bf16")
+    return resolve_precision(requested, support, force)
+
+
+#################################################################################
 #                                 Memory format                                 #
 #################################################################################
 
@@ -124,24 +249,42 @@ def channels_last_input(x):
 #################################################################################
 
 def maybe_compile(model, enabled, mode=None, eager_random=True):
-    """torch.compile(model, mode=mode) when enabled, else the model itself.
+    """torch.compile(model, mode=mode, dynamic=False) when enabled, else the model itself.
 
     `model` may be a module or any callable (e.g. `model.forward_with_cfg`, compiling the network
     together with the guidance arithmetic). The compiled module wrapper shares the parameters with
     `model`; save and EMA from `unwrap_compiled` (the wrapper's state_dict keys carry an
-    `_orig_mod.` prefix).
+    `_orig_mod.` prefix). dynamic=False: the batch shape is fixed in training; a new one (a last,
+    smaller sampling batch) compiles once more instead of compiling slower shape-generic kernels.
 
     eager_random: random ops inside the compiled graph (DiC/DiT's class-label dropout) draw from
     torch's eager generator (sets `torch._inductor.config.fallback_random`, process-wide), so a
     compiled run sees the same random numbers as an eager one with the same seed. Inductor's own
     generator would draw other labels to drop: a different (equally valid) run, not float rounding.
+
+    On CPU inductor's layout optimisation is turned off (process-wide): it makes the convolutions'
+    activations channels_last, and a compiled DiC-S bf16 training step then ran slower than eager
+    bf16 (1.72x vs 1.86x eager fp32's speed, one run); with it off, compiled is 5-10% faster than
+    eager bf16 (bench/README.md). The layout stays the one the model and --channels-last chose.
     """
     if not enabled:
         return model
+    import torch._inductor.config as inductor_config
     if eager_random:
-        import torch._inductor.config as inductor_config
         inductor_config.fallback_random = True
-    return torch.compile(model, mode=mode)
+    if (_device_type_of(model) or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":
+        inductor_config.layout_optimization = False
+    return torch.compile(model, mode=mode, dynamic=False)
+
+
+def _device_type_of(model):
+    """The device type of a module's (or a bound method's module's) first parameter; None for
+    other callables (then maybe_compile takes CUDA where there is one)."""
+    module = getattr(model, "__self__", model)
+    if not isinstance(module, torch.nn.Module):
+        return None
+    param = next(module.parameters(), None)
+    return None if param is None else param.device.type
 
 
 def unwrap_compiled(model):
@@ -267,22 +410,58 @@ def ema_pairs(ema_model, model):
 
 @torch.no_grad()
 def ema_update(ema_model, model, decay=0.9999):
-    """ema = decay * ema + (1 - decay) * param for every parameter, as DiT's update_ema, in two
-    foreach calls (`_foreach_mul_`, then `_foreach_add_` with alpha = 1 - decay): the same two
-    float operations per element as DiT's `ema.mul_(decay).add_(param, alpha=1 - decay)`, so the
-    result is bit-identical (tested on CPU). Wrapped models (DDP, torch.compile) are accepted.
+    """ema = decay * ema + (1 - decay) * param for every parameter, as DiT's update_ema, in one
+    foreach call: `_foreach_lerp_(ema, param, 1 - decay)`, i.e. ema + (1 - decay) * (param - ema).
+    One pass over the EMA instead of DiT's two (`mul_`, then `add_`): 11 ms instead of 23 for
+    DiC-S's 33M parameters on one CPU thread. The same update up to float rounding (within a few
+    ulp of DiT's per step, tested), not bit for bit; decay 0 copies the parameters exactly.
+    Wrapped models (DDP, torch.compile) are accepted.
     """
     ema_tensors, model_tensors = ema_pairs(ema_model, model)
-    torch._foreach_mul_(ema_tensors, decay)
-    torch._foreach_add_(ema_tensors, model_tensors, alpha=1 - decay)
+    torch._foreach_lerp_(ema_tensors, model_tensors, 1 - decay)
 
 
 @torch.no_grad()
 def ema_update_reference(ema_model, model, decay=0.9999):
-    """DiT's per-parameter EMA update, kept as the reference the foreach version is tested against."""
+    """DiT's per-parameter EMA update, kept as the reference the foreach one is tested (and benched) against."""
     ema_tensors, model_tensors = ema_pairs(ema_model, model)
     for ema, param in zip(ema_tensors, model_tensors):
         ema.mul_(decay).add_(param, alpha=1 - decay)
+
+
+#################################################################################
+#                         The fastest settings, measured                        #
+#################################################################################
+
+def fastest_settings(device="cpu", support=None, load_average=None, cores=None):
+    """The fastest training (and sampling) settings measured for `device`, as a dict:
+    {"precision", "channels_last", "compile", "threads", "why"}; pass them to train.py as
+    `--precision P --[no-]channels-last --[no-]compile` and OMP_NUM_THREADS=threads (None: torch's
+    default). support / load_average / cores default to this machine's (probed); tests pass values.
+
+    Measured (bench/quickstart_settings.py and bench/bench.py on a shared 2-core AVX512-BF16 EPYC,
+    settings timed in turns): bf16 autocast trains DiC-Tiny (batch 64, 16x16 digits) 1.5x and
+    DiC-S 1.6-1.8x faster than fp32; channels_last: 1.03x in fp32, 0.74x with bf16; torch.compile
+    saves 4% (DiC-Tiny, wall) to 5-8% (DiC-S) per step for 2-3.5 minutes of cold compiling, which a
+    1,000-step quick start (~10-25 s saved) never earns back, so it stays off. Without bf16
+    instructions bf16 is emulated (AVX512: unmeasured) or reference code (AVX2: 40x slower): fp32.
+    Threads: with the cores held by other jobs (load average 3.8 on 2 cores) 2 threads ran a
+    DiC-Tiny step 1.5-7x slower (wall) than 1 thread, so only idle cores are used, at least one.
+    CUDA (not measured here): bf16 where the GPU has it natively, else DiT's tf32.
+    """
+    device = torch.device(device)
+    support = bf16_support(device) if support is None else support
+    settings = dict(channels_last=False, compile=False, threads=None)
+    if device.type == "cuda":
+        precision = "bf16" if support.native else "tf32"
+        return dict(settings, precision=precision, why=f"{support.hardware}: {precision} (unmeasured here)")
+    precision = "bf16" if support.native else "fp32"
+    cores = os.cpu_count() if cores is None else cores
+    load_average = os.getloadavg()[0] if load_average is None else load_average
+    threads = max(1, min(cores, int(cores - load_average)))
+    why = (f"{support.hardware}: {precision} ({'bf16 instructions' if support.native else 'no bf16 instructions'}); "
+           f"{threads} thread(s): load average {load_average:.1f} on {cores} cores")
+    return dict(settings, precision=precision, threads=threads, why=why)
 
 
 #################################################################################
