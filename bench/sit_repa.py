@@ -171,7 +171,7 @@ def bench_repa(name, cfg, args, device):
     result.update(batch=n, encoder_name=f"{args.repa_encoder} ({timm_name}, random weights)", stage=stage,
                   projector_params=sum(p.numel() for p in projector.parameters()),
                   encoder_precision="bf16 autocast" if cfg["precision"] == "bf16" else "fp32")
-    del encoder, encode, model, projector, tapped, plain_step, repa_step, project
+    encoder = encode = model = projector = tapped = plain_step = repa_step = project = None   # frees them
     release_memory(device)
     print(f"  repa {name:9s} {cfg['name']}: plain {result['plain']['step_s'] * 1000:.0f} ms, REPA "
           f"{result['REPA']['step_s'] * 1000:.0f} ms, encoder {result['encoder']['step_s'] * 1000:.0f} ms "
