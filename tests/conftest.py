@@ -9,6 +9,9 @@ import sys
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The bf16 tests check bf16's numbers and files, not its speed: on a CPU without bf16 instructions the
+# scripts refuse --precision bf16 (reference kernels, ~40x slower) unless forced, as here.
+os.environ.setdefault("DIC_FORCE_BF16", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
