@@ -34,48 +34,82 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # The quick start's recipe for DiC-Tiny on digits (see parse_args for the tunable flags).
-# Objective-dependent defaults: the sampler and its steps, and the guidance scale.
-SAMPLER_DEFAULTS = {"ddpm": ("ddpm", 100), "sit": ("euler", 25)}
-CFG_DEFAULTS = {"ddpm": 1.0, "sit": 1.0}
-# Model-family learning rates: DiCo zero-initialises every block's modulation, so its blocks start as
-# identities; at DiC-Tiny's 1e-3 DiCo-Tiny reached 77% class accuracy
-# in 1,000 steps, at 2e-3 99% (cfg 1, the judge below; measured on a 2-core CPU).
-LR_DEFAULTS = {"DiCo": 2e-3}
-DEFAULT_LR = 1e-3
-# --sampler for each objective: DDPM checkpoints use sample.py's --sampler; flow-matching (SiT)
-# checkpoints its ODE (--mode ode --sampling-method ...) or SDE (--mode sde) sampler.
-SIT_SAMPLERS = {"euler": ["--mode", "ode", "--sampling-method", "euler"],
-                "heun": ["--mode", "ode", "--sampling-method", "heun2"],
-                "dopri5": ["--mode", "ode", "--sampling-method", "dopri5"],
-                "sde": ["--mode", "sde", "--sampling-method", "Euler"]}
-DDPM_SAMPLERS = ("ddpm", "ddim", "dpm-solver")
-# Model width: DiC-Tiny's own (overrides would go here as --network_g__<keyword>=<value>).
-MODEL_OVERRIDES = []
+# Objective-dependent defaults: the sampler and its steps, and the guidance scale. Each sampler is
+# the cheapest within 0.5 points of the best class accuracy of its objective (bench/sampler_sweep.py,
+# 1,000 samples over two models: README "Samplers ranked by quality per model call").
+SAMPLER_DEFAULTS = {"ddpm": ("ddpm", 50), "sit": ("euler", 10), "rf": ("euler", 10)}
+CFG_DEFAULTS = {"ddpm": 1.0, "sit": 1.0, "rf": 1.0}
+# Model-family recipes (2-core CPU, the judge below, 1,000 steps at batch 64; README "Quick start"):
+# DiC-Tiny at a quarter of its width (hidden 16: 0.25 M parameters) trains 2.4x faster per step than
+# at its own (32) and learns the digits as well at lr 4e-3. DiCo zero-initialises every block's
+# modulation, so its blocks start as identities: at 1e-3 DiCo-Tiny reached 77%, at 2e-3 99%.
+MODEL_OVERRIDES = {"DiC": ["--network_g__hidden_size=16"]}
+LR_DEFAULTS = {"DiC": 4e-3, "DiCo": 2e-3}
+DEFAULT_LR = 1e-3   # other families
+# --sampler for each objective, as sample.py's flags: DDPM checkpoints use sample.py's --sampler;
+# SiT's flow matching its ODE (--mode ode --sampling-method ...) or SDE (--mode sde) sampler;
+# REPA's rectified flow (rf) REPA's Euler ODE, with --heun its Heun ODE, or its Euler-Maruyama SDE.
+SAMPLERS = {"ddpm": {name: ["--sampler", name] for name in ("ddpm", "ddim", "dpm-solver")},
+            "sit": {"euler": ["--mode", "ode", "--sampling-method", "euler"],
+                    "heun": ["--mode", "ode", "--sampling-method", "heun2"],
+                    "dopri5": ["--mode", "ode", "--sampling-method", "dopri5"],
+                    "sde": ["--mode", "sde", "--sampling-method", "Euler"]},
+            "rf": {"euler": ["--mode", "ode"], "heun": ["--mode", "ode", "--heun"], "sde": ["--mode", "sde"]}}
+
+
+def family(model):
+    """The model family of a variant name ("DiC-Tiny" -> "DiC")."""
+    return model.split("-")[0]
+
+
+def launch_plan(precision, processes, batch_size):
+    """(train.py's --precision, processes, threads per process) for this machine.
+
+    fastest_settings measures what is fast here: bf16 where the CPU or GPU has bf16 instructions
+    (else fp32: emulated bf16 is a trap), and the idle cores. On a CPU the quick start runs one
+    single-thread process per idle core under torchrun (as many as divide the batch): a model this
+    small keeps one thread busy and no more (2 threads per step were slower than 1), while DDP over
+    gloo splits the batch at little cost (1.6x with 2 processes on 2 cores: README). Per-sample
+    draws make the run the same on any number of processes. On a GPU: one process."""
+    from helpers.utils import fastpath
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fastest = fastpath.fastest_settings(device)
+    precision = fastest["precision"] if precision == "auto" else precision
+    if processes is None:
+        idle = 1 if device == "cuda" else fastest["threads"]
+        processes = max(n for n in range(1, idle + 1) if batch_size % n == 0)
+    return precision, processes, 1 if device == "cpu" else None
 
 
 def train_model(args):
-    """Run train.py exactly as a user would; returns the new run folder."""
+    """Run train.py exactly as a user would; returns the new run folder and how it ran."""
     from helpers.training.runs import list_runs
     before = set(list_runs(args.results_dir))
-    command = [sys.executable, os.path.join(HERE, "train.py"), "--dataset", args.dataset,
-               "--model", args.model, "--image-size", str(args.image_size),
-               "--objective", args.objective,
-               "--global-batch-size", str(args.batch_size), "--lr", str(args.lr),
-               "--ema-decay", str(args.ema_decay), "--ema-warmup", "--max-steps", str(args.steps),
-               "--ckpt-every", str(args.steps), "--log-every", str(args.log_every),
-               "--results-dir", args.results_dir, "--global-seed", str(args.seed),
-               "--num-workers", "0", "--precision", "fp32", *MODEL_OVERRIDES]
-    print("$ " + " ".join(command[1:]), flush=True)
-    subprocess.run(command, check=True)
+    precision, processes, threads = launch_plan(args.precision, args.processes, args.batch_size)
+    flags = ["--dataset", args.dataset, "--model", args.model, "--image-size", str(args.image_size),
+             "--objective", args.objective, "--global-batch-size", str(args.batch_size), "--lr", str(args.lr),
+             "--class-dropout-prob", str(args.class_dropout_prob),
+             "--ema-decay", str(args.ema_decay), "--ema-warmup", "--max-steps", str(args.steps),
+             "--ckpt-every", str(args.steps), "--log-every", str(args.log_every),
+             "--results-dir", args.results_dir, "--global-seed", str(args.seed),
+             "--num-workers", "0", "--precision", precision, *MODEL_OVERRIDES.get(family(args.model), [])]
+    typed = ["torchrun", "--standalone", "--nproc_per_node", str(processes)] if processes > 1 else ["python"]
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", *typed[1:]] if processes > 1 else [])
+    command = [*launcher, os.path.join(HERE, "train.py"), *flags]
+    environment = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    print(f"$ {'OMP_NUM_THREADS=' + str(threads) + ' ' if threads else ''}" + " ".join([*typed, "train.py", *flags]),
+          flush=True)
+    subprocess.run(command, check=True, env=environment)
     new_runs = [run for run in list_runs(args.results_dir) if run not in before]
     if len(new_runs) != 1:
         raise RuntimeError(f"expected one new run folder in {args.results_dir}, found {new_runs}")
-    return new_runs[0]
+    return new_runs[0], dict(precision=precision, processes=processes)
 
 
 @torch.no_grad()
 def sample_every_class(checkpoint_path, args):
-    """(images (N, C, H, W) in [-1, 1], labels (N,)): --samples-per-class of each class, class-major."""
+    """(images (N, C, H, W) in [-1, 1], labels (N,), nfe): --samples-per-class of each class,
+    class-major, and the model calls each image cost (NFE: what a sampler's speed is measured in)."""
     import sample
     from helpers.sampling.checkpoint_model import build_model, read_checkpoint
     from helpers.sampling.flags import model_settings, resolve_settings, sampler_settings
@@ -90,14 +124,28 @@ def sample_every_class(checkpoint_path, args):
                                       dict(precision="fp32", channels_last=False, compile=False))
     labels = torch.arange(settings.num_classes).repeat_interleave(args.samples_per_class)
     noise = grid_noise(args.seed, len(labels), settings.num_classes)  # sample.py's per-index noise
-    images = generate(model, vae, sampler, model_fn, noise, labels, settings.image_size, torch.device("cpu"),
+    counted = CountedCalls(model_fn)
+    images = generate(model, vae, sampler, counted, noise, labels, settings.image_size, torch.device("cpu"),
                       progress=sys.stdout.isatty())
-    return images.clamp(-1, 1), labels
+    return images.clamp(-1, 1), labels, counted.calls
+
+
+class CountedCalls:
+    """A model function that counts its calls. Every image is sampled in one batch, so the count is
+    the number of function evaluations (NFE) per image, whatever the sampler (an adaptive ODE
+    solver's or an SDE's included), which is what samplers are compared at."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
 
 
 def sampler_flags(args):
     """sample.py's flags for the quick start's --sampler."""
-    return SIT_SAMPLERS[args.sampler] if args.objective == "sit" else ["--sampler", args.sampler]
+    return SAMPLERS[args.objective][args.sampler]
 
 
 def nearest_neighbours(images, args):
@@ -152,13 +200,13 @@ def judge(images, labels, args):
 
 def main(args):
     start = time.time()
-    run_dir = train_model(args)
+    run_dir, launch = train_model(args)
     checkpoint_path = os.path.join(run_dir, "checkpoints", f"{args.steps:07d}.pt")
     trained = time.time()
 
     print(f"Sampling {args.samples_per_class} images of each class "
           f"({args.objective}: {args.sampler}, {args.sampling_steps} steps, cfg {args.cfg_scale}) ...", flush=True)
-    images, labels = sample_every_class(checkpoint_path, args)
+    images, labels, nfe = sample_every_class(checkpoint_path, args)
     grid_path = os.path.join(run_dir, "samples.png")
     save_grid(images, args.samples_per_class, grid_path)
     curve_path = os.path.join(run_dir, "loss_curve.png")
@@ -170,7 +218,8 @@ def main(args):
     figures.update(train_seconds=round(trained - start, 1), sample_seconds=round(sampled - trained, 1),
                    total_seconds=round(time.time() - start, 1), objective=args.objective, steps=args.steps,
                    batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay, cfg_scale=args.cfg_scale,
-                   sampler=args.sampler, sampling_steps=args.sampling_steps)
+                   sampler=args.sampler, sampling_steps=args.sampling_steps, nfe=nfe,
+                   class_dropout_prob=args.class_dropout_prob, **launch)
     quality_path = os.path.join(run_dir, "quality.json")
     atomic_write_text(quality_path, json.dumps(figures, indent=2) + "\n")
 
@@ -195,26 +244,35 @@ def parse_args(argv=None):
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--model", default="DiC-Tiny")
     parser.add_argument("--image-size", type=int, default=16)
-    parser.add_argument("--objective", choices=["ddpm", "sit"], default="ddpm",
-                        help="ddpm: DiT's diffusion; sit: SiT's flow matching (the sampler follows)")
+    parser.add_argument("--objective", choices=list(SAMPLERS), default="ddpm",
+                        help="ddpm: DiT's diffusion; sit: SiT's flow matching; rf: REPA's rectified flow "
+                             "(t = 1 is noise; without --repa, which needs an encoder) (the sampler follows)")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=None,
-                        help="higher than the paper's 1e-4: a 1M-parameter model on 1,438 images "
+                        help="higher than the paper's 1e-4: a 0.25-1.3 M parameter model on 1,438 images "
                              f"(default {DEFAULT_LR:g}; " + ", ".join(f"{k}-*: {v:g}" for k, v in LR_DEFAULTS.items())
                              + ")")
     parser.add_argument("--ema-decay", type=float, default=0.999,
                         help="shorter than the paper's 0.9999, which averages over ~10k steps")
+    parser.add_argument("--class-dropout-prob", type=float, default=None,
+                        help="train.py's; default 0 at cfg 1 (a model that is never guided needs no null "
+                             "label, and learns the classes better without one: README), else DiT's 0.1")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--samples-per-class", type=int, default=10)
     parser.add_argument("--cfg-scale", type=float, default=None,
                         help="classifier-free guidance; 1 = none (default: " +
                              ", ".join(f"{k} {v}" for k, v in CFG_DEFAULTS.items()) + ")")
     parser.add_argument("--sampler", default=None,
-                        help=f"ddpm: {'|'.join(DDPM_SAMPLERS)}; sit: {'|'.join(SIT_SAMPLERS)} (ODE, or SDE) "
+                        help="; ".join(f"{k}: {'|'.join(v)}" for k, v in SAMPLERS.items()) + " (ODE, or SDE) "
                              "(default: " + ", ".join(f"{k} {v[0]}" for k, v in SAMPLER_DEFAULTS.items()) + ")")
     parser.add_argument("--sampling-steps", type=int, default=None,
                         help="default: " + ", ".join(f"{k} {v[1]}" for k, v in SAMPLER_DEFAULTS.items()))
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="training precision; auto: bf16 where the CPU/GPU runs it natively, else fp32 "
+                             "(sampling stays fp32)")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="training processes (default: one per idle CPU core, one on a GPU)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     sampler, steps = SAMPLER_DEFAULTS[args.objective]
@@ -222,8 +280,10 @@ def parse_args(argv=None):
     args.sampling_steps = args.sampling_steps or steps
     args.cfg_scale = CFG_DEFAULTS[args.objective] if args.cfg_scale is None else args.cfg_scale
     if args.lr is None:
-        args.lr = LR_DEFAULTS.get(args.model.split("-")[0], DEFAULT_LR)
-    allowed = DDPM_SAMPLERS if args.objective == "ddpm" else tuple(SIT_SAMPLERS)
+        args.lr = LR_DEFAULTS.get(family(args.model), DEFAULT_LR)
+    if args.class_dropout_prob is None:
+        args.class_dropout_prob = 0.0 if args.cfg_scale == 1 else 0.1
+    allowed = tuple(SAMPLERS[args.objective])
     if args.sampler not in allowed:
         parser.error(f"--sampler {args.sampler} does not sample --objective {args.objective}: "
                      f"choose one of {', '.join(allowed)}")

@@ -286,6 +286,7 @@ def train_loop(args, flags, engine, log, run, progress, monitor, stop=None, hear
             grad_norm = None
             if args.max_grad_norm or (monitor.tracker.enabled and (progress.step + 1) % args.log_every == 0):
                 grad_norm = engine.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+            training.set_lr(opt, training.lr_at(progress.step, args.lr, args.lr_schedule, target))
             opt.step()
             ema_update(run.ema, run.model, training.ema_decay_at(progress.step, args.ema_decay, args.ema_warmup))
             progress.step += 1
@@ -405,7 +406,8 @@ def log_setup(args, run, resumed):
     log.info(f"Dataset contains {len(run.data):,} samples ({source}); {run.data.steps_per_epoch:,} steps per "
              f"epoch at global batch {args.global_batch_size} ({args.global_batch_size // run.world_size} x "
              f"{run.world_size} processes)")
-    log.info(f"Objective: {run.objective.config()}; VAE: {args.vae}; precision: {args.precision}; lr {args.lr}; "
+    log.info(f"Objective: {run.objective.config()}; VAE: {args.vae}; precision: {args.precision}; lr {args.lr} "
+             f"({args.lr_schedule}); "
              f"EMA decay {args.ema_decay}{f'; grad clip {args.max_grad_norm}' if args.max_grad_norm else ''}")
     log.info(fastpath.precision_line(args.precision, fastpath.bf16_support(run.device), args.mixed_precision))
     if args.ckpt:

@@ -12,7 +12,7 @@ from test_train import (assert_opt_equal, assert_state_dicts_equal, call_main, l
                         load, only_run, run_script, weights_rel_err)
 
 from helpers.utils.log import read_losses
-from helpers.training.setup import ema_decay_at
+from helpers.training.setup import ema_decay_at, lr_at
 
 BOUND = 1e-5
 
@@ -111,3 +111,12 @@ def test_ema_warmup_follows_its_formula():
     Args.ema_warmup = False
     assert ema_decay_at(0, Args.ema_decay, Args.ema_warmup) == 0.999
     assert torch.is_grad_enabled()
+
+
+def test_cosine_learning_rate_follows_its_formula():
+    # Half a cosine from --lr at step 0 to 0 at the run's last step; constant is --lr throughout.
+    assert lr_at(0, 2e-3, "cosine", 1000) == 2e-3
+    assert abs(lr_at(500, 2e-3, "cosine", 1000) - 1e-3) < 1e-18
+    assert abs(lr_at(250, 2e-3, "cosine", 1000) - 2e-3 * (2 + 2 ** 0.5) / 4) < 1e-18   # (1 + cos(pi/4)) / 2
+    assert lr_at(1000, 2e-3, "cosine", 1000) == 0.0 and lr_at(1200, 2e-3, "cosine", 1000) == 0.0
+    assert [lr_at(step, 2e-3, "constant", 10) for step in (0, 5, 10, 99)] == [2e-3] * 4

@@ -55,8 +55,9 @@ def test_a_stop_signal_saves_the_step_and_exits_75(tmp_path, latents, monkeypatc
 
 def test_preempted_twice_under_torchrun_then_resumed_equals_one_run(tmp_path, latents):
     """Two processes: train.py gets SIGTERM in step 2, train_accelerate.py (resumed) SIGUSR1 in step 3,
-    both through torchrun as a scheduler sends them; --resume auto then ends where one run does."""
-    common = ["--max-steps", "4", "--ckpt-every", "100", "--log-every", "1"]
+    both through torchrun as a scheduler sends them; --resume auto then ends where one run does, the
+    cosine learning rate included (it is a function of the step and the run's last step)."""
+    common = ["--max-steps", "4", "--ckpt-every", "100", "--log-every", "1", "--lr-schedule", "cosine"]
     one_go = torchrun("train.py", latent_args(latents, tmp_path / "a", *common))
     assert one_go.returncode == 0, one_go.output
 
@@ -78,6 +79,8 @@ def test_preempted_twice_under_torchrun_then_resumed_equals_one_run(tmp_path, la
     assert_state_dicts_equal(a["ema"], r["ema"])
     assert_opt_equal(a["opt"], r["opt"])
     assert all(torch.equal(x["torch"], y["torch"]) for x, y in zip(a["rng"], r["rng"]))
+    # The last step (index 3 of 4) ran at lr * (1 + cos(3 pi / 4)) / 2, lr = 1e-4 (the default).
+    assert all(abs(group["lr"] - 1e-4 * (2 - 2 ** 0.5) / 4) < 1e-15 for group in r["opt"]["param_groups"])
 
 
 @pytest.fixture

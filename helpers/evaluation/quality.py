@@ -47,13 +47,16 @@ def feature_frechet(classifier, images_a, images_b):
 
 
 def evaluate_samples(samples, sample_labels, train_images, train_labels, test_images, test_labels,
-                     seed=0):
+                     seed=0, classifier=None):
     """All quick-start figures in one dict.
 
     The floor compares a random subset of real training images, as many as there are
     samples, with the held-out images, so both distances carry the same small-sample bias.
+    `classifier`: the judge train_classifier(train_images, train_labels, seed=seed) already fitted
+    (a sweep judging many sample sets fits it once; the fit is deterministic, so the figures are the same).
     """
-    classifier = train_classifier(train_images, train_labels, seed=seed)
+    if classifier is None:
+        classifier = train_classifier(train_images, train_labels, seed=seed)
     rng = np.random.default_rng(seed)
     count = min(len(samples), len(train_images))
     subset = rng.choice(len(train_images), size=count, replace=False)

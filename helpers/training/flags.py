@@ -58,6 +58,9 @@ def build_parser(description):
                        help="per-sample: noise/time/label dropout from (seed, step, index), the same on any layout; "
                             "global: DiT's draws from each process's RNG")
     model.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (weight decay 0)")
+    model.add_argument("--lr-schedule", type=str, default="constant", choices=["constant", "cosine"],
+                       help="constant (DiT's), or cosine: from --lr down to 0 at the run's last step "
+                            "(--max-steps, else --epochs)")
     model.add_argument("--precision", type=str, default="auto", choices=list(fastpath.PRECISION_CHOICES),
                        help="auto (default: tf32, the official TF32 on GPU, plain fp32 on CPU), tf32, fp32 (strict) "
                             "or bf16 (autocast; refused where the device has no bf16 instructions)")
@@ -209,7 +212,7 @@ def fill_repa_recipe(args):
 _NOT_INHERITED = {"resume", "ckpt", "explicit", "no_progress", "mixed_precision", "ckpt_iter", "start_epoch"}
 # Flags that change the training itself: changed on resume, the run goes on, but not as it would have.
 _EXACTNESS = ("data_path", "feature_path", "dataset", "image_size", "vae", "global_batch_size", "global_seed", "draws",
-              "lr", "precision", "mixed_precision", "max_grad_norm", "model_overrides", "fused_adamw",
+              "lr", "lr_schedule", "precision", "mixed_precision", "max_grad_norm", "model_overrides", "fused_adamw",
               "channels_last", "compile", "objective", "repa", "proj_coeff", "manifold_coeff")
 
 _EXACTNESS += ("class_dropout_prob",)   # how often the null label trains (0: the model has none)
