@@ -6,6 +6,9 @@ their output heads, and a zero output would make every comparison trivially pass
 """
 import copy
 import os
+import subprocess
+import sys
+import time
 from collections import OrderedDict
 from contextlib import nullcontext
 
@@ -14,7 +17,7 @@ import torch
 
 from helpers.utils import fastpath
 from helpers.utils.cli import JobError, run_main
-from helpers.utils.fastpath import (Bf16Support, adamw_implementation, autocast_context, autocast_forward,
+from helpers.utils.fastpath import (Bf16Support, busy_cores, adamw_implementation, autocast_context, autocast_forward,
                               bf16_support, choose_precision, cpu_bf16_support, fastest_settings, precision_line,
                               channels_last_input, check_precision, configure_tf32, contiguous_optimizer_state,
                               contiguous_state_dict, describe, ema_update,
@@ -104,14 +107,28 @@ def test_auto_precision_is_tf32_and_bf16_is_refused_where_it_would_crawl(cpu_pro
 def test_fastest_settings_follow_the_cpu_and_the_load():
     """bf16 only with bf16 instructions; NCHW, no compile; the idle cores' threads, at least one."""
     zen4, avx2 = cpu_bf16_support(ZEN4), cpu_bf16_support(AVX2)
-    fast = fastest_settings("cpu", zen4, load_average=0.2, cores=8)
-    assert (fast["precision"], fast["channels_last"], fast["compile"], fast["threads"]) == ("bf16", False, False, 7)
-    assert fastest_settings("cpu", avx2, load_average=5.6, cores=2)["precision"] == "fp32"
-    assert fastest_settings("cpu", avx2, load_average=5.6, cores=2)["threads"] == 1
-    assert "AVX2: fp32 (no bf16 instructions); 1 thread(s): load average 5.6 on 2 cores" in \
-        fastest_settings("cpu", avx2, load_average=5.6, cores=2)["why"]
+    fast = fastest_settings("cpu", zen4, busy=0.2, cores=8)
+    assert (fast["precision"], fast["channels_last"], fast["compile"], fast["threads"]) == ("bf16", False, False, 8)
+    assert fastest_settings("cpu", zen4, busy=0.6, cores=2)["threads"] == 1
+    assert fastest_settings("cpu", avx2, busy=5.6, cores=2)["precision"] == "fp32"
+    assert fastest_settings("cpu", avx2, busy=5.6, cores=2)["threads"] == 1
+    assert "AVX2: fp32 (no bf16 instructions); 1 thread(s): 5.6 of 2 cores busy" in \
+        fastest_settings("cpu", avx2, busy=5.6, cores=2)["why"]
     h100 = Bf16Support("cuda", True, True, "NVIDIA H100")
     assert fastest_settings("cuda", h100)["precision"] == "bf16" and fastest_settings("cuda", h100)["threads"] is None
+
+
+def test_busy_cores_sees_a_spinning_process_at_once():
+    """A busy core counts while it spins, not a minute later (the load average's lag)."""
+    idle = busy_cores(0.3)
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy = busy_cores(0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert 0 <= idle <= os.cpu_count() and 0.8 <= busy <= os.cpu_count() + 1e-9
 
 
 def test_scripts_settle_precision_with_the_probe(cpu_probe, tmp_path):

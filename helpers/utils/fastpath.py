@@ -44,6 +44,8 @@ import platform
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+import time
+
 import torch
 
 from helpers.utils.checkpoint import strip_wrapper_prefixes
@@ -433,11 +435,30 @@ def ema_update_reference(ema_model, model, decay=0.9999):
 #                         The fastest settings, measured                        #
 #################################################################################
 
-def fastest_settings(device="cpu", support=None, load_average=None, cores=None):
+def busy_cores(interval=0.3):
+    """How many cores other work keeps busy right now: the share of CPU time that was not idle in
+    /proc/stat over `interval` seconds, times the core count (the 1-minute load average where there
+    is no /proc/stat). Not the load average itself: it lags by a minute, and just after `pip install`
+    it still counted the install (1.5 on an idle 2-core machine, so the quick start took 1 process)."""
+    def cpu_times():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:9]]   # user nice system idle iowait irq softirq steal
+        return sum(values), values[3] + values[4]
+    try:
+        total_before, idle_before = cpu_times()
+        time.sleep(interval)
+        total_after, idle_after = cpu_times()
+    except (OSError, ValueError):
+        return os.getloadavg()[0]
+    elapsed = max(total_after - total_before, 1)
+    return (1.0 - (idle_after - idle_before) / elapsed) * os.cpu_count()
+
+
+def fastest_settings(device="cpu", support=None, busy=None, cores=None):
     """The fastest training (and sampling) settings measured for `device`, as a dict:
     {"precision", "channels_last", "compile", "threads", "why"}; pass them to train.py as
     `--precision P --[no-]channels-last --[no-]compile` and OMP_NUM_THREADS=threads (None: torch's
-    default). support / load_average / cores default to this machine's (probed); tests pass values.
+    default). support / busy (busy_cores()) / cores default to this machine's (probed); tests pass values.
 
     Measured (bench/quickstart_settings.py and bench/bench.py on a shared 2-core AVX512-BF16 EPYC,
     settings timed in turns): bf16 autocast trains DiC-Tiny (batch 64, 16x16 digits) 1.5x and
@@ -457,10 +478,10 @@ def fastest_settings(device="cpu", support=None, load_average=None, cores=None):
         return dict(settings, precision=precision, why=f"{support.hardware}: {precision} (unmeasured here)")
     precision = "bf16" if support.native else "fp32"
     cores = os.cpu_count() if cores is None else cores
-    load_average = os.getloadavg()[0] if load_average is None else load_average
-    threads = max(1, min(cores, int(cores - load_average)))
+    busy = busy_cores() if busy is None else busy
+    threads = max(1, min(cores, round(cores - busy)))
     why = (f"{support.hardware}: {precision} ({'bf16 instructions' if support.native else 'no bf16 instructions'}); "
-           f"{threads} thread(s): load average {load_average:.1f} on {cores} cores")
+           f"{threads} thread(s): {busy:.1f} of {cores} cores busy")
     return dict(settings, precision=precision, threads=threads, why=why)
 
 
