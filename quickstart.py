@@ -78,6 +78,7 @@ def launch_plan(precision, processes, batch_size):
     if processes is None:
         idle = 1 if device == "cuda" else fastest["threads"]
         processes = max(n for n in range(1, idle + 1) if batch_size % n == 0)
+    print(f"This machine: {fastest.get('why', device)} -> {precision}, {processes} process(es)", flush=True)
     return precision, processes, 1 if device == "cpu" else None
 
 
