@@ -3,12 +3,13 @@ Quick start: DiC learns a class-conditional distribution on a laptop CPU, measur
 
     python quickstart.py
 
-Trains the tiny DiC (DiC-Tiny, not a paper variant) with the real train.py on scikit-learn's
-built-in digits (16x16 grey, 10 classes, pixel space: no VAE, no download) with DDPM
-(the default) or flow matching (--objective sit), samples every class through the same
-code as sample.py (no guidance by default; --cfg-scale adds it), and judges the samples with a
-classifier that never saw a generated image (helpers/evaluation/quality.py). It writes, in the run folder
-`<results-dir>/<NNN>-DiC-Tiny/`:
+Trains the tiny DiC (DiC-Tiny, not a paper variant, at width 16) with the real train.py on
+scikit-learn's built-in digits (16x16 grey, 10 classes, pixel space: no VAE, no download) with DDPM
+(the default), SiT's flow matching (--objective sit) or REPA's rectified flow (--objective rf), in
+bf16 where the machine has bf16 instructions and one process per idle core (torchrun), samples
+every class through the same code as sample.py (no guidance by default; --cfg-scale adds it), and
+judges the samples with a classifier that never saw a generated image
+(helpers/evaluation/quality.py). It writes, in the run folder `<results-dir>/<NNN>-DiC-Tiny/`:
     samples.png       one row per class (0..9), --samples-per-class images each
     loss_curve.png    the training loss logged by train.py
     quality.json      the figures printed at the end
@@ -17,7 +18,7 @@ distance (judge's feature space) of the samples to real held-out digits, next to
 distance between two real splits (the floor), and how close the samples lie to their nearest
 training digit next to real held-out digits (copies of the training set would lie much closer).
 Every step is seeded: a rerun prints the same figures on the same machine.
-`--model DiCo-Tiny` runs the same recipe on the tiny DiCo (also not a paper variant).
+`--model DiCo-Tiny` runs the same recipe on the tiny DiCo (also not a paper variant, its own width).
 """
 import argparse
 import json
@@ -40,8 +41,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLER_DEFAULTS = {"ddpm": ("ddpm", 50), "sit": ("euler", 10), "rf": ("euler", 10)}
 CFG_DEFAULTS = {"ddpm": 1.0, "sit": 1.0, "rf": 1.0}
 # Model-family recipes (2-core CPU, the judge below, 1,000 steps at batch 64; README "Quick start"):
-# DiC-Tiny at a quarter of its width (hidden 16: 0.25 M parameters) trains 2.4x faster per step than
-# at its own (32) and learns the digits as well at lr 4e-3. DiCo zero-initialises every block's
+# DiC-Tiny at half its width (hidden 16, not 32: 0.25 M parameters, a quarter) trains 1.6x faster per
+# step (bf16, 2 processes) and learns the digits as well at lr 4e-3. DiCo zero-initialises every block's
 # modulation, so its blocks start as identities: at 1e-3 DiCo-Tiny reached 77%, at 2e-3 99%.
 MODEL_OVERRIDES = {"DiC": ["--network_g__hidden_size=16"]}
 LR_DEFAULTS = {"DiC": 4e-3, "DiCo": 2e-3}
@@ -69,7 +70,7 @@ def launch_plan(precision, processes, batch_size):
     (else fp32: emulated bf16 is a trap), and the idle cores. On a CPU the quick start runs one
     single-thread process per idle core under torchrun (as many as divide the batch): a model this
     small keeps one thread busy and no more (2 threads per step were slower than 1), while DDP over
-    gloo splits the batch at little cost (1.6x with 2 processes on 2 cores: README). Per-sample
+    gloo splits the batch at little cost (1.5x with 2 processes on 2 cores: README). Per-sample
     draws make the run the same on any number of processes. On a GPU: one process."""
     from helpers.utils import fastpath
     device = "cuda" if torch.cuda.is_available() else "cpu"
