@@ -258,8 +258,10 @@ def ema_decay_at(step, decay, warmup):
 def lr_at(step, lr, schedule, total_steps):
     """The learning rate of optimizer step `step` (0-based): `lr` (--lr) throughout for the constant
     schedule (DiT's), or for "cosine" half a cosine from `lr` down to 0 at step `total_steps` (the run's
-    last step), which lets a short run settle into a minimum instead of ending on its largest steps
-    (the quick start: 97% of digits' classes right where the constant rate gave 96%)."""
+    last step), the usual way to let a short run end on small steps. A function of the step alone, so
+    a resumed run follows it exactly. (On the quick start it did not beat the constant rate: README.)
+    The rate is set every step, so a resumed run takes a given --lr rather than the optimizer
+    state's."""
     if schedule == "constant":
         return lr
     progress = min(step, total_steps) / max(total_steps, 1)
