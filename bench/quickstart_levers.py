@@ -4,7 +4,7 @@ in 1 or 2 single-thread processes (torchrun, gloo), every configuration once per
 turns, the median of each configuration's steady steps/s (train.py's last logged window) and of
 its whole wall time (start-up included).
 
-    python bench/quickstart_levers.py                       # 200 steps, 2 rounds (about 8 minutes)
+    python bench/quickstart_levers.py                       # 200 steps, 2 rounds (about 10 minutes)
     python bench/quickstart_levers.py --steps 100 --rounds 1 --configs 16:bf16:2 32:fp32:1
 
 A configuration is WIDTH:PRECISION:PROCESSES. bf16 configurations are skipped where the CPU has no
