@@ -16,6 +16,7 @@ through Hugging Face accelerate.
 import math
 import os
 import sys
+import warnings
 from contextlib import contextmanager, nullcontext
 from copy import deepcopy
 
@@ -40,6 +41,12 @@ from helpers.utils.fastpath import ema_update
 from helpers.utils.log import LossFile, RunLogger, ThroughputMeter
 from helpers.utils.preemption import StopRequest
 from helpers.utils.seeds import derive_seed, seed_everything
+
+# DDP (ours and accelerate's) warns on every process when a 1x1 convolution's weight gradient comes
+# back with other strides on its size-1 dimensions than its bucket view ([128, 1, 128, 128] against
+# [128, 1, 1, 1], DiCo's 1x1 convolutions under bf16 autocast): strides of size-1 dimensions, the
+# same memory order, so the warning is noise and is not shown.
+warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
 
 class DDPEngine:
