@@ -27,8 +27,6 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-
 import quickstart  # noqa: E402
 
 # (quick-start --sampler, --sampling-steps) of each objective, cheapest last within a sampler.
@@ -46,8 +44,8 @@ TOLERANCE = 0.005   # "within 0.5 points of the best class accuracy"
 def checkpoint_objective(path):
     """The objective name a checkpoint was trained with ("ddpm" for files that record none)."""
     from helpers.training.objectives import objective_of_checkpoint
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    return (objective_of_checkpoint(checkpoint) or {"name": "ddpm"})["name"]
+    from helpers.utils.checkpoint import load_checkpoint_file
+    return (objective_of_checkpoint(load_checkpoint_file(path)) or {"name": "ddpm"})["name"]
 
 
 def sweep_checkpoint(path, samples_per_class, seed, samplers=None, log=print):

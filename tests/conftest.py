@@ -33,6 +33,15 @@ def subprocess_env(**extra):
     return env
 
 
+def load_bench_module(name):
+    """bench/<name>.py as a module (bench/ is not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"dic_bench_{name}", os.path.join(REPO_ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def repo_root():
     return REPO_ROOT

@@ -15,6 +15,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
+from conftest import load_bench_module
 from helpers.utils import fastpath
 from helpers.utils.cli import JobError, run_main
 from helpers.utils.fastpath import (Bf16Support, busy_cores, adamw_implementation, autocast_context, autocast_forward,
@@ -136,7 +137,7 @@ def test_scripts_settle_precision_with_the_probe(cpu_probe, tmp_path):
     setup_speed settles auto and says it in one line; the bench's fast rows take fp32 there."""
     import argparse
     import train
-    fast_precision = _load_bench_module("configs").fast_precision
+    fast_precision = load_bench_module("configs").fast_precision
     from helpers.sampling.flags import setup_speed
     lines = []
     speed = setup_speed(argparse.Namespace(precision="auto", channels_last=False, compile=False), "cpu", lines.append)
@@ -382,22 +383,8 @@ def test_ema_update_accepts_compiled_wrapper_and_rejects_mismatch():
 
 # --------------------------------------------------------------------- bench ----
 
-def _load_bench_module(name="bench"):
-    """bench/<name>.py as a module (bench/ is not a package)."""
-    import importlib.util
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"dic_bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _load_bench():
-    return _load_bench_module("bench")
-
-
 def test_bench_gmacs_match_papers():
-    bench = _load_bench()
+    bench = load_bench_module("bench")
     # DiC paper / shared/spec/DIC.md (2 decimals) and DiT's ~118.6 for DiT-XL/2, at 256px
     for name, paper in (("DiC-S", 5.87), ("DiC-B", 23.44), ("DiC-XL", 116.10), ("DiC-H", 204.32),
                         ("DiT-XL/2", 118.6)):
@@ -409,7 +396,7 @@ def test_bench_gmacs_match_papers():
 def test_bench_runs_end_to_end(tmp_path):
     """A seconds-long run of the one-command benchmark: every section is produced and sane."""
     import json
-    bench = _load_bench()
+    bench = load_bench_module("bench")
     out = tmp_path / "bench.json"
     # main() switches TF32 on (the official setting); give the other tests the flags back
     before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO_ROOT, subprocess_env
+from conftest import REPO_ROOT, load_bench_module, subprocess_env
 from helpers.data.images import builtin_dataset
 from helpers.evaluation.quality import evaluate_samples, feature_frechet, train_classifier
 
@@ -75,7 +75,7 @@ def test_quickstart_writes_grid_curve_and_figures(tmp_path):
     # Trained as printed: two single-thread processes under torchrun, the quick start's width, no null
     # label (cfg 1 never needs one).
     assert "$ OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 train.py --dataset digits" in out
-    saved = torch.load(run_dir / "checkpoints" / "0000006.pt", map_location="cpu", weights_only=False)["args"]
+    saved = torch.load(run_dir / "checkpoints" / "0000006.pt", map_location="cpu", weights_only=True)["args"]
     assert saved["model_overrides"] == {"hidden_size": 16} and saved["class_dropout_prob"] == 0.0
     assert saved["lr"] == 4e-3 and "DDP: 2 process(es) on cpu" in out
 
@@ -95,7 +95,7 @@ def test_quickstart_writes_grid_curve_and_figures(tmp_path):
     assert figures["class_dropout_prob"] == 0.0
 
     # The sampler sweep on this checkpoint: NFE counted per sampler, judged, tabled and plotted.
-    sweep = load_sampler_sweep()
+    sweep = load_bench_module("sampler_sweep")
     rows = sweep.sweep_checkpoint(str(run_dir / "checkpoints" / "0000006.pt"), samples_per_class=1, seed=0,
                                   samplers=[("ddim", 3), ("dpm-solver", 2)], log=lambda line: None)
     assert [(row["sampler"], row["nfe"], row["num_samples"]) for row in rows] == [("ddim", 3, 10), ("dpm-solver", 2, 10)]
@@ -105,17 +105,8 @@ def test_quickstart_writes_grid_curve_and_figures(tmp_path):
     assert Image.open(tmp_path / "sweep.png").size == (1000, 380)
 
 
-def load_sampler_sweep():
-    """bench/sampler_sweep.py as a module (bench/ is not a package)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("sampler_sweep", f"{REPO_ROOT}/bench/sampler_sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_sampler_sweep_picks_the_cheapest_within_half_a_point_of_the_best():
-    sweep = load_sampler_sweep()
+    sweep = load_bench_module("sampler_sweep")
     row = lambda sampler, nfe, acc, fd: dict(objective="ddpm", sampler=sampler, steps=nfe, nfe=nfe,  # noqa: E731
                                              accuracy=acc, frechet=fd, floor=2.0, num_samples=500)
     rows = [row("ddpm", 250, 0.980, 2.5), row("ddpm", 50, 0.976, 2.6), row("ddim", 25, 0.975, 3.0),
@@ -170,7 +161,7 @@ def test_quickstart_trains_and_samples_flow_matching(tmp_path, objective):
     assert figures["nfe"] == {"sit": 1, "rf": 2}[objective]
     assert figures["class_dropout_prob"] == 0.1 and figures["processes"] == 1
     assert "$ OMP_NUM_THREADS=1 python train.py --dataset digits" in out
-    checkpoint = torch.load(run_dir / "checkpoints" / "0000004.pt", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(run_dir / "checkpoints" / "0000004.pt", map_location="cpu", weights_only=True)
     assert checkpoint["objective"]["name"] == objective and checkpoint["args"]["class_dropout_prob"] == 0.1
 
 

@@ -41,10 +41,9 @@ refused, never swapped for something else. DIC_FORCE_BF16=1 runs it anyway (slow
 """
 import os
 import platform
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-
-import time
 
 import torch
 
