@@ -190,14 +190,15 @@ def plot_losses(losses_csv, path, objective="ddpm", model="DiC-Tiny"):
     plt.close(figure)
 
 
-def judge(images, labels, args):
-    """Quality figures of the samples against the real digits (helpers/evaluation/quality.py)."""
+def judge(images, labels, args, classifier=None):
+    """Quality figures of the samples against the real digits (helpers/evaluation/quality.py);
+    `classifier`: the judge already fitted (bench/sampler_sweep.py judges many sample sets)."""
     from helpers.data.images import builtin_dataset
     from helpers.evaluation.quality import evaluate_samples
     train = builtin_dataset(args.dataset, "train", args.image_size)
     test = builtin_dataset(args.dataset, "test", args.image_size)
     return evaluate_samples(images, labels, train.images, train.labels, test.images, test.labels,
-                            seed=args.seed)
+                            seed=args.seed, classifier=classifier)
 
 
 def main(args):

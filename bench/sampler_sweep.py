@@ -52,9 +52,9 @@ def sweep_checkpoint(path, samples_per_class, seed, samplers=None, log=print):
     """One row per sampler of the checkpoint's objective: NFE, accuracy, Fréchet, floor, seconds.
     The judge is fitted once per checkpoint (it is the same deterministic fit every time)."""
     from helpers.data.images import builtin_dataset
-    from helpers.evaluation.quality import evaluate_samples, train_classifier
+    from helpers.evaluation.quality import train_classifier
     objective = checkpoint_objective(path)
-    train, test = builtin_dataset("digits", "train", 16), builtin_dataset("digits", "test", 16)
+    train = builtin_dataset("digits", "train", 16)
     judge = train_classifier(train.images, train.labels, seed=seed)
     rows = []
     for sampler, steps in samplers or SWEEPS[objective]:
@@ -63,8 +63,7 @@ def sweep_checkpoint(path, samples_per_class, seed, samplers=None, log=print):
         start = time.time()
         images, labels, nfe = quickstart.sample_every_class(path, args)
         seconds = time.time() - start
-        figures = evaluate_samples(images, labels, train.images, train.labels, test.images, test.labels,
-                                   seed=seed, classifier=judge)
+        figures = quickstart.judge(images, labels, args, classifier=judge)
         rows.append(dict(objective=objective, sampler=sampler, steps=steps, nfe=nfe,
                          accuracy=figures["sample_accuracy"], frechet=figures["frechet_samples_vs_test"],
                          floor=figures["frechet_train_vs_test"], num_samples=figures["num_samples"],
